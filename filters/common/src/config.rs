@@ -1,0 +1,99 @@
+//! Configuration parsing shared by the filters: strict JSON (unknown fields are
+//! errors), every error naming the field it is about.
+
+use serde::de::DeserializeOwned;
+
+/// Errors collected while validating a configuration, each naming its field.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(Vec<String>);
+
+impl ConfigErrors {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `field` is invalid because of `reason`.
+    pub fn add(&mut self, field: impl AsRef<str>, reason: impl AsRef<str>) {
+        self.0.push(format!("{}: {}", field.as_ref(), reason.as_ref()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn messages(&self) -> &[String] {
+        &self.0
+    }
+
+    /// `Ok(value)` when nothing was recorded.
+    pub fn into_result<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+/// Parses the plugin configuration JSON. An empty configuration parses as `{}`.
+/// The error names the path of the offending field, e.g.
+/// `routes[2].match.headers[0].regex: ...`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigErrors> {
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
+    let mut errors = ConfigErrors::new();
+    match parsed {
+        Ok(value) => {
+            if let Err(error) = deserializer.end() {
+                errors.add("(configuration)", format!("trailing characters: {error}"));
+                return Err(errors);
+            }
+            Ok(value)
+        }
+        Err(error) => {
+            let path = error.path().to_string();
+            let field = if path == "." { "(configuration)".to_string() } else { path };
+            errors.add(field, error.into_inner().to_string());
+            Err(errors)
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        #[allow(dead_code)]
+        audience: String,
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        #[allow(dead_code)]
+        providers: Vec<Inner>,
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let error = parse_json::<Outer>(br#"{"providers":[{"audiance":"x"}]}"#).unwrap_err();
+        let message = &error.messages()[0];
+        assert!(message.starts_with("providers[0]"), "{message}");
+        assert!(message.contains("audiance"), "{message}");
+    }
+
+    #[test]
+    fn empty_configuration_is_an_empty_object() {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Empty {}
+        assert!(parse_json::<Empty>(b"").is_ok());
+        assert!(parse_json::<Empty>(b"  \n").is_ok());
+    }
+}

@@ -1,0 +1,378 @@
+//! Host calls that never panic.
+//!
+//! The SDK's `hostcalls` functions `panic!` on any status they do not expect, and a
+//! panic traps the VM (every later request on that worker fails). These wrappers
+//! declare the ABI 0.2.1 imports themselves and turn every status into a `Result`.
+//! This is the only module in the suite with `unsafe` code.
+#![allow(unsafe_code)]
+
+use std::ptr::{null, null_mut};
+
+pub use proxy_wasm::types::{LogLevel, MapType, MetricType};
+
+/// A proxy-wasm status other than `Ok`, kept as the raw number the host returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError(pub u32);
+
+pub const STATUS_OK: u32 = 0;
+pub const STATUS_NOT_FOUND: u32 = 1;
+pub const STATUS_CAS_MISMATCH: u32 = 8;
+
+pub type HostResult<T> = Result<T, HostError>;
+
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(map_type: u32, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_call_foreign_function(
+        function_name_data: *const u8,
+        function_name_size: usize,
+        arguments_data: *const u8,
+        arguments_size: usize,
+        results_data: *mut *mut u8,
+        results_size: *mut usize,
+    ) -> u32;
+}
+
+fn check(status: u32) -> HostResult<()> {
+    if status == STATUS_OK {
+        Ok(())
+    } else {
+        Err(HostError(status))
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's exported
+/// `proxy_on_memory_allocate` (a `Vec<u8>` with capacity == size).
+fn take_host_buffer(data: *mut u8, size: usize) -> Option<Vec<u8>> {
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: the host filled `size` bytes of a buffer that `proxy_on_memory_allocate`
+    // allocated with exactly this capacity; we are its only owner.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+/// Reads an optional byte value through a host call of the "return buffer" shape.
+/// `NotFound` is `Ok(None)`.
+fn read_optional(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> HostResult<Option<Vec<u8>>> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    match call(&mut data, &mut size) {
+        STATUS_OK => Ok(take_host_buffer(data, size)),
+        STATUS_NOT_FOUND => Ok(None),
+        other => Err(HostError(other)),
+    }
+}
+
+pub fn log(level: LogLevel, message: &str) {
+    // SAFETY: pointer and length describe a live &str.
+    let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+}
+
+/// Host wall-clock time in nanoseconds since the Unix epoch (0 if unavailable).
+pub fn now_nanos() -> u64 {
+    let mut nanos: u64 = 0;
+    // SAFETY: the host writes one u64 through a valid pointer.
+    let status = unsafe { proxy_get_current_time_nanoseconds(&mut nanos) };
+    if status == STATUS_OK {
+        nanos
+    } else {
+        0
+    }
+}
+
+/// The plugin configuration bytes (empty when none was given).
+pub fn plugin_configuration() -> HostResult<Vec<u8>> {
+    const PLUGIN_CONFIGURATION: u32 = 7;
+    read_optional(|data, size| {
+        // SAFETY: out-pointers are valid for writes.
+        unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, data, size) }
+    })
+    .map(Option::unwrap_or_default)
+}
+
+/// One header value as raw bytes; `None` when absent. Never assumes UTF-8.
+pub fn header(map: MapType, name: &str) -> HostResult<Option<Vec<u8>>> {
+    read_optional(|data, size| {
+        // SAFETY: name is a live &str, out-pointers are valid for writes.
+        unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), data, size) }
+    })
+}
+
+/// All header pairs (names lower-case as the host gives them, values raw bytes).
+/// Repeated headers appear once per occurrence.
+pub fn headers(map: MapType) -> HostResult<Vec<(Vec<u8>, Vec<u8>)>> {
+    let raw = read_optional(|data, size| {
+        // SAFETY: out-pointers are valid for writes.
+        unsafe { proxy_get_header_map_pairs(map as u32, data, size) }
+    })?;
+    Ok(raw.map(|bytes| decode_header_pairs(&bytes)).unwrap_or_default())
+}
+
+/// Decodes the ABI's serialized header map: a u32 count, then a (name length,
+/// value length) u32 pair per entry, then each name and value NUL-terminated.
+/// Malformed input yields the entries decoded so far, never a panic.
+pub fn decode_header_pairs(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
+        let slice = bytes.get(at..at.checked_add(4)?)?;
+        let array: [u8; 4] = slice.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(array)).ok()
+    }
+    let mut pairs = Vec::new();
+    let Some(count) = read_u32(bytes, 0) else {
+        return pairs;
+    };
+    let Some(mut cursor) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else {
+        return pairs;
+    };
+    for index in 0..count {
+        let lengths_at = 4 + index * 8;
+        let (Some(name_len), Some(value_len)) = (read_u32(bytes, lengths_at), read_u32(bytes, lengths_at + 4)) else {
+            break;
+        };
+        let Some(name) = cursor.checked_add(name_len).and_then(|end| bytes.get(cursor..end)) else {
+            break;
+        };
+        cursor += name_len + 1;
+        let Some(value) = cursor.checked_add(value_len).and_then(|end| bytes.get(cursor..end)) else {
+            break;
+        };
+        cursor += value_len + 1;
+        pairs.push((name.to_vec(), value.to_vec()));
+    }
+    pairs
+}
+
+/// Serializes headers in the ABI's map format (for local responses).
+pub fn encode_header_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (name, value) in pairs {
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    }
+    for (name, value) in pairs {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+pub fn set_header(map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+    // SAFETY: both slices are live for the call.
+    check(unsafe { proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+pub fn add_header(map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+    // SAFETY: both slices are live for the call.
+    check(unsafe { proxy_add_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+/// Removes every occurrence of the header. Absent is not an error.
+pub fn remove_header(map: MapType, name: &str) -> HostResult<()> {
+    // SAFETY: name is a live &str.
+    match unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) } {
+        STATUS_OK | STATUS_NOT_FOUND => Ok(()),
+        other => Err(HostError(other)),
+    }
+}
+
+fn property_path(path: &[&str]) -> Vec<u8> {
+    path.join("\0").into_bytes()
+}
+
+/// A host property such as `["source", "address"]`; `None` when the host has none.
+pub fn property(path: &[&str]) -> HostResult<Option<Vec<u8>>> {
+    let encoded = property_path(path);
+    read_optional(|data, size| {
+        // SAFETY: the encoded path is live, out-pointers are valid.
+        unsafe { proxy_get_property(encoded.as_ptr(), encoded.len(), data, size) }
+    })
+}
+
+/// Sets a property; in Envoy this becomes filter state `wasm.<path>`, readable from
+/// access logs as `%FILTER_STATE(wasm.<path>:PLAIN)%`.
+pub fn set_property(path: &[&str], value: &[u8]) -> HostResult<()> {
+    let encoded = property_path(path);
+    // SAFETY: both buffers are live for the call.
+    check(unsafe { proxy_set_property(encoded.as_ptr(), encoded.len(), value.as_ptr(), value.len()) })
+}
+
+/// Answers the request locally. Returns an error (instead of panicking) when the
+/// host refuses, e.g. because a response was already sent.
+pub fn send_local_response(
+    status: u32,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    grpc_status: Option<u32>,
+) -> HostResult<()> {
+    let encoded = encode_header_pairs(headers);
+    let grpc = grpc_status.and_then(|code| i32::try_from(code).ok()).unwrap_or(-1);
+    // SAFETY: all buffers are live for the call.
+    check(unsafe {
+        proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), encoded.as_ptr(), encoded.len(), grpc)
+    })
+}
+
+/// A shared-data value and its CAS token; `(None, None)` when the key was never set.
+pub fn shared_data(key: &str) -> HostResult<(Option<Vec<u8>>, Option<u32>)> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: key is live, out-pointers are valid for writes.
+    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) } {
+        STATUS_OK => Ok((take_host_buffer(data, size), (cas != 0).then_some(cas))),
+        STATUS_NOT_FOUND => Ok((None, None)),
+        other => Err(HostError(other)),
+    }
+}
+
+/// Outcome of a compare-and-swap write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CasWrite {
+    Written,
+    Conflict,
+}
+
+/// Writes a shared-data value; with `cas`, only if nobody wrote since that read.
+pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> HostResult<CasWrite> {
+    // SAFETY: key and value are live for the call.
+    match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) } {
+        STATUS_OK => Ok(CasWrite::Written),
+        STATUS_CAS_MISMATCH => Ok(CasWrite::Conflict),
+        other => Err(HostError(other)),
+    }
+}
+
+pub fn define_metric(kind: MetricType, name: &str) -> HostResult<u32> {
+    let mut id: u32 = 0;
+    // SAFETY: name is live, id is valid for writes.
+    check(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn increment_metric(id: u32, by: i64) -> HostResult<()> {
+    // SAFETY: plain values.
+    check(unsafe { proxy_increment_metric(id, by) })
+}
+
+pub fn record_metric(id: u32, value: u64) -> HostResult<()> {
+    // SAFETY: plain values.
+    check(unsafe { proxy_record_metric(id, value) })
+}
+
+/// Calls a host extension such as Envoy's `clear_route_cache`. Hosts without the
+/// function answer `NotFound`, which callers may treat as "not needed here".
+pub fn call_foreign_function(name: &str, arguments: &[u8]) -> HostResult<Option<Vec<u8>>> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: name and arguments are live, out-pointers are valid.
+    let status = unsafe {
+        proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            arguments.as_ptr(),
+            arguments.len(),
+            &mut data,
+            &mut size,
+        )
+    };
+    match status {
+        STATUS_OK => Ok(take_host_buffer(data, size)),
+        other => Err(HostError(other)),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_pairs_round_trip() {
+        let encoded = encode_header_pairs(&[(":path", "/a"), ("cookie", "a=1"), ("cookie", "b=2")]);
+        let decoded = decode_header_pairs(&encoded);
+        assert_eq!(decoded.len(), 3);
+        assert_eq!(decoded[0], (b":path".to_vec(), b"/a".to_vec()));
+        assert_eq!(decoded[2], (b"cookie".to_vec(), b"b=2".to_vec()));
+    }
+
+    #[test]
+    fn malformed_header_pairs_never_panic() {
+        let encoded = encode_header_pairs(&[("x", "yz")]);
+        for cut in 0..encoded.len() {
+            let _ = decode_header_pairs(&encoded[..cut]);
+        }
+        // A count that claims far more entries than the buffer holds.
+        assert!(decode_header_pairs(&[255, 255, 255, 255, 1, 0]).is_empty());
+        assert!(decode_header_pairs(&[]).is_empty());
+    }
+}

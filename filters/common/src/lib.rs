@@ -1,0 +1,10 @@
+//! Shared building blocks of the gateway filters. Nothing here may panic on input:
+//! a panic traps the Wasm VM and fails every later request on that worker.
+
+pub mod config;
+pub mod hash;
+pub mod host;
+pub mod matcher;
+pub mod metrics;
+pub mod problem;
+pub mod request;

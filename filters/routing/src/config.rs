@@ -1,0 +1,509 @@
+//! routing.wasm configuration: the JSON users write, and its compiled form.
+
+use std::collections::BTreeMap;
+
+use gateway_common::config::ConfigErrors;
+use gateway_common::matcher::{HostMatcher, PathMatchSpec, PathMatcher, StringMatchSpec, StringMatcher};
+use regex_lite::Regex;
+use serde::Deserialize;
+
+pub const DEFAULT_CLUSTER_HEADER: &str = "x-gateway-cluster";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Request header Envoy's route reads with `cluster_header`.
+    #[serde(default = "default_cluster_header")]
+    pub cluster_header: String,
+    /// When set, responses carry this header with the matched route's name.
+    #[serde(default)]
+    pub route_name_response_header: Option<String>,
+    /// Ordered; the first route that matches wins.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// Cluster for requests no route matched; absent: answer 404.
+    #[serde(default)]
+    pub default_cluster: Option<String>,
+}
+
+fn default_cluster_header() -> String {
+    DEFAULT_CLUSTER_HEADER.to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub match_: MatchSpec,
+    // Exactly one action:
+    pub cluster: Option<String>,
+    pub split: Option<SplitSpec>,
+    pub redirect: Option<RedirectSpec>,
+    pub direct_response: Option<DirectResponseSpec>,
+    // Modifiers for forwarded requests:
+    pub rewrite: Option<RewriteSpec>,
+    #[serde(default)]
+    pub request_headers: RequestHeadersSpec,
+    #[serde(default)]
+    pub response_headers: ResponseHeadersSpec,
+}
+
+/// Conditions, all of which must hold. An empty match matches every request.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    pub path: Option<PathMatchSpec>,
+    /// Any of these methods (upper-case, e.g. `GET`).
+    pub methods: Option<Vec<String>>,
+    /// Any of these hosts: exact names or `*.example.com`.
+    pub hosts: Option<Vec<String>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatchSpec>,
+    #[serde(default)]
+    pub query: BTreeMap<String, StringMatchSpec>,
+    #[serde(default)]
+    pub cookies: BTreeMap<String, StringMatchSpec>,
+    /// At least one of these groups must match.
+    pub any: Option<Vec<MatchSpec>>,
+    /// Every one of these groups must match.
+    pub all: Option<Vec<MatchSpec>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSpec {
+    pub clusters: Vec<WeightedClusterSpec>,
+    /// Hash this request attribute to pick the cluster, so a user keeps landing on
+    /// the same one; requests without it are split at random.
+    pub sticky: Option<StickySpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedClusterSpec {
+    pub cluster: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StickySpec {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    pub query: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectSpec {
+    #[serde(default = "default_redirect_status")]
+    pub status: u32,
+    pub location: String,
+}
+
+fn default_redirect_status() -> u32 {
+    302
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponseSpec {
+    pub status: u32,
+    /// A literal body; without it the answer is a problem+json document.
+    pub body: Option<String>,
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+    /// problem+json `detail` when no `body` is given.
+    pub detail: Option<String>,
+}
+
+fn default_content_type() -> String {
+    "text/plain".to_string()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteSpec {
+    /// Replaces the path prefix the route matched (needs `match.path.prefix`).
+    pub prefix: Option<String>,
+    pub regex: Option<RegexRewriteSpec>,
+    /// New `:authority`.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewriteSpec {
+    pub pattern: String,
+    /// `$1` / `${name}` refer to captures.
+    pub substitution: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestHeadersSpec {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseHeadersSpec {
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+}
+
+// ---- compiled form -------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub cluster_header: String,
+    pub route_name_response_header: Option<String>,
+    pub routes: Vec<Route>,
+    pub default_cluster: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub conditions: Conditions,
+    pub action: Action,
+    pub rewrite: Rewrite,
+    pub request_headers: RequestHeadersSpec,
+    pub response_headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Conditions {
+    pub path: Option<PathMatcher>,
+    pub methods: Vec<String>,
+    pub hosts: Vec<HostMatcher>,
+    pub headers: Vec<(String, StringMatcher)>,
+    pub query: Vec<(String, StringMatcher)>,
+    pub cookies: Vec<(String, StringMatcher)>,
+    pub any: Vec<Conditions>,
+    pub all: Vec<Conditions>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Cluster(String),
+    Split(Split),
+    Redirect { status: u32, location: String },
+    Respond { status: u32, body: Option<String>, content_type: String, detail: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// (cluster, cumulative upper bound of its weight range).
+    pub ranges: Vec<(String, u64)>,
+    pub total: u64,
+    pub sticky: Option<StickyKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyKey {
+    Header(String),
+    Cookie(String),
+    Query(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    /// (matched prefix, replacement).
+    pub prefix: Option<(String, String)>,
+    pub regex: Option<(Regex, String)>,
+    pub host: Option<String>,
+}
+
+impl RoutingConfig {
+    /// Validates everything and compiles the hot-path form. Every problem is
+    /// reported, each naming its field.
+    pub fn compile(&self) -> Result<Router, ConfigErrors> {
+        let mut errors = ConfigErrors::new();
+        if !is_header_name(&self.cluster_header) {
+            errors.add("cluster_header", "must be a lower-case header name");
+        }
+        if let Some(name) = &self.route_name_response_header {
+            if !is_header_name(name) {
+                errors.add("route_name_response_header", "must be a lower-case header name");
+            }
+        }
+        if let Some(cluster) = &self.default_cluster {
+            check_cluster_name(cluster, "default_cluster", &mut errors);
+        }
+        let mut seen_names = std::collections::BTreeSet::new();
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (index, spec) in self.routes.iter().enumerate() {
+            let field = format!("routes[{index}]");
+            if spec.name.is_empty() {
+                errors.add(format!("{field}.name"), "must not be empty");
+            } else if !seen_names.insert(spec.name.as_str()) {
+                errors.add(format!("{field}.name"), format!("duplicate route name `{}`", spec.name));
+            }
+            if let Some(route) = spec.compile(&field, &mut errors) {
+                routes.push(route);
+            }
+        }
+        errors.into_result(Router {
+            cluster_header: self.cluster_header.clone(),
+            route_name_response_header: self.route_name_response_header.clone(),
+            routes,
+            default_cluster: self.default_cluster.clone(),
+        })
+    }
+}
+
+impl RouteSpec {
+    fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<Route> {
+        let conditions = self.match_.compile(&format!("{field}.match"), errors);
+        let action = self.compile_action(field, errors);
+        let rewrite = self.compile_rewrite(field, errors);
+        for name in self.request_headers.set.keys().chain(self.request_headers.add.keys()) {
+            check_mutable_header(name, &format!("{field}.request_headers"), errors);
+        }
+        let edits = &self.request_headers;
+        let forwards = self.cluster.is_some() || self.split.is_some();
+        let edits_request = !edits.set.is_empty() || !edits.add.is_empty() || !edits.remove.is_empty();
+        if !forwards && edits_request {
+            errors.add(format!("{field}.request_headers"), "only routes that forward (cluster or split) edit requests");
+        }
+        for name in &self.request_headers.remove {
+            check_mutable_header(name, &format!("{field}.request_headers.remove"), errors);
+        }
+        for name in self.response_headers.add.keys() {
+            check_mutable_header(name, &format!("{field}.response_headers.add"), errors);
+        }
+        Some(Route {
+            name: self.name.clone(),
+            conditions: conditions?,
+            action: action?,
+            rewrite: rewrite?,
+            request_headers: self.request_headers.clone(),
+            response_headers: self.response_headers.add.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        })
+    }
+
+    fn compile_action(&self, field: &str, errors: &mut ConfigErrors) -> Option<Action> {
+        let count =
+            [self.cluster.is_some(), self.split.is_some(), self.redirect.is_some(), self.direct_response.is_some()]
+                .iter()
+                .filter(|given| **given)
+                .count();
+        if count != 1 {
+            errors.add(field, "needs exactly one action: cluster, split, redirect or direct_response");
+            return None;
+        }
+        if let Some(cluster) = &self.cluster {
+            check_cluster_name(cluster, &format!("{field}.cluster"), errors);
+            return Some(Action::Cluster(cluster.clone()));
+        }
+        if let Some(split) = &self.split {
+            return split.compile(&format!("{field}.split"), errors).map(Action::Split);
+        }
+        if let Some(redirect) = &self.redirect {
+            if !matches!(redirect.status, 301 | 302 | 303 | 307 | 308) {
+                errors.add(format!("{field}.redirect.status"), "must be 301, 302, 303, 307 or 308");
+            }
+            if redirect.location.is_empty() || !is_header_value(&redirect.location) {
+                errors.add(format!("{field}.redirect.location"), "must be a non-empty header value");
+            }
+            return Some(Action::Redirect { status: redirect.status, location: redirect.location.clone() });
+        }
+        let response = self.direct_response.as_ref()?;
+        if !(200..=599).contains(&response.status) {
+            errors.add(format!("{field}.direct_response.status"), "must be between 200 and 599");
+        }
+        if response.body.is_some() && response.detail.is_some() {
+            errors.add(format!("{field}.direct_response"), "give either `body` or `detail`, not both");
+        }
+        if !is_header_value(&response.content_type) {
+            errors.add(format!("{field}.direct_response.content_type"), "must be a header value");
+        }
+        Some(Action::Respond {
+            status: response.status,
+            body: response.body.clone(),
+            content_type: response.content_type.clone(),
+            detail: response
+                .detail
+                .clone()
+                .unwrap_or_else(|| format!("route `{}` answers this request itself", self.name)),
+        })
+    }
+
+    fn compile_rewrite(&self, field: &str, errors: &mut ConfigErrors) -> Option<Rewrite> {
+        let Some(spec) = &self.rewrite else {
+            return Some(Rewrite::default());
+        };
+        let field = format!("{field}.rewrite");
+        if !matches!((&self.cluster, &self.split), (Some(_), _) | (_, Some(_))) {
+            errors.add(&field, "only routes that forward (cluster or split) can rewrite");
+        }
+        if spec.prefix.is_some() && spec.regex.is_some() {
+            errors.add(&field, "give either `prefix` or `regex`, not both");
+        }
+        let mut rewrite = Rewrite::default();
+        if let Some(replacement) = &spec.prefix {
+            let matched_prefix = self.match_.path.as_ref().and_then(|path| path.prefix.clone());
+            match matched_prefix {
+                Some(matched) => rewrite.prefix = Some((matched, replacement.clone())),
+                None => errors.add(format!("{field}.prefix"), "needs the route to match `path.prefix`"),
+            }
+            if !replacement.starts_with('/') {
+                errors.add(format!("{field}.prefix"), "must start with '/'");
+            }
+        }
+        if let Some(regex) = &spec.regex {
+            match regex_lite::Regex::new(&regex.pattern) {
+                Ok(compiled) => rewrite.regex = Some((compiled, regex.substitution.clone())),
+                Err(error) => errors.add(format!("{field}.regex.pattern"), format!("invalid regex: {error}")),
+            }
+        }
+        if let Some(host) = &spec.host {
+            if host.is_empty() || !is_header_value(host) {
+                errors.add(format!("{field}.host"), "must be a non-empty host");
+            }
+            rewrite.host = Some(host.clone());
+        }
+        Some(rewrite)
+    }
+}
+
+impl MatchSpec {
+    fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<Conditions> {
+        let mut conditions = Conditions::default();
+        let mut ok = true;
+        if let Some(path) = &self.path {
+            conditions.path = path.compile(&format!("{field}.path"), errors);
+            ok &= conditions.path.is_some();
+        }
+        if let Some(methods) = &self.methods {
+            if methods.is_empty() {
+                errors.add(format!("{field}.methods"), "must list at least one method");
+            }
+            for (index, method) in methods.iter().enumerate() {
+                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') {
+                    errors.add(format!("{field}.methods[{index}]"), "must be an upper-case method name");
+                }
+            }
+            conditions.methods = methods.clone();
+        }
+        if let Some(hosts) = &self.hosts {
+            if hosts.is_empty() {
+                errors.add(format!("{field}.hosts"), "must list at least one host");
+            }
+            for (index, host) in hosts.iter().enumerate() {
+                match HostMatcher::compile(host, &format!("{field}.hosts[{index}]"), errors) {
+                    Some(matcher) => conditions.hosts.push(matcher),
+                    None => ok = false,
+                }
+            }
+        }
+        let mut compile_map = |map: &BTreeMap<String, StringMatchSpec>, kind: &str, lower: bool| {
+            let mut compiled = Vec::new();
+            for (name, spec) in map {
+                let key_field = format!("{field}.{kind}.{name}");
+                if lower && !is_header_name(name) {
+                    errors.add(&key_field, "header names must be lower-case");
+                }
+                match spec.compile(&key_field, errors) {
+                    Some(matcher) => compiled.push((name.clone(), matcher)),
+                    None => ok = false,
+                }
+            }
+            compiled
+        };
+        conditions.headers = compile_map(&self.headers, "headers", true);
+        conditions.query = compile_map(&self.query, "query", false);
+        conditions.cookies = compile_map(&self.cookies, "cookies", false);
+        for (kind, groups, target) in [("any", &self.any, &mut conditions.any), ("all", &self.all, &mut conditions.all)]
+        {
+            if let Some(groups) = groups {
+                if groups.is_empty() {
+                    errors.add(format!("{field}.{kind}"), "must list at least one group");
+                }
+                for (index, group) in groups.iter().enumerate() {
+                    match group.compile(&format!("{field}.{kind}[{index}]"), errors) {
+                        Some(compiled) => target.push(compiled),
+                        None => ok = false,
+                    }
+                }
+            }
+        }
+        ok.then_some(conditions)
+    }
+}
+
+impl SplitSpec {
+    fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<Split> {
+        if self.clusters.is_empty() {
+            errors.add(format!("{field}.clusters"), "must list at least one cluster");
+            return None;
+        }
+        let mut ranges = Vec::with_capacity(self.clusters.len());
+        let mut total: u64 = 0;
+        for (index, weighted) in self.clusters.iter().enumerate() {
+            check_cluster_name(&weighted.cluster, &format!("{field}.clusters[{index}].cluster"), errors);
+            total += u64::from(weighted.weight);
+            ranges.push((weighted.cluster.clone(), total));
+        }
+        if total == 0 {
+            errors.add(format!("{field}.clusters"), "at least one weight must be above zero");
+            return None;
+        }
+        let sticky = match &self.sticky {
+            None => None,
+            Some(spec) => {
+                let keys: Vec<StickyKey> = [
+                    spec.header.clone().map(StickyKey::Header),
+                    spec.cookie.clone().map(StickyKey::Cookie),
+                    spec.query.clone().map(StickyKey::Query),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                if keys.len() != 1 {
+                    errors.add(format!("{field}.sticky"), "needs exactly one of header, cookie, query");
+                    return None;
+                }
+                if let Some(StickyKey::Header(name)) = keys.first() {
+                    if !is_header_name(name) {
+                        errors.add(format!("{field}.sticky.header"), "must be a lower-case header name");
+                    }
+                }
+                keys.into_iter().next()
+            }
+        };
+        Some(Split { ranges, total, sticky })
+    }
+}
+
+fn check_cluster_name(name: &str, field: &str, errors: &mut ConfigErrors) {
+    if name.is_empty() || !is_header_value(name) {
+        errors.add(field, "must be a non-empty Envoy cluster name");
+    }
+}
+
+fn check_mutable_header(name: &str, field: &str, errors: &mut ConfigErrors) {
+    if !is_header_name(name) {
+        errors.add(format!("{field}.{name}"), "must be a lower-case header name");
+    } else if name.starts_with(':') || name == "host" {
+        errors.add(format!("{field}.{name}"), "pseudo-headers and host are changed with `rewrite`");
+    }
+}
+
+/// Lower-case token characters (RFC 9110), or a pseudo-header.
+pub fn is_header_name(name: &str) -> bool {
+    let body = name.strip_prefix(':').unwrap_or(name);
+    !body.is_empty()
+        && body.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn is_header_value(value: &str) -> bool {
+    value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+}

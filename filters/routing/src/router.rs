@@ -1,0 +1,290 @@
+//! The routing decision: plain Rust over the request headers, no host calls.
+
+use gateway_common::hash::fnv1a64;
+use gateway_common::request::RequestHeaders;
+
+use crate::config::{Action, Conditions, Route, Router, Split, StickyKey};
+
+/// What the filter must do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Forward to `cluster` after applying the edits.
+    Forward(Forward),
+    /// Answer locally (redirect or direct response).
+    Respond(LocalAnswer),
+    /// No route matched and there is no default cluster.
+    NoRoute,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// `None` for the default cluster.
+    pub route: Option<usize>,
+    pub cluster: String,
+    /// New `:path` (with the original query string) when rewritten.
+    pub path: Option<String>,
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalAnswer {
+    pub route: usize,
+    pub status: u32,
+    pub location: Option<String>,
+}
+
+impl Router {
+    /// Routes one request. `random` is consulted only for non-sticky splits.
+    pub fn decide(&self, request: &RequestHeaders, random: impl FnOnce() -> u64) -> Decision {
+        let Some((index, route)) = self.routes.iter().enumerate().find(|(_, route)| route.conditions.matches(request))
+        else {
+            return match &self.default_cluster {
+                Some(cluster) => {
+                    Decision::Forward(Forward { route: None, cluster: cluster.clone(), path: None, authority: None })
+                }
+                None => Decision::NoRoute,
+            };
+        };
+        let cluster = match &route.action {
+            Action::Cluster(cluster) => cluster.clone(),
+            Action::Split(split) => split.pick(&route.name, request, random).to_string(),
+            Action::Redirect { status, location } => {
+                return Decision::Respond(LocalAnswer {
+                    route: index,
+                    status: *status,
+                    location: Some(location.clone()),
+                })
+            }
+            Action::Respond { status, .. } => {
+                return Decision::Respond(LocalAnswer { route: index, status: *status, location: None })
+            }
+        };
+        Decision::Forward(Forward {
+            route: Some(index),
+            cluster,
+            path: rewrite_path(route, request),
+            authority: route.rewrite.host.clone(),
+        })
+    }
+}
+
+impl Conditions {
+    pub fn matches(&self, request: &RequestHeaders) -> bool {
+        if let Some(path) = &self.path {
+            if !path.matches(request.path()) {
+                return false;
+            }
+        }
+        if !self.methods.is_empty() && !self.methods.iter().any(|method| method.as_bytes() == request.method()) {
+            return false;
+        }
+        if !self.hosts.is_empty() && !self.hosts.iter().any(|host| host.matches(request.authority())) {
+            return false;
+        }
+        if !self.headers.iter().all(|(name, matcher)| matcher.matches(request.values(name))) {
+            return false;
+        }
+        if !self.query.iter().all(|(name, matcher)| {
+            let values = request.query_values(name);
+            matcher.matches(values.iter().map(Vec::as_slice))
+        }) {
+            return false;
+        }
+        if !self.cookies.iter().all(|(name, matcher)| matcher.matches(request.cookie_values(name))) {
+            return false;
+        }
+        if !self.any.is_empty() && !self.any.iter().any(|group| group.matches(request)) {
+            return false;
+        }
+        self.all.iter().all(|group| group.matches(request))
+    }
+}
+
+impl Split {
+    /// Picks a cluster: by the sticky key's hash when the request has the key,
+    /// otherwise at random.
+    pub fn pick(&self, route_name: &str, request: &RequestHeaders, random: impl FnOnce() -> u64) -> &str {
+        let key: Option<Vec<u8>> = match &self.sticky {
+            Some(StickyKey::Header(name)) => request.first(name).map(<[u8]>::to_vec),
+            Some(StickyKey::Cookie(name)) => request.cookie_values(name).first().map(|value| value.to_vec()),
+            Some(StickyKey::Query(name)) => request.query_values(name).into_iter().next(),
+            None => None,
+        };
+        let draw = match key {
+            Some(key) => sticky_hash(route_name, &key),
+            None => random(),
+        };
+        self.cluster_for(draw % self.total)
+    }
+
+    /// The cluster whose weight range holds `point` (0 <= point < total).
+    pub fn cluster_for(&self, point: u64) -> &str {
+        self.ranges
+            .iter()
+            .find(|(_, upper)| point < *upper)
+            .or(self.ranges.last())
+            .map_or("", |(cluster, _)| cluster.as_str())
+    }
+}
+
+/// The documented sticky hash: 64-bit FNV-1a over `route name`, a 0x00 byte, and
+/// the key value. The route name keeps different splits independent.
+pub fn sticky_hash(route_name: &str, key: &[u8]) -> u64 {
+    let mut input = Vec::with_capacity(route_name.len() + 1 + key.len());
+    input.extend_from_slice(route_name.as_bytes());
+    input.push(0);
+    input.extend_from_slice(key);
+    fnv1a64(&input)
+}
+
+fn rewrite_path(route: &Route, request: &RequestHeaders) -> Option<String> {
+    let path = request.path();
+    let rewritten = if let Some((matched, replacement)) = &route.rewrite.prefix {
+        // The route matched `matched` as a (segment-safe) prefix of this path.
+        let rest = path.get(matched.len()..)?;
+        let mut new_path = replacement.clone();
+        // Avoid `//` when both sides carry the separator.
+        if new_path.ends_with('/') && rest.starts_with('/') {
+            new_path.pop();
+        }
+        new_path.push_str(rest);
+        if new_path.is_empty() {
+            new_path.push('/');
+        }
+        new_path
+    } else if let Some((regex, substitution)) = &route.rewrite.regex {
+        regex.replace(path, substitution.as_str()).into_owned()
+    } else {
+        return None;
+    };
+    Some(match request.query() {
+        Some(query) => format!("{rewritten}?{}", String::from_utf8_lossy(query)),
+        None => rewritten,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::config::RoutingConfig;
+
+    const STICKY_ORDERS_ALICE: u64 = 18_036_259_379_357_001_588;
+
+    fn router(json: &str) -> Router {
+        let config: RoutingConfig = gateway_common::config::parse_json(json.as_bytes()).unwrap();
+        config.compile().unwrap()
+    }
+
+    fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
+        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+    }
+
+    fn cluster_of(decision: Decision) -> String {
+        match decision {
+            Decision::Forward(forward) => forward.cluster,
+            other => panic!("expected forward, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_prefix_is_segment_safe() {
+        let r = router(
+            r#"{"routes":[
+                {"name":"v2","match":{"path":{"prefix":"/orders"},"headers":{"x-api-version":{"exact":"2"}}},"cluster":"orders-v2"},
+                {"name":"orders","match":{"path":{"prefix":"/orders"}},"cluster":"orders"}
+            ]}"#,
+        );
+        let never = || unreachable!();
+        assert_eq!(
+            cluster_of(r.decide(&request(&[(":path", "/orders/1"), ("x-api-version", "2")]), never)),
+            "orders-v2"
+        );
+        assert_eq!(cluster_of(r.decide(&request(&[(":path", "/orders/1")]), never)), "orders");
+        assert_eq!(r.decide(&request(&[(":path", "/ordersx")]), never), Decision::NoRoute);
+    }
+
+    #[test]
+    fn any_and_all_groups() {
+        let r = router(
+            r#"{"routes":[{"name":"canary","match":{"any":[
+                {"headers":{"x-api-version":{"exact":"2"}}},
+                {"cookies":{"canary":{"present":true}}}
+            ],"all":[{"methods":["GET"]}]},"cluster":"b"}],"default_cluster":"a"}"#,
+        );
+        let never = || unreachable!();
+        let get_cookie = request(&[(":method", "GET"), (":path", "/"), ("cookie", "x=1; canary=yes")]);
+        assert_eq!(cluster_of(r.decide(&get_cookie, never)), "b");
+        let post_cookie = request(&[(":method", "POST"), (":path", "/"), ("cookie", "canary=yes")]);
+        assert_eq!(cluster_of(r.decide(&post_cookie, never)), "a");
+        assert_eq!(cluster_of(r.decide(&request(&[(":method", "GET"), (":path", "/")]), never)), "a");
+    }
+
+    #[test]
+    fn sticky_split_is_stable_and_weighted() {
+        let r = router(
+            r#"{"routes":[{"name":"orders","split":{"clusters":[
+                {"cluster":"v1","weight":90},{"cluster":"v2","weight":10},{"cluster":"off","weight":0}
+            ],"sticky":{"header":"x-user-id"}}}]}"#,
+        );
+        let mut v2 = 0;
+        for user in 0..10_000 {
+            let req = request(&[(":path", "/"), ("x-user-id", &format!("user-{user}"))]);
+            let first = cluster_of(r.decide(&req, || unreachable!()));
+            assert_eq!(first, cluster_of(r.decide(&req, || unreachable!())), "sticky");
+            assert_ne!(first, "off", "zero weight is never chosen");
+            v2 += usize::from(first == "v2");
+        }
+        assert!((800..1200).contains(&v2), "about 10% on v2, got {v2}");
+        // Without the key the split is random.
+        assert_eq!(cluster_of(r.decide(&request(&[(":path", "/")]), || 95)), "v2");
+        assert_eq!(cluster_of(r.decide(&request(&[(":path", "/")]), || 5)), "v1");
+    }
+
+    #[test]
+    fn sticky_hash_is_the_documented_function() {
+        // FNV-1a 64 of "orders\0alice": fixed forever (README documents it).
+        assert_eq!(sticky_hash("orders", b"alice"), fnv1a64(b"orders\0alice"));
+        assert_eq!(sticky_hash("orders", b"alice"), STICKY_ORDERS_ALICE);
+    }
+
+    #[test]
+    fn rewrites_keep_the_query() {
+        let r = router(
+            r#"{"routes":[
+                {"name":"p","match":{"path":{"prefix":"/api/users"}},"cluster":"u","rewrite":{"prefix":"/users","host":"users.internal"}},
+                {"name":"r","match":{"path":{"prefix":"/v1"}},"cluster":"x","rewrite":{"regex":{"pattern":"^/v1/([a-z]+)/(\\d+)$","substitution":"/$1?id=$2"}}}
+            ]}"#,
+        );
+        let Decision::Forward(forward) = r.decide(&request(&[(":path", "/api/users/7?a=1")]), || 0) else { panic!() };
+        assert_eq!(forward.path.as_deref(), Some("/users/7?a=1"));
+        assert_eq!(forward.authority.as_deref(), Some("users.internal"));
+        let Decision::Forward(forward) = r.decide(&request(&[(":path", "/v1/items/42")]), || 0) else { panic!() };
+        assert_eq!(forward.path.as_deref(), Some("/items?id=42"));
+    }
+
+    #[test]
+    fn config_errors_name_fields() {
+        let bad = [
+            (r#"{"routes":[{"name":"a","match":{"path":{"regex":"("}},"cluster":"c"}]}"#, "routes[0].match.path.regex"),
+            (r#"{"routes":[{"name":"a"}]}"#, "routes[0]: needs exactly one action"),
+            (
+                r#"{"routes":[{"name":"a","split":{"clusters":[{"cluster":"c","weight":0}]}}]}"#,
+                "routes[0].split.clusters",
+            ),
+            (r#"{"routes":[{"name":"a","cluster":"c","rewrite":{"prefix":"/x"}}]}"#, "routes[0].rewrite.prefix"),
+            (r#"{"routes":[{"name":"a","cluster":"c"},{"name":"a","cluster":"d"}]}"#, "routes[1].name"),
+            (
+                r#"{"routes":[{"name":"a","match":{"headers":{"X-Up":{"exact":"1"}}},"cluster":"c"}]}"#,
+                "routes[0].match.headers.X-Up",
+            ),
+        ];
+        for (json, expected) in bad {
+            let config: RoutingConfig = gateway_common::config::parse_json(json.as_bytes()).unwrap();
+            let errors = config.compile().unwrap_err();
+            assert!(errors.messages().iter().any(|m| m.starts_with(expected)), "{json}: {errors:?}");
+        }
+        let typo = gateway_common::config::parse_json::<RoutingConfig>(br#"{"routes":[{"name":"a","clustr":"c"}]}"#);
+        assert!(typo.unwrap_err().messages()[0].contains("clustr"));
+    }
+}

@@ -1,0 +1,95 @@
+//! Every Envoy config we ship starts a real Envoy, and docker-compose.yml stays
+//! in step with the demo gateway.
+
+use gateway_tests::envoy::Envoy;
+use gateway_tests::paths;
+
+/// Listener and admin ports the shipped configs use; rewritten to 0 in tests so
+/// they never collide with anything on the machine.
+const FIXED_PORTS: &[u16] = &[8080, 8443, 9901];
+
+fn shipped_configs() -> Vec<std::path::PathBuf> {
+    let mut configs: Vec<_> = std::fs::read_dir(paths::workspace_root().join("envoy"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    configs.sort();
+    configs
+}
+
+fn with_free_ports(yaml: &str) -> String {
+    let mut yaml = yaml.to_string();
+    for port in FIXED_PORTS {
+        yaml = yaml.replace(&format!("port_value: {port} "), "port_value: 0 ");
+    }
+    yaml
+}
+
+#[test]
+fn every_shipped_envoy_config_starts() {
+    let configs = shipped_configs();
+    assert!(configs.iter().any(|path| path.ends_with("gateway.yaml")), "envoy/gateway.yaml is missing");
+    for path in configs {
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        assert!(yaml.contains("failure_policy: FAIL_CLOSED"), "{} must set failure_policy", path.display());
+        assert!(yaml.contains("use_remote_address: true"), "{} must set use_remote_address", path.display());
+        let rewritten = with_free_ports(&yaml);
+        for port in FIXED_PORTS {
+            assert!(
+                !rewritten.contains(&format!("port_value: {port}")),
+                "{}: port {port} not rewritten",
+                path.display()
+            );
+        }
+        match Envoy::try_start_yaml(&rewritten, 1) {
+            Ok(envoy) => drop(envoy),
+            Err(failure) => {
+                panic!("{} does not start (exit {:?}):\n{}", path.display(), failure.exit_code, failure.log)
+            }
+        }
+    }
+}
+
+/// Ports of the demo backends as gateway.yaml's clusters name them.
+fn gateway_backend_ports(yaml: &str) -> Vec<(String, u16)> {
+    let mut backends = Vec::new();
+    let mut current: Option<String> = None;
+    for line in yaml.lines() {
+        let trimmed = line.trim_start();
+        if let Some(name) = trimmed.strip_prefix("- name: ").filter(|_| line.starts_with("  - name: ")) {
+            current = Some(name.trim().to_string());
+        }
+        if let (Some(name), Some(at)) = (&current, line.find("port_value: ")) {
+            if line.contains("endpoint") {
+                let port: String = line[at + 12..].chars().take_while(char::is_ascii_digit).collect();
+                backends.push((name.clone(), port.parse().unwrap()));
+            }
+        }
+    }
+    backends
+}
+
+#[test]
+fn docker_compose_runs_the_same_gateway() {
+    let root = paths::workspace_root();
+    let gateway = std::fs::read_to_string(root.join("envoy/gateway.yaml")).unwrap();
+    let compose = std::fs::read_to_string(root.join("envoy/docker-compose.yml")).unwrap();
+    assert!(compose.contains("image: envoyproxy/envoy:v1.40.0"), "compose must use the Envoy we test with");
+    assert!(compose.contains("./gateway.yaml:/gateway/envoy/gateway.yaml:ro"), "compose must mount gateway.yaml");
+    assert!(compose.contains("../dist:/gateway/dist:ro"), "compose must mount the built modules");
+    let backends = gateway_backend_ports(&gateway);
+    assert_eq!(backends.len(), 4, "gateway.yaml backends: {backends:?}");
+    for (name, port) in &backends {
+        assert!(compose.contains(&format!("{name}:{port}")), "compose does not serve backend {name} on {port}");
+    }
+    for port in [8080, 8443] {
+        assert!(gateway.contains(&format!("port_value: {port} ")), "gateway.yaml no longer uses {port}");
+        assert!(compose.contains(&format!("\"{port}:{port}\"")), "compose does not publish {port}");
+    }
+    let run = std::fs::read_to_string(root.join("scripts/run.sh")).unwrap();
+    for (name, port) in &backends {
+        assert!(run.contains(&format!("{name}:{port}")), "scripts/run.sh does not start backend {name} on {port}");
+    }
+}

@@ -1,0 +1,8 @@
+//! One integration-test binary, one file per concern: all tests run in parallel
+//! threads of one process, and every Envoy they start dies with that process.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod configs;
+mod harness;
+mod modules;
+mod routing;
