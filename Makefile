@@ -68,7 +68,7 @@ unit:
 
 ## integration: the suite against real Envoy.
 integration: build envoy tls
-	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests -- --test-threads $(TEST_THREADS)
+	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests --test it -- --test-threads $(TEST_THREADS)
 
 ## test: everything CI runs, then proof that nothing it started still runs.
 test: lint unit integration check-no-leftovers
@@ -77,7 +77,7 @@ test: lint unit integration check-no-leftovers
 test-runtimes: build envoy tls
 	@for runtime in v8 wasmtime wamr; do \
 	  echo "== WASM_RUNTIME=$$runtime"; \
-	  WASM_RUNTIME=$$runtime ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests -- --test-threads $(TEST_THREADS); \
+	  WASM_RUNTIME=$$runtime ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests --test it -- --test-threads $(TEST_THREADS); \
 	done
 	@$(MAKE) --no-print-directory check-no-leftovers
 

@@ -8,3 +8,4 @@ pub mod matcher;
 pub mod metrics;
 pub mod problem;
 pub mod request;
+pub mod request_match;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use gateway_common::config::ConfigErrors;
-use gateway_common::matcher::{HostMatcher, PathMatchSpec, PathMatcher, StringMatchSpec, StringMatcher};
+use gateway_common::request_match::{is_lower_case_header_name, Conditions, MatchSpec};
 use regex_lite::Regex;
 use serde::Deserialize;
 
@@ -47,27 +47,6 @@ pub struct RouteSpec {
     pub request_headers: RequestHeadersSpec,
     #[serde(default)]
     pub response_headers: ResponseHeadersSpec,
-}
-
-/// Conditions, all of which must hold. An empty match matches every request.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MatchSpec {
-    pub path: Option<PathMatchSpec>,
-    /// Any of these methods (upper-case, e.g. `GET`).
-    pub methods: Option<Vec<String>>,
-    /// Any of these hosts: exact names or `*.example.com`.
-    pub hosts: Option<Vec<String>>,
-    #[serde(default)]
-    pub headers: BTreeMap<String, StringMatchSpec>,
-    #[serde(default)]
-    pub query: BTreeMap<String, StringMatchSpec>,
-    #[serde(default)]
-    pub cookies: BTreeMap<String, StringMatchSpec>,
-    /// At least one of these groups must match.
-    pub any: Option<Vec<MatchSpec>>,
-    /// Every one of these groups must match.
-    pub all: Option<Vec<MatchSpec>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,18 +155,6 @@ pub struct Route {
     pub rewrite: Rewrite,
     pub request_headers: RequestHeadersSpec,
     pub response_headers: Vec<(String, String)>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Conditions {
-    pub path: Option<PathMatcher>,
-    pub methods: Vec<String>,
-    pub hosts: Vec<HostMatcher>,
-    pub headers: Vec<(String, StringMatcher)>,
-    pub query: Vec<(String, StringMatcher)>,
-    pub cookies: Vec<(String, StringMatcher)>,
-    pub any: Vec<Conditions>,
-    pub all: Vec<Conditions>,
 }
 
 #[derive(Debug, Clone)]
@@ -374,71 +341,6 @@ impl RouteSpec {
     }
 }
 
-impl MatchSpec {
-    fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<Conditions> {
-        let mut conditions = Conditions::default();
-        let mut ok = true;
-        if let Some(path) = &self.path {
-            conditions.path = path.compile(&format!("{field}.path"), errors);
-            ok &= conditions.path.is_some();
-        }
-        if let Some(methods) = &self.methods {
-            if methods.is_empty() {
-                errors.add(format!("{field}.methods"), "must list at least one method");
-            }
-            for (index, method) in methods.iter().enumerate() {
-                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') {
-                    errors.add(format!("{field}.methods[{index}]"), "must be an upper-case method name");
-                }
-            }
-            conditions.methods = methods.clone();
-        }
-        if let Some(hosts) = &self.hosts {
-            if hosts.is_empty() {
-                errors.add(format!("{field}.hosts"), "must list at least one host");
-            }
-            for (index, host) in hosts.iter().enumerate() {
-                match HostMatcher::compile(host, &format!("{field}.hosts[{index}]"), errors) {
-                    Some(matcher) => conditions.hosts.push(matcher),
-                    None => ok = false,
-                }
-            }
-        }
-        let mut compile_map = |map: &BTreeMap<String, StringMatchSpec>, kind: &str, lower: bool| {
-            let mut compiled = Vec::new();
-            for (name, spec) in map {
-                let key_field = format!("{field}.{kind}.{name}");
-                if lower && !is_header_name(name) {
-                    errors.add(&key_field, "header names must be lower-case");
-                }
-                match spec.compile(&key_field, errors) {
-                    Some(matcher) => compiled.push((name.clone(), matcher)),
-                    None => ok = false,
-                }
-            }
-            compiled
-        };
-        conditions.headers = compile_map(&self.headers, "headers", true);
-        conditions.query = compile_map(&self.query, "query", false);
-        conditions.cookies = compile_map(&self.cookies, "cookies", false);
-        for (kind, groups, target) in [("any", &self.any, &mut conditions.any), ("all", &self.all, &mut conditions.all)]
-        {
-            if let Some(groups) = groups {
-                if groups.is_empty() {
-                    errors.add(format!("{field}.{kind}"), "must list at least one group");
-                }
-                for (index, group) in groups.iter().enumerate() {
-                    match group.compile(&format!("{field}.{kind}[{index}]"), errors) {
-                        Some(compiled) => target.push(compiled),
-                        None => ok = false,
-                    }
-                }
-            }
-        }
-        ok.then_some(conditions)
-    }
-}
-
 impl SplitSpec {
     fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<Split> {
         if self.clusters.is_empty() {
@@ -497,11 +399,8 @@ fn check_mutable_header(name: &str, field: &str, errors: &mut ConfigErrors) {
     }
 }
 
-/// Lower-case token characters (RFC 9110), or a pseudo-header.
-pub fn is_header_name(name: &str) -> bool {
-    let body = name.strip_prefix(':').unwrap_or(name);
-    !body.is_empty()
-        && body.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+fn is_header_name(name: &str) -> bool {
+    is_lower_case_header_name(name)
 }
 
 fn is_header_value(value: &str) -> bool {

@@ -3,7 +3,7 @@
 use gateway_common::hash::fnv1a64;
 use gateway_common::request::RequestHeaders;
 
-use crate::config::{Action, Conditions, Route, Router, Split, StickyKey};
+use crate::config::{Action, Route, Router, Split, StickyKey};
 
 /// What the filter must do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,38 +65,6 @@ impl Router {
             path: rewrite_path(route, request),
             authority: route.rewrite.host.clone(),
         })
-    }
-}
-
-impl Conditions {
-    pub fn matches(&self, request: &RequestHeaders) -> bool {
-        if let Some(path) = &self.path {
-            if !path.matches(request.path()) {
-                return false;
-            }
-        }
-        if !self.methods.is_empty() && !self.methods.iter().any(|method| method.as_bytes() == request.method()) {
-            return false;
-        }
-        if !self.hosts.is_empty() && !self.hosts.iter().any(|host| host.matches(request.authority())) {
-            return false;
-        }
-        if !self.headers.iter().all(|(name, matcher)| matcher.matches(request.values(name))) {
-            return false;
-        }
-        if !self.query.iter().all(|(name, matcher)| {
-            let values = request.query_values(name);
-            matcher.matches(values.iter().map(Vec::as_slice))
-        }) {
-            return false;
-        }
-        if !self.cookies.iter().all(|(name, matcher)| matcher.matches(request.cookie_values(name))) {
-            return false;
-        }
-        if !self.any.is_empty() && !self.any.iter().any(|group| group.matches(request)) {
-            return false;
-        }
-        self.all.iter().all(|group| group.matches(request))
     }
 }
 
