@@ -25,6 +25,7 @@ pub type HostResult<T> = Result<T, HostError>;
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -145,6 +146,13 @@ pub fn now_nanos() -> u64 {
     } else {
         0
     }
+}
+
+/// Calls the root context's `on_tick` every `period` (zero stops it).
+pub fn set_tick_period(period: std::time::Duration) -> HostResult<()> {
+    let millis = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
+    // SAFETY: plain value.
+    check(unsafe { proxy_set_tick_period_milliseconds(millis) })
 }
 
 /// The plugin configuration bytes (empty when none was given).

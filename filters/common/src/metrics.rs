@@ -32,3 +32,8 @@ impl Metric {
         }
     }
 }
+
+/// Envoy stat name segment: letters, digits, `_` and `-` kept, anything else `_`.
+pub fn stat_segment(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}

@@ -5,6 +5,7 @@ use crate::host::{self, HostResult};
 
 /// gRPC status codes used by the filters.
 pub mod grpc {
+    pub const INVALID_ARGUMENT: u32 = 3;
     pub const NOT_FOUND: u32 = 5;
     pub const PERMISSION_DENIED: u32 = 7;
     pub const RESOURCE_EXHAUSTED: u32 = 8;
@@ -75,6 +76,7 @@ impl Problem {
 /// The gRPC status that best matches an HTTP denial status.
 pub fn grpc_status_for_http(status: u32) -> u32 {
     match status {
+        400 => grpc::INVALID_ARGUMENT,
         401 => grpc::UNAUTHENTICATED,
         403 => grpc::PERMISSION_DENIED,
         404 | 410 => grpc::NOT_FOUND,

@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use gateway_common::config::parse_json;
 use gateway_common::host::{self, LogLevel, MapType};
-use gateway_common::metrics::Metric;
+use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::RequestHeaders;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -70,7 +70,7 @@ impl RootContext for RoutingRoot {
             per_route: router
                 .routes
                 .iter()
-                .map(|route| Metric::counter(&format!("routing.route.{}.requests", metric_safe(&route.name))))
+                .map(|route| Metric::counter(&format!("routing.route.{}.requests", stat_segment(&route.name))))
                 .collect(),
             default_route: Metric::counter("routing.default_route.requests"),
             no_route: Metric::counter("routing.no_route.requests"),
@@ -245,9 +245,4 @@ fn next_random(state: &Cell<u64>) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// Envoy stat names: keep letters, digits, `_` and `-`; anything else becomes `_`.
-fn metric_safe(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }

@@ -5,4 +5,5 @@
 mod configs;
 mod harness;
 mod modules;
+mod ratelimit;
 mod routing;

@@ -1,0 +1,285 @@
+//! ratelimit.wasm configuration: the JSON users write, and its compiled form.
+
+use std::collections::BTreeSet;
+
+use gateway_common::config::ConfigErrors;
+use gateway_common::request_match::{is_lower_case_header_name, Conditions, MatchSpec};
+use serde::Deserialize;
+
+use crate::bucket::Limit;
+use crate::table::Table;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Ordered rules; every matching rule applies.
+    pub rules: Vec<RuleSpec>,
+    #[serde(default)]
+    pub client_ip: ClientIpSpec,
+    /// Size of the bucket table in shared data (bounds memory).
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// Compare-and-swap attempts per bucket before `on_contention` applies.
+    #[serde(default = "default_cas_retries")]
+    pub cas_retries: u32,
+    #[serde(default)]
+    pub on_contention: OnContention,
+    /// Add `RateLimit-Policy` / `RateLimit` to allowed responses too.
+    #[serde(default = "default_true")]
+    pub response_headers: bool,
+}
+
+fn default_slots() -> u32 {
+    10_000
+}
+fn default_cas_retries() -> u32 {
+    32
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIpSpec {
+    /// 0: the peer address of the connection. N > 0: the N+1-th address from the
+    /// right of `x-forwarded-for` (N trusted proxies in front of Envoy).
+    #[serde(default)]
+    pub trusted_hops: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnContention {
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// Requests without the key share one bucket per limit.
+    #[default]
+    Shared,
+    /// The rule does not apply to them.
+    Skip,
+    /// They are denied.
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub match_: MatchSpec,
+    /// The parts of the bucket key, combined in order.
+    pub key: Vec<KeyPartSpec>,
+    #[serde(default)]
+    pub missing_key: MissingKey,
+    pub limits: Vec<LimitSpec>,
+    /// Count and report what would be denied; deny nothing.
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+/// Exactly one field per key part.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPartSpec {
+    pub client_ip: Option<bool>,
+    pub header: Option<String>,
+    pub query: Option<String>,
+    pub path: Option<bool>,
+    pub method: Option<bool>,
+    pub constant: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    pub name: String,
+    /// Requests per `per_seconds`.
+    pub requests: u64,
+    pub per_seconds: u64,
+    /// Bucket capacity; defaults to `requests`.
+    pub burst: Option<u64>,
+}
+
+// ---- compiled form -------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    ClientIp,
+    Header(String),
+    Query(String),
+    Path,
+    Method,
+    Constant(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub conditions: Conditions,
+    pub key: Vec<KeyPart>,
+    pub missing_key: MissingKey,
+    pub limits: Vec<Limit>,
+    pub shadow: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub rules: Vec<Rule>,
+    pub trusted_hops: u32,
+    pub table: Table,
+    pub on_contention: OnContention,
+    pub response_headers: bool,
+}
+
+impl Policy {
+    pub fn limits(&self) -> impl Iterator<Item = &Limit> {
+        self.rules.iter().flat_map(|rule| rule.limits.iter())
+    }
+
+    /// Whether any rule keys on the client address.
+    pub fn needs_client_ip(&self) -> bool {
+        self.rules.iter().any(|rule| rule.key.contains(&KeyPart::ClientIp))
+    }
+}
+
+impl RateLimitConfig {
+    pub fn compile(&self) -> Result<Policy, ConfigErrors> {
+        let mut errors = ConfigErrors::new();
+        if self.rules.is_empty() {
+            errors.add("rules", "must list at least one rule");
+        }
+        if !(1..=1_000_000).contains(&self.slots) {
+            errors.add("slots", "must be between 1 and 1000000");
+        }
+        if self.cas_retries > 1_000 {
+            errors.add("cas_retries", "must be at most 1000");
+        }
+        if self.client_ip.trusted_hops > 16 {
+            errors.add("client_ip.trusted_hops", "must be at most 16");
+        }
+        let mut names = BTreeSet::new();
+        let mut rules = Vec::new();
+        for (index, spec) in self.rules.iter().enumerate() {
+            let field = format!("rules[{index}]");
+            if !is_name(&spec.name) {
+                errors.add(format!("{field}.name"), "must be non-empty letters, digits, '-' or '_'");
+            } else if !names.insert(spec.name.as_str()) {
+                errors.add(format!("{field}.name"), format!("duplicate rule name `{}`", spec.name));
+            }
+            if let Some(rule) = spec.compile(&field, &mut errors) {
+                rules.push(rule);
+            }
+        }
+        errors.into_result(Policy {
+            rules,
+            trusted_hops: self.client_ip.trusted_hops,
+            table: Table { slots: self.slots, cas_retries: self.cas_retries },
+            on_contention: self.on_contention,
+            response_headers: self.response_headers,
+        })
+    }
+}
+
+impl RuleSpec {
+    fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<Rule> {
+        let conditions = self.match_.compile(&format!("{field}.match"), errors);
+        if self.key.is_empty() {
+            errors.add(
+                format!("{field}.key"),
+                "must list at least one part (use {\"constant\": \"all\"} for a global limit)",
+            );
+        }
+        let key: Vec<KeyPart> = self
+            .key
+            .iter()
+            .enumerate()
+            .filter_map(|(index, part)| part.compile(&format!("{field}.key[{index}]"), errors))
+            .collect();
+        if self.limits.is_empty() {
+            errors.add(format!("{field}.limits"), "must list at least one limit");
+        }
+        let mut limit_names = BTreeSet::new();
+        let mut limits = Vec::new();
+        for (index, spec) in self.limits.iter().enumerate() {
+            let limit_field = format!("{field}.limits[{index}]");
+            if !is_name(&spec.name) {
+                errors.add(format!("{limit_field}.name"), "must be non-empty letters, digits, '-' or '_'");
+            } else if !limit_names.insert(spec.name.as_str()) {
+                errors.add(format!("{limit_field}.name"), format!("duplicate limit name `{}`", spec.name));
+            }
+            if spec.requests == 0 {
+                errors.add(format!("{limit_field}.requests"), "must be above zero");
+            }
+            if spec.per_seconds == 0 || spec.per_seconds > 366 * 86_400 {
+                errors.add(format!("{limit_field}.per_seconds"), "must be between 1 and 31622400 (a year)");
+            }
+            let burst = spec.burst.unwrap_or(spec.requests);
+            if burst == 0 {
+                errors.add(format!("{limit_field}.burst"), "must be above zero");
+            }
+            limits.push(Limit::new(
+                format!("{}/{}", self.name, spec.name),
+                spec.name.clone(),
+                spec.requests,
+                spec.per_seconds,
+                burst,
+            ));
+        }
+        Some(Rule {
+            name: self.name.clone(),
+            conditions: conditions?,
+            key,
+            missing_key: self.missing_key,
+            limits,
+            shadow: self.shadow,
+        })
+    }
+}
+
+impl KeyPartSpec {
+    fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<KeyPart> {
+        let mut parts = Vec::new();
+        if self.client_ip == Some(true) {
+            parts.push(KeyPart::ClientIp);
+        }
+        if let Some(name) = &self.header {
+            if !is_lower_case_header_name(name) {
+                errors.add(format!("{field}.header"), "must be a lower-case header name");
+            }
+            parts.push(KeyPart::Header(name.clone()));
+        }
+        if let Some(name) = &self.query {
+            if name.is_empty() {
+                errors.add(format!("{field}.query"), "must not be empty");
+            }
+            parts.push(KeyPart::Query(name.clone()));
+        }
+        if self.path == Some(true) {
+            parts.push(KeyPart::Path);
+        }
+        if self.method == Some(true) {
+            parts.push(KeyPart::Method);
+        }
+        if let Some(value) = &self.constant {
+            parts.push(KeyPart::Constant(value.clone()));
+        }
+        let falses = [self.client_ip, self.path, self.method].contains(&Some(false));
+        if parts.len() != 1 || falses {
+            errors
+                .add(field, "needs exactly one of client_ip: true, header, query, path: true, method: true, constant");
+            return None;
+        }
+        parts.pop()
+    }
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}

@@ -1,0 +1,341 @@
+//! The per-request decision: which rules apply, which buckets to take from, and
+//! what to answer. Plain Rust over plain inputs and a `Store`.
+
+use gateway_common::request::RequestHeaders;
+
+use crate::bucket::{Limit, Verdict};
+use crate::config::{KeyPart, MissingKey, OnContention, Policy, Rule};
+use crate::table::{Store, StoreError, Take};
+
+/// What one limit said, for the RateLimit header fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitStatus {
+    pub name: String,
+    pub quota: u64,
+    pub window_seconds: u64,
+    pub remaining: u64,
+    pub reset_seconds: u64,
+    pub retry_after_seconds: u64,
+}
+
+impl LimitStatus {
+    fn new(limit: &Limit, verdict: &Verdict) -> Self {
+        Self {
+            name: limit.name.clone(),
+            quota: limit.requests,
+            window_seconds: limit.period_seconds,
+            remaining: verdict.remaining,
+            reset_seconds: verdict.reset_seconds,
+            retry_after_seconds: verdict.retry_after_seconds,
+        }
+    }
+
+    /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-09).
+    pub fn policy_header(&self) -> String {
+        format!("\"{}\";q={};w={}", self.name, self.quota, self.window_seconds)
+    }
+
+    /// `RateLimit` (draft-ietf-httpapi-ratelimit-headers-09).
+    pub fn limit_header(&self) -> String {
+        format!("\"{}\";r={};t={}", self.name, self.remaining, self.reset_seconds)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// A limit is exhausted.
+    Exhausted { rule: usize, status: LimitStatus },
+    /// The request lacks the rule's key and the rule says deny.
+    MissingKey { rule: usize },
+    /// Compare-and-swap retries ran out (`on_contention: deny`).
+    Contended { rule: usize },
+}
+
+/// Per-rule outcomes, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleOutcome {
+    Allowed,
+    Denied,
+    ShadowDenied,
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Decision {
+    pub denial: Option<Denial>,
+    /// The most restrictive enforced limit that allowed the request.
+    pub tightest: Option<LimitStatus>,
+    pub outcomes: Vec<(usize, RuleOutcome)>,
+    pub contended: u32,
+}
+
+/// Everything the decision needs to know about the request.
+pub struct RequestView<'a> {
+    pub headers: &'a RequestHeaders,
+    /// The client address (no port); `None` when unknown.
+    pub client_ip: Option<&'a [u8]>,
+}
+
+/// Builds the bucket key of a rule; `None` when the request lacks a part.
+pub fn bucket_key(rule: &Rule, request: &RequestView<'_>) -> Option<Vec<u8>> {
+    let mut key = Vec::new();
+    for (index, part) in rule.key.iter().enumerate() {
+        if index > 0 {
+            key.push(0x1f);
+        }
+        match part {
+            KeyPart::ClientIp => key.extend_from_slice(request.client_ip?),
+            KeyPart::Header(name) => key.extend_from_slice(request.headers.first(name)?),
+            KeyPart::Query(name) => key.extend_from_slice(&request.headers.query_values(name).into_iter().next()?),
+            KeyPart::Path => key.extend_from_slice(request.headers.path().as_bytes()),
+            KeyPart::Method => key.extend_from_slice(request.headers.method()),
+            KeyPart::Constant(value) => key.extend_from_slice(value.as_bytes()),
+        }
+    }
+    Some(key)
+}
+
+struct Taken<'p> {
+    limit: &'p Limit,
+    key: String,
+    identity: Vec<u8>,
+}
+
+impl Policy {
+    /// Decides one request. Tokens taken for a request that ends up denied are
+    /// given back (a compensating CAS per bucket).
+    pub fn decide(&self, store: &impl Store, request: &RequestView<'_>, now: u64) -> Result<Decision, StoreError> {
+        let mut decision = Decision::default();
+        let mut taken: Vec<Taken<'_>> = Vec::new();
+        'rules: for (index, rule) in self.rules.iter().enumerate() {
+            if !rule.conditions.matches(request.headers) {
+                continue;
+            }
+            let key = match (bucket_key(rule, request), rule.missing_key) {
+                (Some(key), _) => key,
+                (None, MissingKey::Shared) => b"\0missing".to_vec(),
+                (None, MissingKey::Skip) => {
+                    decision.outcomes.push((index, RuleOutcome::Skipped));
+                    continue;
+                }
+                (None, MissingKey::Deny) => {
+                    decision.outcomes.push((index, RuleOutcome::Denied));
+                    decision.denial = Some(Denial::MissingKey { rule: index });
+                    break;
+                }
+            };
+            let mut outcome = RuleOutcome::Allowed;
+            for limit in &rule.limits {
+                let mut identity = limit.id.as_bytes().to_vec();
+                identity.push(0);
+                identity.extend_from_slice(&key);
+                match self.table.take(store, limit, &identity, now)? {
+                    Take::Taken { verdict, key, identity } => {
+                        if !rule.shadow {
+                            let status = LimitStatus::new(limit, &verdict);
+                            if decision.tightest.as_ref().is_none_or(|tightest| tighter(&status, tightest)) {
+                                decision.tightest = Some(status);
+                            }
+                        }
+                        taken.push(Taken { limit, key, identity });
+                    }
+                    Take::Denied { verdict } if rule.shadow => {
+                        let _ = verdict;
+                        outcome = RuleOutcome::ShadowDenied;
+                    }
+                    Take::Denied { verdict } => {
+                        decision.outcomes.push((index, RuleOutcome::Denied));
+                        decision.denial =
+                            Some(Denial::Exhausted { rule: index, status: LimitStatus::new(limit, &verdict) });
+                        break 'rules;
+                    }
+                    Take::Contended => {
+                        decision.contended += 1;
+                        if self.on_contention == OnContention::Deny && !rule.shadow {
+                            decision.outcomes.push((index, RuleOutcome::Denied));
+                            decision.denial = Some(Denial::Contended { rule: index });
+                            break 'rules;
+                        }
+                    }
+                }
+            }
+            decision.outcomes.push((index, outcome));
+        }
+        if decision.denial.is_some() {
+            for taken in &taken {
+                self.table.give_back(store, taken.limit, &taken.key, &taken.identity, now)?;
+            }
+            decision.tightest = None;
+        }
+        Ok(decision)
+    }
+}
+
+/// Fewer remaining requests is tighter; on a tie, the longer wait.
+fn tighter(candidate: &LimitStatus, current: &LimitStatus) -> bool {
+    (candidate.remaining, std::cmp::Reverse(candidate.reset_seconds))
+        < (current.remaining, std::cmp::Reverse(current.reset_seconds))
+}
+
+/// The client address: the peer, or with `trusted_hops` N > 0 the N+1-th entry
+/// from the right of `x-forwarded-for` (Envoy has appended the peer as the last
+/// entry). Falls back to the peer when the header has too few entries.
+pub fn client_ip(peer: Option<&[u8]>, forwarded_for: Option<&[u8]>, trusted_hops: u32) -> Option<Vec<u8>> {
+    let peer = peer.map(strip_port);
+    if trusted_hops == 0 {
+        return peer;
+    }
+    let entries: Vec<&[u8]> = forwarded_for
+        .map(|value| value.split(|byte| *byte == b',').map(<[u8]>::trim_ascii).collect())
+        .unwrap_or_default();
+    let hops = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
+    match entries.len().checked_sub(hops + 1).and_then(|index| entries.get(index)) {
+        Some(entry) if !entry.is_empty() => Some(entry.to_vec()),
+        _ => peer,
+    }
+}
+
+/// `1.2.3.4:5678` -> `1.2.3.4`, `[::1]:80` -> `::1`.
+fn strip_port(address: &[u8]) -> Vec<u8> {
+    if let Some(rest) = address.strip_prefix(b"[") {
+        if let Some(end) = rest.iter().position(|byte| *byte == b']') {
+            return rest.get(..end).unwrap_or(rest).to_vec();
+        }
+    }
+    let colons = address.iter().filter(|byte| **byte == b':').count();
+    match address.iter().rposition(|byte| *byte == b':') {
+        Some(colon) if colons == 1 => address.get(..colon).unwrap_or(address).to_vec(),
+        _ => address.to_vec(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::config::RateLimitConfig;
+    use crate::table::tests::MemoryStore;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn policy(json: &str) -> Policy {
+        let config: RateLimitConfig = gateway_common::config::parse_json(json.as_bytes()).unwrap();
+        config.compile().unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> RequestHeaders {
+        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+    }
+
+    #[test]
+    fn a_denial_by_one_limit_gives_back_the_others() {
+        let policy = policy(
+            r#"{"slots": 64, "rules": [
+                {"name": "roomy", "key": [{"constant": "all"}], "limits": [{"name": "l", "requests": 100, "per_seconds": 60}]},
+                {"name": "tight", "key": [{"header": "x-user"}], "limits": [{"name": "l", "requests": 1, "per_seconds": 60}]}
+            ]}"#,
+        );
+        let store = MemoryStore::default();
+        policy.table.initialize(&store, &policy.limits().cloned().collect::<Vec<_>>()).unwrap();
+        let request = headers(&[(":path", "/"), ("x-user", "a")]);
+        let view = RequestView { headers: &request, client_ip: None };
+        let now = 100 * SECOND;
+        let first = policy.decide(&store, &view, now).unwrap();
+        assert!(first.denial.is_none());
+        assert_eq!(first.tightest.as_ref().unwrap().name, "l");
+        assert_eq!(first.tightest.as_ref().unwrap().remaining, 0, "the tight limit is the most restrictive");
+        for _ in 0..5 {
+            let denied = policy.decide(&store, &view, now).unwrap();
+            assert!(matches!(denied.denial, Some(Denial::Exhausted { rule: 1, .. })));
+        }
+        // The global bucket only paid for the one allowed request.
+        let other = headers(&[(":path", "/"), ("x-user", "b")]);
+        let decision = policy.decide(&store, &RequestView { headers: &other, client_ip: None }, now).unwrap();
+        assert!(decision.denial.is_none());
+        let roomy = &policy.rules[0].limits[0];
+        let mut identity = roomy.id.as_bytes().to_vec();
+        identity.extend_from_slice(b"\0all");
+        let Take::Taken { verdict, .. } = policy.table.take(&store, roomy, &identity, now).unwrap() else { panic!() };
+        assert_eq!(verdict.remaining, 97, "100 - (a, b, this one)");
+    }
+
+    #[test]
+    fn missing_key_policies_and_shadow_mode() {
+        let policy = policy(
+            r#"{"slots": 64, "rules": [
+                {"name": "skip", "key": [{"header": "x-a"}], "missing_key": "skip", "limits": [{"name": "l", "requests": 1, "per_seconds": 60}]},
+                {"name": "shadow", "key": [{"constant": "c"}], "shadow": true, "limits": [{"name": "l", "requests": 1, "per_seconds": 60}]},
+                {"name": "deny", "match": {"path": {"prefix": "/strict"}}, "key": [{"header": "x-b"}], "missing_key": "deny", "limits": [{"name": "l", "requests": 5, "per_seconds": 60}]}
+            ]}"#,
+        );
+        let store = MemoryStore::default();
+        policy.table.initialize(&store, &policy.limits().cloned().collect::<Vec<_>>()).unwrap();
+        let now = 100 * SECOND;
+        let plain = headers(&[(":path", "/")]);
+        let view = RequestView { headers: &plain, client_ip: None };
+        let first = policy.decide(&store, &view, now).unwrap();
+        assert_eq!(first.outcomes, vec![(0, RuleOutcome::Skipped), (1, RuleOutcome::Allowed)]);
+        let second = policy.decide(&store, &view, now).unwrap();
+        assert!(second.denial.is_none(), "shadow rules never deny");
+        assert_eq!(second.outcomes[1], (1, RuleOutcome::ShadowDenied));
+        let strict = headers(&[(":path", "/strict")]);
+        let denied = policy.decide(&store, &RequestView { headers: &strict, client_ip: None }, now).unwrap();
+        assert_eq!(denied.denial, Some(Denial::MissingKey { rule: 2 }));
+    }
+
+    #[test]
+    fn headers_use_the_draft_09_syntax() {
+        let status = LimitStatus {
+            name: "burst".into(),
+            quota: 100,
+            window_seconds: 60,
+            remaining: 0,
+            reset_seconds: 12,
+            retry_after_seconds: 1,
+        };
+        assert_eq!(status.policy_header(), "\"burst\";q=100;w=60");
+        assert_eq!(status.limit_header(), "\"burst\";r=0;t=12");
+    }
+
+    #[test]
+    fn client_ip_from_peer_or_trusted_hops() {
+        assert_eq!(client_ip(Some(b"10.0.0.1:5555"), None, 0).unwrap(), b"10.0.0.1");
+        assert_eq!(client_ip(Some(b"[::1]:80"), None, 0).unwrap(), b"::1");
+        assert_eq!(client_ip(Some(b"::1"), None, 0).unwrap(), b"::1");
+        let xff: &[u8] = b"203.0.113.7, 198.51.100.2, 10.0.0.9";
+        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(xff), 1).unwrap(), b"198.51.100.2");
+        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(xff), 2).unwrap(), b"203.0.113.7");
+        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(xff), 3).unwrap(), b"10.0.0.9", "too few entries: the peer");
+        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(b""), 1).unwrap(), b"10.0.0.9");
+    }
+
+    #[test]
+    fn config_errors_name_fields() {
+        let cases = [
+            (
+                r#"{"rules":[{"name":"a","key":[{"constant":"x"}],"limits":[{"name":"l","requests":0,"per_seconds":1}]}]}"#,
+                "rules[0].limits[0].requests",
+            ),
+            (r#"{"rules":[{"name":"a","key":[{"ip":true}],"limits":[]}]}"#, "rules[0].key[0]"),
+            (
+                r#"{"rules":[{"name":"a","key":[{"header":"x","query":"y"}],"limits":[{"name":"l","requests":1,"per_seconds":1}]}]}"#,
+                "rules[0].key[0]",
+            ),
+            (
+                r#"{"rules":[{"name":"a","match":{"path":{"regex":"("}},"key":[{"path":true}],"limits":[{"name":"l","requests":1,"per_seconds":1}]}]}"#,
+                "rules[0].match.path.regex",
+            ),
+            (
+                r#"{"slots":0,"rules":[{"name":"a","key":[{"path":true}],"limits":[{"name":"l","requests":1,"per_seconds":1}]}]}"#,
+                "slots",
+            ),
+        ];
+        for (json, field) in cases {
+            let errors = match gateway_common::config::parse_json::<RateLimitConfig>(json.as_bytes()) {
+                Ok(config) => config.compile().unwrap_err(),
+                Err(errors) => errors,
+            };
+            assert!(errors.messages().iter().any(|message| message.starts_with(field)), "{json}: {errors:?}");
+        }
+    }
+}
