@@ -1,0 +1,303 @@
+//! Credentials: finding them in the request, checking API keys and basic-auth
+//! passwords, and the per-worker caches that keep the hot path cheap.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use gateway_common::request::RequestHeaders;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::{ApiKeys, Basic, TokenSource};
+
+/// A credential found in the request, and where (for stripping it later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub value: String,
+    pub source: TokenSource,
+}
+
+/// The first credential present in `sources`, in order. Values that are not
+/// UTF-8 are reported as `Err(source)` (malformed) rather than skipped.
+pub fn find_credential(request: &RequestHeaders, sources: &[TokenSource]) -> Option<Result<Found, TokenSource>> {
+    for source in sources {
+        let raw: Option<Vec<u8>> = match source {
+            TokenSource::Header { name, prefix } => match request.first(name) {
+                None => None,
+                Some(value) => match prefix {
+                    None => Some(value.to_vec()),
+                    Some(prefix) => {
+                        let head = value.get(..prefix.len());
+                        match head {
+                            Some(head) if head.eq_ignore_ascii_case(prefix.as_bytes()) => {
+                                value.get(prefix.len()..).map(|rest| rest.trim_ascii().to_vec())
+                            }
+                            // Another scheme in this header (e.g. Basic): not our credential.
+                            _ => None,
+                        }
+                    }
+                },
+            },
+            TokenSource::Query(name) => request.query_values(name).into_iter().next(),
+            TokenSource::Cookie(name) => request.cookie_values(name).first().map(|value| value.to_vec()),
+        };
+        if let Some(raw) = raw {
+            return Some(match String::from_utf8(raw) {
+                Ok(value) if !value.is_empty() => Ok(Found { value, source: source.clone() }),
+                _ => Err(source.clone()),
+            });
+        }
+    }
+    None
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Constant-time equality of two digests.
+pub fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The consumer an API key belongs to. Every configured digest is compared (in
+/// constant time), so timing does not reveal which key nearly matched.
+pub fn check_api_key(api_keys: &ApiKeys, key: &str) -> Option<String> {
+    let digest = sha256(key.as_bytes());
+    let mut found = None;
+    for (expected, consumer) in &api_keys.keys {
+        if digests_equal(expected, &digest) && found.is_none() {
+            found = Some(consumer.clone());
+        }
+    }
+    found
+}
+
+/// `Authorization: Basic base64(user:password)` (RFC 7617).
+pub fn parse_basic(header: &[u8]) -> Option<(String, String)> {
+    let scheme = header.get(..6)?;
+    if !scheme.eq_ignore_ascii_case(b"basic ") {
+        return None;
+    }
+    let decoded = STANDARD.decode(header.get(6..)?.trim_ascii()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+/// Why a basic-auth check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasicFailure {
+    /// Unknown user or wrong password (not distinguished in answers).
+    Invalid,
+    /// Too many recent failures for this user; no hash was computed.
+    Locked { retry_after_seconds: u64 },
+}
+
+/// Verifies basic credentials with bcrypt, caching successes (keyed by a keyed
+/// hash of the credential, bounded, short-lived) and limiting failures per user,
+/// so neither repeated logins nor wrong passwords keep the worker hashing.
+pub struct BasicChecker {
+    cache_key: [u8; 16],
+    successes: HashMap<[u8; 32], (String, u64)>,
+    failures: HashMap<String, (u32, u64)>,
+    pub hashes_computed: u64,
+}
+
+impl BasicChecker {
+    pub fn new(cache_key: [u8; 16]) -> Self {
+        Self { cache_key, successes: HashMap::new(), failures: HashMap::new(), hashes_computed: 0 }
+    }
+
+    pub fn check(&mut self, basic: &Basic, user: &str, password: &str, now: u64) -> Result<String, BasicFailure> {
+        let Some(account) = basic.users.iter().find(|account| account.username == user) else {
+            return Err(BasicFailure::Invalid);
+        };
+        let mut keyed = Vec::with_capacity(16 + user.len() + 1 + password.len());
+        keyed.extend_from_slice(&self.cache_key);
+        keyed.extend_from_slice(user.as_bytes());
+        keyed.push(0);
+        keyed.extend_from_slice(password.as_bytes());
+        let cache_key = sha256(&keyed);
+        if let Some((consumer, until)) = self.successes.get(&cache_key) {
+            if *until > now {
+                return Ok(consumer.clone());
+            }
+        }
+        if let Some((count, since)) = self.failures.get(user) {
+            let window_end = since.saturating_add(basic.failure_window_seconds);
+            if *count >= basic.max_failures && now < window_end {
+                return Err(BasicFailure::Locked { retry_after_seconds: (window_end - now).max(1) });
+            }
+        }
+        self.hashes_computed += 1;
+        if bcrypt::verify(password, &account.hash).unwrap_or(false) {
+            self.failures.remove(user);
+            if basic.cache_entries > 0 && basic.cache_seconds > 0 {
+                if self.successes.len() >= basic.cache_entries {
+                    self.successes.retain(|_, (_, until)| *until > now);
+                    if self.successes.len() >= basic.cache_entries {
+                        self.successes.clear();
+                    }
+                }
+                self.successes.insert(cache_key, (account.consumer.clone(), now.saturating_add(basic.cache_seconds)));
+            }
+            Ok(account.consumer.clone())
+        } else {
+            let entry = self.failures.entry(user.to_string()).or_insert((0, now));
+            if now >= entry.1.saturating_add(basic.failure_window_seconds) {
+                *entry = (0, now);
+            }
+            entry.0 += 1;
+            Err(BasicFailure::Invalid)
+        }
+    }
+}
+
+/// Verified tokens per worker, keyed by the token's SHA-256, never kept past the
+/// token's `exp` nor `max_ttl` (so a revoked key stops working within it).
+pub struct TokenCache {
+    capacity: usize,
+    max_ttl: u64,
+    entries: HashMap<[u8; 32], CachedToken>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CachedToken {
+    pub provider: usize,
+    pub claims: Rc<Value>,
+    until: u64,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize, max_ttl: u64) -> Self {
+        Self { capacity, max_ttl, entries: HashMap::new() }
+    }
+
+    pub fn get(&self, digest: &[u8; 32], provider: usize, now: u64) -> Option<Rc<Value>> {
+        let entry = self.entries.get(digest)?;
+        (entry.provider == provider && now < entry.until).then(|| Rc::clone(&entry.claims))
+    }
+
+    pub fn insert(&mut self, digest: [u8; 32], provider: usize, claims: Rc<Value>, exp: Option<u64>, now: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        let until = exp.map_or(now + self.max_ttl, |exp| exp.min(now + self.max_ttl));
+        if until <= now {
+            return;
+        }
+        if self.entries.len() >= self.capacity {
+            self.entries.retain(|_, entry| entry.until > now);
+        }
+        if self.entries.len() >= self.capacity {
+            // Evict the entry closest to expiry.
+            let victim = self.entries.iter().min_by_key(|(_, entry)| entry.until).map(|(key, _)| *key);
+            if let Some(victim) = victim {
+                self.entries.remove(&victim);
+            }
+        }
+        self.entries.insert(digest, CachedToken { provider, claims, until });
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::config::BasicUser;
+
+    fn headers(pairs: &[(&str, &[u8])]) -> RequestHeaders {
+        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect())
+    }
+
+    #[test]
+    fn credentials_are_found_in_order() {
+        let sources = vec![
+            TokenSource::Header { name: "authorization".into(), prefix: Some("Bearer ".into()) },
+            TokenSource::Query("access_token".into()),
+            TokenSource::Cookie("session".into()),
+        ];
+        let request = headers(&[(":path", b"/?access_token=q"), ("authorization", b"bearer  abc "), ("cookie", b"session=c")]);
+        assert_eq!(find_credential(&request, &sources).unwrap().unwrap().value, "abc");
+        let request = headers(&[(":path", b"/?access_token=q"), ("authorization", b"Basic Zm9vOmJhcg==")]);
+        assert_eq!(find_credential(&request, &sources).unwrap().unwrap().value, "q", "Basic is not a bearer token");
+        let request = headers(&[(":path", b"/"), ("cookie", b"a=1; session=c")]);
+        assert_eq!(find_credential(&request, &sources).unwrap().unwrap().value, "c");
+        let request = headers(&[(":path", b"/"), ("authorization", b"Bearer \xff\xfe")]);
+        assert!(find_credential(&request, &sources).unwrap().is_err());
+        assert!(find_credential(&headers(&[(":path", b"/")]), &sources).is_none());
+    }
+
+    #[test]
+    fn api_keys_match_by_digest() {
+        let api_keys = ApiKeys {
+            sources: vec![],
+            keys: vec![(sha256(b"key-one"), "acme".into()), (sha256(b"key-two"), "globex".into())],
+            forward_key: false,
+        };
+        assert_eq!(check_api_key(&api_keys, "key-two").as_deref(), Some("globex"));
+        assert_eq!(check_api_key(&api_keys, "key-three"), None);
+    }
+
+    #[test]
+    fn basic_header_parsing() {
+        assert_eq!(parse_basic(b"Basic YWxpY2U6czNjcmV0OndpdGg6Y29sb25z"), Some(("alice".into(), "s3cret:with:colons".into())));
+        assert_eq!(parse_basic(b"Bearer abc"), None);
+        assert_eq!(parse_basic(b"Basic !!!"), None);
+        assert_eq!(parse_basic(b"Basic bm9jb2xvbg=="), None);
+        assert_eq!(parse_basic(b"Basic"), None);
+    }
+
+    #[test]
+    fn basic_checks_cache_successes_and_lock_after_failures() {
+        // Cost 4: fast enough for a unit test.
+        let hash = bcrypt::hash_with_salt("s3cret", 4, [7u8; 16]).unwrap().format_for_version(bcrypt::Version::TwoB);
+        let basic = Basic {
+            users: vec![BasicUser { username: "alice".into(), hash, consumer: "alice-co".into() }],
+            cache_seconds: 60,
+            cache_entries: 10,
+            max_failures: 3,
+            failure_window_seconds: 60,
+            forward_credentials: false,
+        };
+        let mut checker = BasicChecker::new([1; 16]);
+        assert_eq!(checker.check(&basic, "alice", "s3cret", 100), Ok("alice-co".into()));
+        assert_eq!(checker.check(&basic, "alice", "s3cret", 101), Ok("alice-co".into()));
+        assert_eq!(checker.hashes_computed, 1, "the second check hit the cache");
+        assert_eq!(checker.check(&basic, "bob", "x", 101), Err(BasicFailure::Invalid));
+        for _ in 0..3 {
+            assert_eq!(checker.check(&basic, "alice", "wrong", 102), Err(BasicFailure::Invalid));
+        }
+        let hashed = checker.hashes_computed;
+        assert_eq!(checker.check(&basic, "alice", "wrong", 103), Err(BasicFailure::Locked { retry_after_seconds: 59 }));
+        assert_eq!(checker.hashes_computed, hashed, "a locked user costs no hash");
+        // The cached success still works; after the window, checks resume.
+        assert_eq!(checker.check(&basic, "alice", "s3cret", 104), Ok("alice-co".into()));
+        assert_eq!(checker.check(&basic, "alice", "wrong", 200), Err(BasicFailure::Invalid));
+    }
+
+    #[test]
+    fn token_cache_is_bounded_and_respects_expiry() {
+        let mut cache = TokenCache::new(2, 300);
+        let claims = Rc::new(Value::Null);
+        cache.insert([1; 32], 0, Rc::clone(&claims), Some(150), 100);
+        assert!(cache.get(&[1; 32], 0, 149).is_some());
+        assert!(cache.get(&[1; 32], 0, 150).is_none(), "never past exp");
+        assert!(cache.get(&[1; 32], 1, 120).is_none(), "another provider");
+        cache.insert([2; 32], 0, Rc::clone(&claims), None, 100);
+        cache.insert([3; 32], 0, Rc::clone(&claims), None, 100);
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get(&[1; 32], 0, 120).is_none(), "the entry closest to expiry was evicted");
+    }
+}

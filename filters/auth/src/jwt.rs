@@ -1,0 +1,572 @@
+//! JWT verification (RFC 7519 / 7515): key sets, header checks, signature, claims.
+//! Plain Rust: the time is an input, no host calls.
+//!
+//! The algorithm a token may use comes from the provider's configuration and the
+//! key (JWK `kty`/`crv`/`alg`), never from the token header alone: `alg: none` and
+//! algorithm confusion (an RSA public key used as an HMAC secret) cannot verify.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+/// Tokens longer than this are rejected before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+pub const ALL_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+pub fn algorithm_from_name(name: &str) -> Option<Algorithm> {
+    ALL_ALGORITHMS.iter().copied().find(|alg| algorithm_name(*alg) == name)
+}
+
+pub fn algorithm_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::EdDSA => "EdDSA",
+        _ => "unsupported",
+    }
+}
+
+const RSA_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+const HMAC_ALGORITHMS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+
+/// One verification key and the algorithms it may verify.
+#[derive(Clone)]
+pub struct VerifyingKey {
+    pub kid: Option<String>,
+    pub algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyingKey").field("kid", &self.kid).field("algorithms", &self.algorithms).finish()
+    }
+}
+
+/// The keys of one provider.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    pub keys: Vec<VerifyingKey>,
+}
+
+impl KeySet {
+    /// Parses a JWKS document. Keys of unknown types or with unusable material
+    /// are skipped and reported (a remote JWKS may hold keys for other uses);
+    /// a document with no usable key is an error.
+    pub fn from_jwks(document: &[u8]) -> Result<(KeySet, Vec<String>), String> {
+        let value: Value = serde_json::from_slice(document).map_err(|error| format!("not JSON: {error}"))?;
+        let entries = value.get("keys").and_then(Value::as_array).ok_or("no `keys` array")?;
+        let mut keys = Vec::new();
+        let mut skipped = Vec::new();
+        for (index, entry) in entries.iter().enumerate() {
+            match verifying_key_from_jwk(entry) {
+                Ok(key) => keys.push(key),
+                Err(reason) => skipped.push(format!("keys[{index}]: {reason}")),
+            }
+        }
+        if keys.is_empty() {
+            return Err(format!("no usable key ({})", skipped.join("; ")));
+        }
+        Ok((KeySet { keys }, skipped))
+    }
+
+    /// One PEM public key (RSA, EC P-256/P-384 or Ed25519) for `algorithm`.
+    pub fn pem_key(pem: &str, algorithm: Algorithm, kid: Option<String>) -> Result<VerifyingKey, String> {
+        let bytes = pem.as_bytes();
+        let key = match algorithm {
+            alg if RSA_ALGORITHMS.contains(&alg) => DecodingKey::from_rsa_pem(bytes),
+            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(bytes),
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(bytes),
+            _ => return Err("PEM keys are public keys: use RS*, PS*, ES* or EdDSA".into()),
+        }
+        .map_err(|error| format!("invalid PEM key: {error}"))?;
+        Ok(VerifyingKey { kid, algorithms: vec![algorithm], key })
+    }
+
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|key| key.kid.as_deref() == Some(kid))
+    }
+
+    /// Algorithms any key of this set may verify.
+    pub fn algorithms(&self) -> Vec<Algorithm> {
+        let mut all: Vec<Algorithm> = self.keys.iter().flat_map(|key| key.algorithms.iter().copied()).collect();
+        all.sort_by_key(|alg| algorithm_name(*alg));
+        all.dedup();
+        all
+    }
+}
+
+fn verifying_key_from_jwk(entry: &Value) -> Result<VerifyingKey, String> {
+    let text = |name: &str| entry.get(name).and_then(Value::as_str);
+    let kid = text("kid").map(str::to_owned);
+    if text("use").is_some_and(|usage| usage != "sig") {
+        return Err("not a signing key (`use` is not `sig`)".into());
+    }
+    let declared = match text("alg") {
+        Some(name) => Some(algorithm_from_name(name).ok_or_else(|| format!("unsupported alg `{name}`"))?),
+        None => None,
+    };
+    let family: Vec<Algorithm> = match (text("kty"), text("crv")) {
+        (Some("RSA"), _) => RSA_ALGORITHMS.to_vec(),
+        (Some("EC"), Some("P-256")) => vec![Algorithm::ES256],
+        (Some("EC"), Some("P-384")) => vec![Algorithm::ES384],
+        (Some("OKP"), Some("Ed25519")) => vec![Algorithm::EdDSA],
+        (Some("oct"), _) => HMAC_ALGORITHMS.to_vec(),
+        (kty, crv) => return Err(format!("unsupported key type {kty:?} / curve {crv:?}")),
+    };
+    let algorithms = match declared {
+        Some(alg) if family.contains(&alg) => vec![alg],
+        Some(alg) => return Err(format!("alg {} does not fit kty {:?}", algorithm_name(alg), text("kty"))),
+        None => family,
+    };
+    let jwk: jsonwebtoken::jwk::Jwk =
+        serde_json::from_value(entry.clone()).map_err(|error| format!("invalid JWK: {error}"))?;
+    let key = DecodingKey::from_jwk(&jwk).map_err(|error| format!("invalid key material: {error}"))?;
+    Ok(VerifyingKey { kid, algorithms, key })
+}
+
+/// Why a token was rejected. The descriptions never contain the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtError {
+    Malformed(&'static str),
+    TooLarge,
+    /// The header names an algorithm the provider does not accept (or `none`).
+    AlgorithmNotAllowed(String),
+    /// A `crit` header: extensions we cannot honour (RFC 7515 4.1.11).
+    CriticalHeader,
+    /// No key with this `kid` (or none for the algorithm).
+    UnknownKey(Option<String>),
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongIssuer,
+    WrongAudience,
+    MissingClaim(String),
+    LifetimeTooLong,
+}
+
+impl JwtError {
+    pub fn description(&self) -> String {
+        match self {
+            JwtError::Malformed(what) => format!("malformed token: {what}"),
+            JwtError::TooLarge => format!("token larger than {MAX_TOKEN_BYTES} bytes"),
+            JwtError::AlgorithmNotAllowed(alg) => format!("algorithm {alg} is not accepted"),
+            JwtError::CriticalHeader => "token has critical header extensions".into(),
+            JwtError::UnknownKey(Some(kid)) => format!("unknown signing key (kid {kid})"),
+            JwtError::UnknownKey(None) => "no signing key for this token".into(),
+            JwtError::BadSignature => "bad signature".into(),
+            JwtError::Expired => "token expired".into(),
+            JwtError::NotYetValid => "token not yet valid".into(),
+            JwtError::WrongIssuer => "wrong issuer".into(),
+            JwtError::WrongAudience => "wrong audience".into(),
+            JwtError::MissingClaim(claim) => format!("required claim {claim} missing"),
+            JwtError::LifetimeTooLong => "token lifetime exceeds the maximum".into(),
+        }
+    }
+
+    /// A short stable code for metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JwtError::Malformed(_) | JwtError::TooLarge | JwtError::CriticalHeader => "malformed",
+            JwtError::AlgorithmNotAllowed(_) => "algorithm",
+            JwtError::UnknownKey(_) => "unknown_key",
+            JwtError::BadSignature => "bad_signature",
+            JwtError::Expired => "expired",
+            JwtError::NotYetValid => "not_yet_valid",
+            JwtError::WrongIssuer => "issuer",
+            JwtError::WrongAudience => "audience",
+            JwtError::MissingClaim(_) => "missing_claim",
+            JwtError::LifetimeTooLong => "lifetime",
+        }
+    }
+}
+
+/// What the header says, parsed by us (not trusted for the algorithm choice).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenHeader {
+    pub alg: String,
+    pub kid: Option<String>,
+}
+
+fn decode_json_part(part: &str) -> Result<Value, JwtError> {
+    let bytes = URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).map_err(|_| JwtError::Malformed("bad base64url"))?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed("bad JSON"))?;
+    if value.is_object() {
+        Ok(value)
+    } else {
+        Err(JwtError::Malformed("not a JSON object"))
+    }
+}
+
+/// Splits and checks the shape; returns the header.
+pub fn parse_header(token: &str) -> Result<TokenHeader, JwtError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(JwtError::TooLarge);
+    }
+    let mut parts = token.split('.');
+    let (Some(header), Some(_payload), Some(_signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed("not three dot-separated parts"));
+    };
+    let header = decode_json_part(header)?;
+    if header.get("crit").is_some() {
+        return Err(JwtError::CriticalHeader);
+    }
+    let alg = header.get("alg").and_then(Value::as_str).ok_or(JwtError::Malformed("no alg"))?.to_string();
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(kid)) => Some(kid.clone()),
+        Some(_) => return Err(JwtError::Malformed("kid is not a string")),
+    };
+    Ok(TokenHeader { alg, kid })
+}
+
+/// The claim checks of a provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimRules {
+    pub issuer: Option<String>,
+    pub audiences: Vec<String>,
+    /// Dotted paths that must be present.
+    pub required: Vec<String>,
+    pub leeway_seconds: u64,
+    pub max_lifetime_seconds: Option<u64>,
+}
+
+/// Verifies `token` against `keys`, accepting only `allowed` algorithms, and
+/// checks its claims at `now` (Unix seconds). Returns the claims.
+pub fn verify(
+    token: &str,
+    keys: &KeySet,
+    allowed: &[Algorithm],
+    rules: &ClaimRules,
+    now: u64,
+) -> Result<Value, JwtError> {
+    let header = parse_header(token)?;
+    let alg = algorithm_from_name(&header.alg)
+        .filter(|alg| allowed.contains(alg))
+        .ok_or_else(|| JwtError::AlgorithmNotAllowed(header.alg.chars().take(16).collect()))?;
+    let candidates: Vec<&VerifyingKey> = keys
+        .keys
+        .iter()
+        .filter(|key| header.kid.is_none() || key.kid == header.kid)
+        .filter(|key| key.algorithms.contains(&alg))
+        .collect();
+    if candidates.is_empty() {
+        return Err(JwtError::UnknownKey(header.kid.map(|kid| kid.chars().take(64).collect())));
+    }
+    let mut validation = Validation::new(alg);
+    // Claims are checked below with the host's clock and our own rules.
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    for key in candidates {
+        match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
+            Ok(data) => {
+                check_claims(&data.claims, rules, now)?;
+                return Ok(data.claims);
+            }
+            Err(error) => match error.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => continue,
+                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => continue,
+                jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => {
+                    return Err(JwtError::Malformed("bad payload"))
+                }
+                jsonwebtoken::errors::ErrorKind::Base64(_) => return Err(JwtError::Malformed("bad base64url")),
+                _ => continue,
+            },
+        }
+    }
+    Err(JwtError::BadSignature)
+}
+
+fn numeric(claims: &Value, name: &str) -> Result<Option<u64>, JwtError> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(number)) => number
+            .as_u64()
+            .or_else(|| number.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .map(Some)
+            .ok_or(JwtError::Malformed("numeric date out of range")),
+        Some(_) => Err(JwtError::Malformed("numeric date is not a number")),
+    }
+}
+
+pub fn check_claims(claims: &Value, rules: &ClaimRules, now: u64) -> Result<(), JwtError> {
+    let leeway = rules.leeway_seconds;
+    let exp = numeric(claims, "exp")?;
+    let nbf = numeric(claims, "nbf")?;
+    let iat = numeric(claims, "iat")?;
+    if exp.is_some_and(|exp| now > exp.saturating_add(leeway)) {
+        return Err(JwtError::Expired);
+    }
+    if nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf) || iat.is_some_and(|iat| now.saturating_add(leeway) < iat)
+    {
+        return Err(JwtError::NotYetValid);
+    }
+    if let Some(max) = rules.max_lifetime_seconds {
+        let exp = exp.ok_or_else(|| JwtError::MissingClaim("exp".into()))?;
+        let start = iat.or(nbf).unwrap_or(now);
+        if exp.saturating_sub(start) > max {
+            return Err(JwtError::LifetimeTooLong);
+        }
+    }
+    if let Some(issuer) = &rules.issuer {
+        if claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
+            return Err(JwtError::WrongIssuer);
+        }
+    }
+    if !rules.audiences.is_empty() {
+        let matches = |aud: &str| rules.audiences.iter().any(|expected| expected == aud);
+        let ok = match claims.get("aud") {
+            Some(Value::String(aud)) => matches(aud),
+            Some(Value::Array(values)) => values.iter().filter_map(Value::as_str).any(matches),
+            _ => false,
+        };
+        if !ok {
+            return Err(JwtError::WrongAudience);
+        }
+    }
+    for path in &rules.required {
+        if claim_at(claims, path).is_none_or(Value::is_null) {
+            return Err(JwtError::MissingClaim(path.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// A claim by dotted path (`realm_access.roles`); a key containing a dot is
+/// also found when written whole.
+pub fn claim_at<'a>(claims: &'a Value, path: &str) -> Option<&'a Value> {
+    if let Some(value) = claims.get(path) {
+        return Some(value);
+    }
+    path.split('.').try_fold(claims, |value, segment| value.get(segment))
+}
+
+/// Expiry (`exp`, Unix seconds) of verified claims, if any.
+pub fn expiry(claims: &Value) -> Option<u64> {
+    numeric(claims, "exp").ok().flatten()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const NOW: u64 = 1_800_000_000;
+    const SECRET: &[u8] = b"a-shared-secret-of-32-bytes-long!";
+
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/../../tests/fixtures/keys/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn jwks() -> KeySet {
+        KeySet::from_jwks(fixture("jwks.json").as_bytes()).unwrap().0
+    }
+
+    fn sign(alg: Algorithm, kid: &str, claims: &Value) -> String {
+        let key = match alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => EncodingKey::from_secret(SECRET).unwrap(),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(fixture("ec256.pem").as_bytes()).unwrap(),
+            Algorithm::ES384 => EncodingKey::from_ec_pem(fixture("ec384.pem").as_bytes()).unwrap(),
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(fixture("ed25519.pem").as_bytes()).unwrap(),
+            _ => EncodingKey::from_rsa_pem(fixture("rsa.pem").as_bytes()).unwrap(),
+        };
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        encode(&header, claims, &key).unwrap()
+    }
+
+    fn claims() -> Value {
+        json!({"iss": "https://idp.test", "aud": ["api"], "sub": "alice", "iat": NOW - 10, "exp": NOW + 600})
+    }
+
+    fn rules() -> ClaimRules {
+        ClaimRules {
+            issuer: Some("https://idp.test".into()),
+            audiences: vec!["api".into()],
+            required: vec!["sub".into()],
+            leeway_seconds: 60,
+            max_lifetime_seconds: None,
+        }
+    }
+
+    #[test]
+    fn every_algorithm_verifies_with_its_jwk() {
+        let keys = jwks();
+        for (alg, kid) in [
+            (Algorithm::RS256, "rsa-1"),
+            (Algorithm::RS384, "rsa-1"),
+            (Algorithm::RS512, "rsa-1"),
+            (Algorithm::PS256, "rsa-1"),
+            (Algorithm::PS384, "rsa-1"),
+            (Algorithm::PS512, "rsa-1"),
+            (Algorithm::ES256, "ec-256"),
+            (Algorithm::ES384, "ec-384"),
+            (Algorithm::EdDSA, "ed-1"),
+            (Algorithm::HS256, "hs-1"),
+        ] {
+            let token = sign(alg, kid, &claims());
+            let verified = verify(&token, &keys, ALL_ALGORITHMS, &rules(), NOW);
+            assert_eq!(verified.map(|c| c["sub"].clone()), Ok(json!("alice")), "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn claim_failures() {
+        let keys = jwks();
+        let check = |claims: Value| verify(&sign(Algorithm::RS256, "rsa-1", &claims), &keys, ALL_ALGORITHMS, &rules(), NOW);
+        let mut expired = claims();
+        expired["exp"] = json!(NOW - 61);
+        assert_eq!(check(expired), Err(JwtError::Expired));
+        let mut within_leeway = claims();
+        within_leeway["exp"] = json!(NOW - 30);
+        assert!(check(within_leeway).is_ok());
+        let mut future = claims();
+        future["nbf"] = json!(NOW + 120);
+        assert_eq!(check(future), Err(JwtError::NotYetValid));
+        let mut issuer = claims();
+        issuer["iss"] = json!("https://evil.test");
+        assert_eq!(check(issuer), Err(JwtError::WrongIssuer));
+        let mut audience = claims();
+        audience["aud"] = json!("other");
+        assert_eq!(check(audience), Err(JwtError::WrongAudience));
+        let mut no_sub = claims();
+        no_sub.as_object_mut().unwrap().remove("sub");
+        assert_eq!(check(no_sub), Err(JwtError::MissingClaim("sub".into())));
+        let mut lifetime = rules();
+        lifetime.max_lifetime_seconds = Some(300);
+        let token = sign(Algorithm::RS256, "rsa-1", &claims());
+        assert_eq!(verify(&token, &keys, ALL_ALGORITHMS, &lifetime, NOW), Err(JwtError::LifetimeTooLong));
+    }
+
+    #[test]
+    fn none_confusion_and_wrong_keys_are_rejected() {
+        let keys = jwks();
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","kid":"rsa-1"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(claims().to_string());
+        let unsigned = format!("{header}.{payload}.");
+        assert!(matches!(verify(&unsigned, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::AlgorithmNotAllowed(_))));
+
+        // Confusion: HS256 "signed" with the RSA public key's PEM as the secret.
+        let confused = encode(
+            &{
+                let mut h = Header::new(Algorithm::HS256);
+                h.kid = Some("rsa-1".into());
+                h
+            },
+            &claims(),
+            &EncodingKey::from_secret(fixture("rsa.pub.pem").as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            verify(&confused, &keys, ALL_ALGORITHMS, &rules(), NOW),
+            Err(JwtError::UnknownKey(Some("rsa-1".into()))),
+            "an RSA key never verifies HMAC"
+        );
+
+        // Signed by a key the set does not hold, under a known kid.
+        let other = encode(
+            &{
+                let mut h = Header::new(Algorithm::RS256);
+                h.kid = Some("rsa-1".into());
+                h
+            },
+            &claims(),
+            &EncodingKey::from_rsa_pem(fixture("rsa2.pem").as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(verify(&other, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::BadSignature));
+        let unknown = sign(Algorithm::RS256, "rsa-9", &claims());
+        assert_eq!(verify(&unknown, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::UnknownKey(Some("rsa-9".into()))));
+        // The provider allows only RS256: ES256 tokens are refused even with a valid key.
+        let es = sign(Algorithm::ES256, "ec-256", &claims());
+        assert!(matches!(verify(&es, &keys, &[Algorithm::RS256], &rules(), NOW), Err(JwtError::AlgorithmNotAllowed(_))));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let keys = jwks();
+        let crit = format!(
+            "{}.{}.sig",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","crit":["exp"]}"#),
+            URL_SAFE_NO_PAD.encode(b"{}")
+        );
+        for token in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "!!!.***.???",
+            "e30.e30.e30",
+            "eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.c2ln",
+            &"a".repeat(20_000),
+            &crit,
+        ] {
+            assert!(verify(token, &keys, ALL_ALGORITHMS, &rules(), NOW).is_err(), "{token:.40}");
+        }
+        assert_eq!(verify(&crit, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::CriticalHeader));
+    }
+
+    #[test]
+    fn pem_keys_and_jwks_errors() {
+        let key = KeySet::pem_key(&fixture("rsa.pub.pem"), Algorithm::RS256, None).unwrap();
+        let keys = KeySet { keys: vec![key] };
+        let token = sign(Algorithm::RS256, "whatever", &claims());
+        // No kid match needed? The token names kid "whatever"; a PEM key without kid only verifies kid-less tokens.
+        assert!(verify(&token, &keys, ALL_ALGORITHMS, &rules(), NOW).is_err());
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = None;
+        let kidless = encode(&header, &claims(), &EncodingKey::from_rsa_pem(fixture("rsa.pem").as_bytes()).unwrap()).unwrap();
+        assert!(verify(&kidless, &keys, ALL_ALGORITHMS, &rules(), NOW).is_ok());
+        assert!(KeySet::pem_key("not a pem", Algorithm::RS256, None).is_err());
+        assert!(KeySet::pem_key(&fixture("rsa.pub.pem"), Algorithm::HS256, None).is_err());
+        assert!(KeySet::from_jwks(b"{}").is_err());
+        assert!(KeySet::from_jwks(br#"{"keys":[{"kty":"XYZ"}]}"#).is_err());
+        let (partial, skipped) =
+            KeySet::from_jwks(br#"{"keys":[{"kty":"XYZ"},{"kty":"oct","k":"c2VjcmV0","alg":"HS256"}]}"#).unwrap();
+        assert_eq!((partial.keys.len(), skipped.len()), (1, 1));
+    }
+
+    #[test]
+    fn dotted_claim_paths() {
+        let claims = json!({"realm_access": {"roles": ["a", "b"]}, "x.y": 1});
+        assert_eq!(claim_at(&claims, "realm_access.roles"), Some(&json!(["a", "b"])));
+        assert_eq!(claim_at(&claims, "x.y"), Some(&json!(1)));
+        assert_eq!(claim_at(&claims, "missing.path"), None);
+    }
+}

@@ -1,0 +1,4 @@
+pub mod config;
+pub mod credentials;
+pub mod jwt;
+pub mod policy;

@@ -1,0 +1,476 @@
+//! The authentication and authorization decision for one request. Plain Rust:
+//! credential checks that need state (keys, caches) come through `Verifier`.
+
+use std::rc::Rc;
+
+use gateway_common::problem::Problem;
+use gateway_common::request::RequestHeaders;
+use serde_json::Value;
+
+use crate::config::{Auth, Basic, DefaultAction, Provider, Requirement, Rule, TokenSource, API_KEY_METHOD, BASIC_METHOD};
+use crate::credentials::{check_api_key, find_credential, parse_basic, BasicFailure};
+use crate::jwt::{claim_at, JwtError};
+
+/// Result of checking one JWT.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JwtCheck {
+    Valid(Rc<Value>),
+    Invalid(JwtError),
+    /// The provider's remote keys must be fetched before this token can be judged.
+    NeedKeys,
+}
+
+/// Stateful credential checks (keys, caches, failure counters).
+pub trait Verifier {
+    fn verify_jwt(&mut self, provider_index: usize, provider: &Provider, token: &str) -> JwtCheck;
+    fn check_basic(&mut self, basic: &Basic, user: &str, password: &str) -> Result<String, BasicFailure>;
+}
+
+/// Who was let in, by which method, and which credential to strip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub method: String,
+    /// Consumer name, else the token subject.
+    pub name: Option<String>,
+    pub claims: Option<Rc<Value>>,
+    pub provider: Option<usize>,
+    /// The credential's location when it must not be forwarded.
+    pub strip: Option<TokenSource>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Schemes {
+    pub bearer: bool,
+    pub basic: bool,
+    pub api_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    MultipleAuthorization,
+    Missing(Schemes),
+    Invalid { method: String, reason: String, code: &'static str, schemes: Schemes },
+    Locked { retry_after_seconds: u64 },
+    InsufficientScope { required: Vec<String> },
+    ClaimMismatch { claim: String },
+    NoRule,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Allow { rule: Option<String>, identities: Vec<Identity> },
+    Deny(Denial),
+    NeedKeys(usize),
+}
+
+enum MethodResult {
+    Absent,
+    Ok(Identity),
+    Failed(Denial),
+    NeedKeys(usize),
+}
+
+/// Decides one request.
+pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifier) -> Outcome {
+    if request.count("authorization") > 1 {
+        return Outcome::Deny(Denial::MultipleAuthorization);
+    }
+    if auth.cors_preflight_bypass
+        && request.method() == b"OPTIONS"
+        && request.first("access-control-request-method").is_some()
+        && request.first("origin").is_some()
+    {
+        return Outcome::Allow { rule: None, identities: Vec::new() };
+    }
+    let Some(rule) = auth.rules.iter().find(|rule| rule.conditions.matches(request)) else {
+        return match auth.default {
+            DefaultAction::Allow => Outcome::Allow { rule: None, identities: Vec::new() },
+            DefaultAction::Deny => Outcome::Deny(Denial::NoRule),
+        };
+    };
+    let identities = match &rule.requirement {
+        Requirement::Anonymous => return Outcome::Allow { rule: Some(rule.name.clone()), identities: Vec::new() },
+        Requirement::Any(methods) => {
+            let schemes = schemes(auth, methods);
+            let mut first_failure = None;
+            let mut found = None;
+            for method in methods {
+                match check_method(auth, method, request, verifier) {
+                    MethodResult::Absent => {}
+                    MethodResult::Ok(identity) => {
+                        found = Some(identity);
+                        break;
+                    }
+                    MethodResult::NeedKeys(provider) => return Outcome::NeedKeys(provider),
+                    MethodResult::Failed(denial) => {
+                        first_failure.get_or_insert(denial);
+                    }
+                }
+            }
+            match (found, first_failure) {
+                (Some(identity), _) => vec![identity],
+                (None, Some(denial)) => return Outcome::Deny(with_schemes(denial, schemes)),
+                (None, None) => return Outcome::Deny(Denial::Missing(schemes)),
+            }
+        }
+        Requirement::All(methods) => {
+            let schemes = schemes(auth, methods);
+            let mut identities = Vec::new();
+            for method in methods {
+                match check_method(auth, method, request, verifier) {
+                    MethodResult::Absent => return Outcome::Deny(Denial::Missing(schemes)),
+                    MethodResult::Ok(identity) => identities.push(identity),
+                    MethodResult::NeedKeys(provider) => return Outcome::NeedKeys(provider),
+                    MethodResult::Failed(denial) => return Outcome::Deny(with_schemes(denial, schemes)),
+                }
+            }
+            identities
+        }
+    };
+    if let Some(denial) = authorize(rule, &identities) {
+        return Outcome::Deny(denial);
+    }
+    Outcome::Allow { rule: Some(rule.name.clone()), identities }
+}
+
+fn schemes(auth: &Auth, methods: &[String]) -> Schemes {
+    Schemes {
+        bearer: methods.iter().any(|method| auth.provider(method).is_some()),
+        basic: methods.iter().any(|method| method == BASIC_METHOD),
+        api_key: methods.iter().any(|method| method == API_KEY_METHOD),
+    }
+}
+
+fn with_schemes(denial: Denial, schemes: Schemes) -> Denial {
+    match denial {
+        Denial::Invalid { method, reason, code, .. } => Denial::Invalid { method, reason, code, schemes },
+        other => other,
+    }
+}
+
+fn invalid(method: &str, reason: impl Into<String>, code: &'static str) -> MethodResult {
+    MethodResult::Failed(Denial::Invalid {
+        method: method.to_string(),
+        reason: reason.into(),
+        code,
+        schemes: Schemes::default(),
+    })
+}
+
+fn check_method(auth: &Auth, method: &str, request: &RequestHeaders, verifier: &mut impl Verifier) -> MethodResult {
+    if method == API_KEY_METHOD {
+        let Some(api_keys) = &auth.api_keys else { return MethodResult::Absent };
+        return match find_credential(request, &api_keys.sources) {
+            None => MethodResult::Absent,
+            Some(Err(_)) => invalid(method, "malformed API key", "malformed"),
+            Some(Ok(found)) => match check_api_key(api_keys, &found.value) {
+                Some(consumer) => MethodResult::Ok(Identity {
+                    method: method.to_string(),
+                    name: Some(consumer),
+                    claims: None,
+                    provider: None,
+                    strip: (!api_keys.forward_key).then_some(found.source),
+                }),
+                None => invalid(method, "unknown API key", "unknown_key"),
+            },
+        };
+    }
+    if method == BASIC_METHOD {
+        let Some(basic) = &auth.basic else { return MethodResult::Absent };
+        let Some(header) = request.first("authorization") else { return MethodResult::Absent };
+        if !header.get(..6).is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"basic ")) {
+            return MethodResult::Absent;
+        }
+        let Some((user, password)) = parse_basic(header) else {
+            return invalid(method, "malformed basic credentials", "malformed");
+        };
+        return match verifier.check_basic(basic, &user, &password) {
+            Ok(consumer) => MethodResult::Ok(Identity {
+                method: method.to_string(),
+                name: Some(consumer),
+                claims: None,
+                provider: None,
+                strip: (!basic.forward_credentials)
+                    .then(|| TokenSource::Header { name: "authorization".into(), prefix: None }),
+            }),
+            Err(BasicFailure::Invalid) => invalid(method, "invalid username or password", "bad_password"),
+            Err(BasicFailure::Locked { retry_after_seconds }) => {
+                MethodResult::Failed(Denial::Locked { retry_after_seconds })
+            }
+        };
+    }
+    let Some((index, provider)) = auth.providers.iter().enumerate().find(|(_, provider)| provider.name == method)
+    else {
+        return MethodResult::Absent;
+    };
+    match find_credential(request, &provider.sources) {
+        None => MethodResult::Absent,
+        Some(Err(_)) => invalid(method, "malformed token: not UTF-8", "malformed"),
+        Some(Ok(found)) => match verifier.verify_jwt(index, provider, &found.value) {
+            JwtCheck::Valid(claims) => MethodResult::Ok(Identity {
+                method: method.to_string(),
+                name: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
+                claims: Some(claims),
+                provider: Some(index),
+                strip: (!provider.forward_token).then_some(found.source),
+            }),
+            JwtCheck::Invalid(error) => invalid(method, error.description(), error.code()),
+            JwtCheck::NeedKeys => MethodResult::NeedKeys(index),
+        },
+    }
+}
+
+/// Scopes from `scope` (space-separated) or `scp` (array or string).
+pub fn scopes(claims: &Value) -> Vec<String> {
+    let mut scopes = Vec::new();
+    for name in ["scope", "scp"] {
+        match claims.get(name) {
+            Some(Value::String(text)) => scopes.extend(text.split_whitespace().map(str::to_owned)),
+            Some(Value::Array(values)) => scopes.extend(values.iter().filter_map(Value::as_str).map(str::to_owned)),
+            _ => {}
+        }
+    }
+    scopes
+}
+
+fn authorize(rule: &Rule, identities: &[Identity]) -> Option<Denial> {
+    let claims: Vec<&Value> = identities.iter().filter_map(|identity| identity.claims.as_deref()).collect();
+    if !rule.scopes.is_empty() {
+        let held: Vec<String> = claims.iter().flat_map(|claims| scopes(claims)).collect();
+        if !rule.scopes.iter().all(|scope| held.contains(scope)) {
+            return Some(Denial::InsufficientScope { required: rule.scopes.clone() });
+        }
+    }
+    for (claim, accepted) in &rule.claims {
+        let ok = claims.iter().any(|claims| match claim_at(claims, claim) {
+            Some(Value::String(value)) => accepted.contains(value),
+            Some(Value::Array(values)) => values.iter().filter_map(Value::as_str).any(|v| accepted.iter().any(|a| a == v)),
+            Some(Value::Number(number)) => accepted.contains(&number.to_string()),
+            Some(Value::Bool(flag)) => accepted.contains(&flag.to_string()),
+            _ => false,
+        });
+        if !ok {
+            return Some(Denial::ClaimMismatch { claim: claim.clone() });
+        }
+    }
+    None
+}
+
+fn quoted(text: &str) -> String {
+    text.replace(['"', '\\'], "'")
+}
+
+/// The answer for a denial: status, standard headers, problem+json.
+pub fn problem(denial: &Denial, realm: &str) -> Problem {
+    let challenges = |schemes: &Schemes, error: Option<(&str, &str)>| -> Vec<String> {
+        let mut out = Vec::new();
+        if schemes.bearer {
+            out.push(match error {
+                Some((code, description)) => format!(
+                    "Bearer realm=\"{realm}\", error=\"{code}\", error_description=\"{}\"",
+                    quoted(description)
+                ),
+                None => format!("Bearer realm=\"{realm}\""),
+            });
+        }
+        if schemes.basic {
+            out.push(format!("Basic realm=\"{realm}\", charset=\"UTF-8\""));
+        }
+        if schemes.api_key || out.is_empty() {
+            out.push(format!("ApiKey realm=\"{realm}\""));
+        }
+        out
+    };
+    let with_challenges = |mut problem: Problem, values: Vec<String>| {
+        for value in values {
+            problem = problem.with_header("www-authenticate", value);
+        }
+        problem
+    };
+    match denial {
+        Denial::MultipleAuthorization => Problem::new(
+            400,
+            "multiple-authorization",
+            "Bad Request",
+            "the request carries more than one Authorization header",
+        ),
+        Denial::Missing(schemes) => with_challenges(
+            Problem::new(401, "credentials-missing", "Unauthorized", "this request needs credentials"),
+            challenges(schemes, None),
+        ),
+        Denial::Invalid { method, reason, schemes, .. } => {
+            let bearer_error = (schemes.bearer && method != API_KEY_METHOD && method != BASIC_METHOD)
+                .then_some(("invalid_token", reason.as_str()));
+            with_challenges(
+                Problem::new(401, "credentials-invalid", "Unauthorized", format!("{method}: {reason}")),
+                challenges(schemes, bearer_error),
+            )
+        }
+        Denial::Locked { retry_after_seconds } => Problem::new(
+            429,
+            "too-many-failed-logins",
+            "Too Many Requests",
+            format!("too many failed logins for this user; retry in {retry_after_seconds} s"),
+        )
+        .with_header("retry-after", retry_after_seconds.to_string()),
+        Denial::InsufficientScope { required } => Problem::new(
+            403,
+            "insufficient-scope",
+            "Forbidden",
+            format!("this request needs scope {}", required.join(" ")),
+        )
+        .with_header(
+            "www-authenticate",
+            format!(
+                "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"missing scope\", scope=\"{}\"",
+                quoted(&required.join(" "))
+            ),
+        ),
+        Denial::ClaimMismatch { claim } => Problem::new(
+            403,
+            "claim-mismatch",
+            "Forbidden",
+            format!("claim {claim} does not allow this request"),
+        ),
+        Denial::NoRule => Problem::new(403, "no-rule", "Forbidden", "no rule allows this request"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::config::AuthConfig;
+    use serde_json::json;
+
+    struct Fake;
+
+    impl Verifier for Fake {
+        fn verify_jwt(&mut self, _: usize, _: &Provider, token: &str) -> JwtCheck {
+            match token {
+                "good" => JwtCheck::Valid(Rc::new(json!({"sub": "alice", "scope": "orders:read profile", "tenant": "a"}))),
+                "fetch" => JwtCheck::NeedKeys,
+                _ => JwtCheck::Invalid(JwtError::Expired),
+            }
+        }
+        fn check_basic(&mut self, _: &Basic, user: &str, password: &str) -> Result<String, BasicFailure> {
+            if (user, password) == ("bob", "pw") {
+                Ok("bob".into())
+            } else {
+                Err(BasicFailure::Invalid)
+            }
+        }
+    }
+
+    fn auth() -> Auth {
+        let config: AuthConfig = gateway_common::config::parse_json(
+            json!({
+                "providers": [{"name": "idp", "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0", "alg": "HS256"}]}}],
+                "api_keys": {"keys": [{"consumer": "acme", "sha256": "0b8a6b3a4a8ce0d1b9a9a6e3b8f1f1d1b3b9f0a5f5f7e0a2c1f3b4a5d6e7f8a9"}]},
+                "basic": {"users": [{"username": "bob", "bcrypt": "$2b$04$aaaaaaaaaaaaaaaaaaaaaOsAEeJQ9yZnI6GQbU6mPDHVb0tO3mBtu"}]},
+                "rules": [
+                    {"name": "health", "match": {"path": {"exact": "/health"}}, "allow_anonymous": true},
+                    {"name": "orders", "match": {"path": {"prefix": "/orders"}}, "require": {"any": ["idp"]},
+                     "scopes": ["orders:read"], "claims": {"tenant": ["a", "b"]}},
+                    {"name": "admin", "match": {"path": {"prefix": "/admin"}}, "require": {"all": ["idp", "basic"]}},
+                    {"name": "products", "match": {"path": {"prefix": "/products"}}, "require": {"any": ["api_key", "basic"]}}
+                ]
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        config.compile().unwrap()
+    }
+
+    fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
+        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+    }
+
+    fn decide_for(pairs: &[(&str, &str)]) -> Outcome {
+        decide(&auth(), &request(pairs), &mut Fake)
+    }
+
+    #[test]
+    fn rules_requirements_and_scopes() {
+        assert!(matches!(decide_for(&[(":path", "/health")]), Outcome::Allow { .. }));
+        assert!(matches!(decide_for(&[(":path", "/elsewhere")]), Outcome::Deny(Denial::NoRule)));
+        let Outcome::Allow { identities, .. } = decide_for(&[(":path", "/orders"), ("authorization", "Bearer good")]) else {
+            panic!()
+        };
+        assert_eq!(identities[0].name.as_deref(), Some("alice"));
+        assert_eq!(
+            identities[0].strip,
+            Some(TokenSource::Header { name: "authorization".into(), prefix: Some("Bearer ".into()) })
+        );
+        assert!(matches!(
+            decide_for(&[(":path", "/orders"), ("authorization", "Bearer old")]),
+            Outcome::Deny(Denial::Invalid { code: "expired", .. })
+        ));
+        assert!(matches!(decide_for(&[(":path", "/orders")]), Outcome::Deny(Denial::Missing(Schemes { bearer: true, .. }))));
+        assert_eq!(decide_for(&[(":path", "/orders"), ("authorization", "Bearer fetch")]), Outcome::NeedKeys(0));
+        assert!(matches!(
+            decide_for(&[(":path", "/admin"), ("authorization", "Bearer good")]),
+            Outcome::Deny(Denial::Missing(_))
+        ));
+        assert!(matches!(
+            decide_for(&[(":path", "/orders"), ("authorization", "Bearer a"), ("authorization", "Bearer b")]),
+            Outcome::Deny(Denial::MultipleAuthorization)
+        ));
+        assert!(matches!(
+            decide_for(&[(":path", "/products"), ("authorization", "Basic Ym9iOnB3")]),
+            Outcome::Allow { .. }
+        ));
+        assert!(matches!(
+            decide_for(&[(":path", "/products"), ("authorization", "Basic Ym9iOm5v")]),
+            Outcome::Deny(Denial::Invalid { code: "bad_password", .. })
+        ));
+        assert!(matches!(
+            decide_for(&[(":method", "OPTIONS"), (":path", "/orders"), ("origin", "https://a"), ("access-control-request-method", "GET")]),
+            Outcome::Allow { .. }
+        ));
+    }
+
+    #[test]
+    fn answers_carry_the_standard_challenges() {
+        let problem = problem(
+            &Denial::Invalid {
+                method: "idp".into(),
+                reason: "token expired".into(),
+                code: "expired",
+                schemes: Schemes { bearer: true, basic: false, api_key: false },
+            },
+            "gw",
+        );
+        assert_eq!(problem.status, 401);
+        assert_eq!(
+            problem.headers,
+            vec![(
+                "www-authenticate".to_string(),
+                "Bearer realm=\"gw\", error=\"invalid_token\", error_description=\"token expired\"".to_string()
+            )]
+        );
+        let scope = super::problem(&Denial::InsufficientScope { required: vec!["a".into(), "b".into()] }, "gw");
+        assert_eq!(scope.status, 403);
+        assert!(scope.headers[0].1.contains("error=\"insufficient_scope\"") && scope.headers[0].1.contains("scope=\"a b\""));
+    }
+
+    #[test]
+    fn config_errors_name_fields() {
+        let cases = [
+            (json!({"providers": [{"name": "a", "jwks": {"keys": []}}]}), "providers[0].jwks"),
+            (json!({"providers": [{"name": "a", "algorithms": ["HS999"], "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}}]}), "providers[0].algorithms[0]"),
+            (json!({"api_keys": {"keys": [{"consumer": "a", "sha256": "plaintext-key"}]}}), "api_keys.keys[0].sha256"),
+            (json!({"rules": [{"name": "r", "require": {"any": ["ghost"]}}]}), "rules[0].require[0]"),
+            (json!({"basic": {"users": [{"username": "u", "bcrypt": "$2b$15$aaaaaaaaaaaaaaaaaaaaaOsAEeJQ9yZnI6GQbU6mPDHVb0tO3mBtu"}]}}), "basic.users[0].bcrypt"),
+            (json!({"providers": [{"name": "a", "audiance": ["x"], "jwks": {"keys": []}}]}), "providers[0]"),
+        ];
+        for (json, field) in cases {
+            let errors = match gateway_common::config::parse_json::<AuthConfig>(json.to_string().as_bytes()) {
+                Ok(config) => config.compile().unwrap_err(),
+                Err(errors) => errors,
+            };
+            assert!(errors.messages().iter().any(|m| m.starts_with(field)), "{json}: {errors:?}");
+        }
+    }
+}
