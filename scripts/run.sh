@@ -26,21 +26,32 @@ for _ in $(seq 1 200); do
 done
 curl -fsS http://127.0.0.1:9901/ready >/dev/null || { echo "Envoy did not become ready" >&2; exit 1; }
 
-cat <<'TEXT'
+# A demo JWT (HS256, 1 hour) signed with the test fixture secret of kid hs-1.
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+now=$(date +%s)
+header=$(printf '{"alg":"HS256","typ":"JWT","kid":"hs-1"}' | b64url)
+payload=$(printf '{"iss":"https://idp.demo","aud":"gateway-demo","sub":"alice","scope":"orders:read","iat":%d,"exp":%d}' "$now" "$((now + 3600))" | b64url)
+signature=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -mac HMAC -macopt key:a-shared-secret-of-32-bytes-long! -binary | b64url)
+TOKEN="$header.$payload.$signature"
+
+cat <<TEXT
 
 The demo gateway is up (JSON access log below; Ctrl-C stops everything).
+Chain: ratelimit (per IP) -> auth -> ratelimit (per user, /orders) -> routing -> backends.
   HTTP   http://127.0.0.1:8080
   HTTPS  https://localhost:8443   (self-signed: curl -k)
   admin  http://127.0.0.1:9901    (stats: /stats/prometheus)
 
-Try:
-  curl -s http://127.0.0.1:8080/users/42                           # -> users
-  curl -s http://127.0.0.1:8080/orders -H 'x-api-version: 2'       # -> orders-v2
-  curl -s http://127.0.0.1:8080/orders -H 'cookie: canary=1'       # -> orders-v2
-  curl -s http://127.0.0.1:8080/orders -H 'x-user-id: alice' -i    # 90/10 split, sticky per user
-  curl -s http://127.0.0.1:8080/v0/anything -i                     # 410 problem+json
-  curl -s http://127.0.0.1:8080/nowhere -i                         # 404 problem+json
-  curl -sk https://localhost:8443/products/1 --http2               # TLS terminated at the gateway
+Try (a demo token for user alice, valid one hour):
+  TOKEN=$TOKEN
+
+  curl -s http://127.0.0.1:8080/users/42 -H "authorization: Bearer \$TOKEN"                 # -> users, x-user-id: alice
+  curl -s http://127.0.0.1:8080/users/42 -i                                                 # 401 problem+json
+  curl -s http://127.0.0.1:8080/orders -H "authorization: Bearer \$TOKEN" -H 'x-api-version: 2'   # -> orders-v2
+  curl -s http://127.0.0.1:8080/orders -H "authorization: Bearer \$TOKEN" -i              # 90/10 split, sticky per user; RateLimit headers
+  curl -s http://127.0.0.1:8080/products/1 -H 'x-api-key: demo-key-123'                    # API key -> products
+  curl -s http://127.0.0.1:8080/v0/anything -i                                              # 410 problem+json
+  curl -sk https://localhost:8443/products/1 --http2 -H 'x-api-key: demo-key-123'          # TLS terminated at the gateway
   curl -s http://127.0.0.1:9901/stats/prometheus | grep wasmcustom
 
 TEXT

@@ -230,14 +230,14 @@ impl Envoy {
             .arg("--disable-hot-restart")
             .arg("--log-level")
             .arg("info")
-            .arg("--log-path")
-            .arg(&log_path)
             .arg("--admin-address-path")
             .arg(&admin_path)
             .current_dir(paths::workspace_root())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            // Envoy's own --log-path file is flushed only every few seconds;
+            // stderr is written line by line, so tests can poll the log.
+            .stderr(Stdio::from(std::fs::File::create(&log_path).expect("create envoy log")));
         let mut child = process::spawn(command).expect("spawn envoy");
         let read_log = |dir: &PathBuf| std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -473,7 +473,10 @@ impl ProviderSpec {
             let mut set = KeySet::default();
             for (index, pem) in pems.iter().enumerate() {
                 let Some(alg) = algorithm_from_name(&pem.algorithm) else {
-                    errors.add(format!("{field}.pem_keys[{index}].algorithm"), format!("unknown algorithm `{}`", pem.algorithm));
+                    errors.add(
+                        format!("{field}.pem_keys[{index}].algorithm"),
+                        format!("unknown algorithm `{}`", pem.algorithm),
+                    );
                     continue;
                 };
                 match KeySet::pem_key(&pem.pem, alg, pem.kid.clone()) {
@@ -610,10 +613,8 @@ impl BasicSpec {
             }
             match bcrypt_cost(&user.bcrypt) {
                 Some(cost) if cost <= self.max_cost => {}
-                Some(cost) => errors.add(
-                    format!("{user_field}.bcrypt"),
-                    format!("cost {cost} exceeds max_cost {}", self.max_cost),
-                ),
+                Some(cost) => errors
+                    .add(format!("{user_field}.bcrypt"), format!("cost {cost} exceeds max_cost {}", self.max_cost)),
                 None => errors.add(format!("{user_field}.bcrypt"), "must be a bcrypt hash ($2a$, $2b$ or $2y$)"),
             }
             users.push(BasicUser {

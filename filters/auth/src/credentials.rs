@@ -228,7 +228,8 @@ mod tests {
             TokenSource::Query("access_token".into()),
             TokenSource::Cookie("session".into()),
         ];
-        let request = headers(&[(":path", b"/?access_token=q"), ("authorization", b"bearer  abc "), ("cookie", b"session=c")]);
+        let request =
+            headers(&[(":path", b"/?access_token=q"), ("authorization", b"bearer  abc "), ("cookie", b"session=c")]);
         assert_eq!(find_credential(&request, &sources).unwrap().unwrap().value, "abc");
         let request = headers(&[(":path", b"/?access_token=q"), ("authorization", b"Basic Zm9vOmJhcg==")]);
         assert_eq!(find_credential(&request, &sources).unwrap().unwrap().value, "q", "Basic is not a bearer token");
@@ -252,7 +253,10 @@ mod tests {
 
     #[test]
     fn basic_header_parsing() {
-        assert_eq!(parse_basic(b"Basic YWxpY2U6czNjcmV0OndpdGg6Y29sb25z"), Some(("alice".into(), "s3cret:with:colons".into())));
+        assert_eq!(
+            parse_basic(b"Basic YWxpY2U6czNjcmV0OndpdGg6Y29sb25z"),
+            Some(("alice".into(), "s3cret:with:colons".into()))
+        );
         assert_eq!(parse_basic(b"Bearer abc"), None);
         assert_eq!(parse_basic(b"Basic !!!"), None);
         assert_eq!(parse_basic(b"Basic bm9jb2xvbg=="), None);

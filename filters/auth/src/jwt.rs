@@ -50,14 +50,8 @@ pub fn algorithm_name(alg: Algorithm) -> &'static str {
     }
 }
 
-const RSA_ALGORITHMS: &[Algorithm] = &[
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-];
+const RSA_ALGORITHMS: &[Algorithm] =
+    &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::PS384, Algorithm::PS512];
 const HMAC_ALGORITHMS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
 
 /// One verification key and the algorithms it may verify.
@@ -235,7 +229,8 @@ pub fn parse_header(token: &str) -> Result<TokenHeader, JwtError> {
         return Err(JwtError::TooLarge);
     }
     let mut parts = token.split('.');
-    let (Some(header), Some(_payload), Some(_signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(_payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtError::Malformed("not three dot-separated parts"));
     };
@@ -331,7 +326,8 @@ pub fn check_claims(claims: &Value, rules: &ClaimRules, now: u64) -> Result<(), 
     if exp.is_some_and(|exp| now > exp.saturating_add(leeway)) {
         return Err(JwtError::Expired);
     }
-    if nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf) || iat.is_some_and(|iat| now.saturating_add(leeway) < iat)
+    if nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf)
+        || iat.is_some_and(|iat| now.saturating_add(leeway) < iat)
     {
         return Err(JwtError::NotYetValid);
     }
@@ -450,7 +446,8 @@ mod tests {
     #[test]
     fn claim_failures() {
         let keys = jwks();
-        let check = |claims: Value| verify(&sign(Algorithm::RS256, "rsa-1", &claims), &keys, ALL_ALGORITHMS, &rules(), NOW);
+        let check =
+            |claims: Value| verify(&sign(Algorithm::RS256, "rsa-1", &claims), &keys, ALL_ALGORITHMS, &rules(), NOW);
         let mut expired = claims();
         expired["exp"] = json!(NOW - 61);
         assert_eq!(check(expired), Err(JwtError::Expired));
@@ -481,7 +478,10 @@ mod tests {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","kid":"rsa-1"}"#);
         let payload = URL_SAFE_NO_PAD.encode(claims().to_string());
         let unsigned = format!("{header}.{payload}.");
-        assert!(matches!(verify(&unsigned, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::AlgorithmNotAllowed(_))));
+        assert!(matches!(
+            verify(&unsigned, &keys, ALL_ALGORITHMS, &rules(), NOW),
+            Err(JwtError::AlgorithmNotAllowed(_))
+        ));
 
         // Confusion: HS256 "signed" with the RSA public key's PEM as the secret.
         let confused = encode(
@@ -513,10 +513,16 @@ mod tests {
         .unwrap();
         assert_eq!(verify(&other, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::BadSignature));
         let unknown = sign(Algorithm::RS256, "rsa-9", &claims());
-        assert_eq!(verify(&unknown, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::UnknownKey(Some("rsa-9".into()))));
+        assert_eq!(
+            verify(&unknown, &keys, ALL_ALGORITHMS, &rules(), NOW),
+            Err(JwtError::UnknownKey(Some("rsa-9".into())))
+        );
         // The provider allows only RS256: ES256 tokens are refused even with a valid key.
         let es = sign(Algorithm::ES256, "ec-256", &claims());
-        assert!(matches!(verify(&es, &keys, &[Algorithm::RS256], &rules(), NOW), Err(JwtError::AlgorithmNotAllowed(_))));
+        assert!(matches!(
+            verify(&es, &keys, &[Algorithm::RS256], &rules(), NOW),
+            Err(JwtError::AlgorithmNotAllowed(_))
+        ));
     }
 
     #[test]
@@ -551,7 +557,8 @@ mod tests {
         assert!(verify(&token, &keys, ALL_ALGORITHMS, &rules(), NOW).is_err());
         let mut header = Header::new(Algorithm::RS256);
         header.kid = None;
-        let kidless = encode(&header, &claims(), &EncodingKey::from_rsa_pem(fixture("rsa.pem").as_bytes()).unwrap()).unwrap();
+        let kidless =
+            encode(&header, &claims(), &EncodingKey::from_rsa_pem(fixture("rsa.pem").as_bytes()).unwrap()).unwrap();
         assert!(verify(&kidless, &keys, ALL_ALGORITHMS, &rules(), NOW).is_ok());
         assert!(KeySet::pem_key("not a pem", Algorithm::RS256, None).is_err());
         assert!(KeySet::pem_key(&fixture("rsa.pub.pem"), Algorithm::HS256, None).is_err());

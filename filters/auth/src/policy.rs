@@ -7,7 +7,9 @@ use gateway_common::problem::Problem;
 use gateway_common::request::RequestHeaders;
 use serde_json::Value;
 
-use crate::config::{Auth, Basic, DefaultAction, Provider, Requirement, Rule, TokenSource, API_KEY_METHOD, BASIC_METHOD};
+use crate::config::{
+    Auth, Basic, DefaultAction, Provider, Requirement, Rule, TokenSource, API_KEY_METHOD, BASIC_METHOD,
+};
 use crate::credentials::{check_api_key, find_credential, parse_basic, BasicFailure};
 use crate::jwt::{claim_at, JwtError};
 
@@ -72,7 +74,9 @@ enum MethodResult {
 
 /// Decides one request.
 pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifier) -> Outcome {
-    if request.count("authorization") > 1 {
+    // Envoy joins repeated Authorization headers with ','; no credential format
+    // we accept contains one, so a comma means several headers.
+    if request.count("authorization") > 1 || request.values("authorization").any(|value| value.contains(&b',')) {
         return Outcome::Deny(Denial::MultipleAuthorization);
     }
     if auth.cors_preflight_bypass
@@ -244,7 +248,9 @@ fn authorize(rule: &Rule, identities: &[Identity]) -> Option<Denial> {
     for (claim, accepted) in &rule.claims {
         let ok = claims.iter().any(|claims| match claim_at(claims, claim) {
             Some(Value::String(value)) => accepted.contains(value),
-            Some(Value::Array(values)) => values.iter().filter_map(Value::as_str).any(|v| accepted.iter().any(|a| a == v)),
+            Some(Value::Array(values)) => {
+                values.iter().filter_map(Value::as_str).any(|v| accepted.iter().any(|a| a == v))
+            }
             Some(Value::Number(number)) => accepted.contains(&number.to_string()),
             Some(Value::Bool(flag)) => accepted.contains(&flag.to_string()),
             _ => false,
@@ -266,10 +272,9 @@ pub fn problem(denial: &Denial, realm: &str) -> Problem {
         let mut out = Vec::new();
         if schemes.bearer {
             out.push(match error {
-                Some((code, description)) => format!(
-                    "Bearer realm=\"{realm}\", error=\"{code}\", error_description=\"{}\"",
-                    quoted(description)
-                ),
+                Some((code, description)) => {
+                    format!("Bearer realm=\"{realm}\", error=\"{code}\", error_description=\"{}\"", quoted(description))
+                }
                 None => format!("Bearer realm=\"{realm}\""),
             });
         }
@@ -348,7 +353,9 @@ mod tests {
     impl Verifier for Fake {
         fn verify_jwt(&mut self, _: usize, _: &Provider, token: &str) -> JwtCheck {
             match token {
-                "good" => JwtCheck::Valid(Rc::new(json!({"sub": "alice", "scope": "orders:read profile", "tenant": "a"}))),
+                "good" => {
+                    JwtCheck::Valid(Rc::new(json!({"sub": "alice", "scope": "orders:read profile", "tenant": "a"})))
+                }
                 "fetch" => JwtCheck::NeedKeys,
                 _ => JwtCheck::Invalid(JwtError::Expired),
             }
@@ -395,7 +402,8 @@ mod tests {
     fn rules_requirements_and_scopes() {
         assert!(matches!(decide_for(&[(":path", "/health")]), Outcome::Allow { .. }));
         assert!(matches!(decide_for(&[(":path", "/elsewhere")]), Outcome::Deny(Denial::NoRule)));
-        let Outcome::Allow { identities, .. } = decide_for(&[(":path", "/orders"), ("authorization", "Bearer good")]) else {
+        let Outcome::Allow { identities, .. } = decide_for(&[(":path", "/orders"), ("authorization", "Bearer good")])
+        else {
             panic!()
         };
         assert_eq!(identities[0].name.as_deref(), Some("alice"));
@@ -407,7 +415,10 @@ mod tests {
             decide_for(&[(":path", "/orders"), ("authorization", "Bearer old")]),
             Outcome::Deny(Denial::Invalid { code: "expired", .. })
         ));
-        assert!(matches!(decide_for(&[(":path", "/orders")]), Outcome::Deny(Denial::Missing(Schemes { bearer: true, .. }))));
+        assert!(matches!(
+            decide_for(&[(":path", "/orders")]),
+            Outcome::Deny(Denial::Missing(Schemes { bearer: true, .. }))
+        ));
         assert_eq!(decide_for(&[(":path", "/orders"), ("authorization", "Bearer fetch")]), Outcome::NeedKeys(0));
         assert!(matches!(
             decide_for(&[(":path", "/admin"), ("authorization", "Bearer good")]),
@@ -426,7 +437,12 @@ mod tests {
             Outcome::Deny(Denial::Invalid { code: "bad_password", .. })
         ));
         assert!(matches!(
-            decide_for(&[(":method", "OPTIONS"), (":path", "/orders"), ("origin", "https://a"), ("access-control-request-method", "GET")]),
+            decide_for(&[
+                (":method", "OPTIONS"),
+                (":path", "/orders"),
+                ("origin", "https://a"),
+                ("access-control-request-method", "GET")
+            ]),
             Outcome::Allow { .. }
         ));
     }
@@ -452,17 +468,25 @@ mod tests {
         );
         let scope = super::problem(&Denial::InsufficientScope { required: vec!["a".into(), "b".into()] }, "gw");
         assert_eq!(scope.status, 403);
-        assert!(scope.headers[0].1.contains("error=\"insufficient_scope\"") && scope.headers[0].1.contains("scope=\"a b\""));
+        assert!(
+            scope.headers[0].1.contains("error=\"insufficient_scope\"") && scope.headers[0].1.contains("scope=\"a b\"")
+        );
     }
 
     #[test]
     fn config_errors_name_fields() {
         let cases = [
             (json!({"providers": [{"name": "a", "jwks": {"keys": []}}]}), "providers[0].jwks"),
-            (json!({"providers": [{"name": "a", "algorithms": ["HS999"], "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}}]}), "providers[0].algorithms[0]"),
+            (
+                json!({"providers": [{"name": "a", "algorithms": ["HS999"], "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}}]}),
+                "providers[0].algorithms[0]",
+            ),
             (json!({"api_keys": {"keys": [{"consumer": "a", "sha256": "plaintext-key"}]}}), "api_keys.keys[0].sha256"),
             (json!({"rules": [{"name": "r", "require": {"any": ["ghost"]}}]}), "rules[0].require[0]"),
-            (json!({"basic": {"users": [{"username": "u", "bcrypt": "$2b$15$aaaaaaaaaaaaaaaaaaaaaOsAEeJQ9yZnI6GQbU6mPDHVb0tO3mBtu"}]}}), "basic.users[0].bcrypt"),
+            (
+                json!({"basic": {"users": [{"username": "u", "bcrypt": "$2b$15$aaaaaaaaaaaaaaaaaaaaaOsAEeJQ9yZnI6GQbU6mPDHVb0tO3mBtu"}]}}),
+                "basic.users[0].bcrypt",
+            ),
             (json!({"providers": [{"name": "a", "audiance": ["x"], "jwks": {"keys": []}}]}), "providers[0]"),
         ];
         for (json, field) in cases {

@@ -26,6 +26,7 @@ extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -146,6 +147,32 @@ pub fn now_nanos() -> u64 {
     } else {
         0
     }
+}
+
+/// Resumes a request paused by `Action::Pause` (e.g. after an HTTP call).
+pub fn resume_request() -> HostResult<()> {
+    const HTTP_REQUEST: u32 = 0;
+    // SAFETY: plain value.
+    check(unsafe { proxy_continue_stream(HTTP_REQUEST) })
+}
+
+/// Starts an HTTP call to an Envoy cluster; the answer arrives in the calling
+/// context's `on_http_call_response`. This one goes through the SDK, because its
+/// dispatcher must register the token to route the answer; the SDK returns
+/// unknown clusters (BadArgument) and internal failures as errors.
+pub fn dispatch_http_call(cluster: &str, headers: &[(&str, &str)], timeout: std::time::Duration) -> HostResult<u32> {
+    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, Vec::new(), timeout)
+        .map_err(|status| HostError(status as u32))
+}
+
+/// The body of the HTTP call response being delivered (empty if none).
+pub fn http_call_response_body(size: usize) -> HostResult<Vec<u8>> {
+    const HTTP_CALL_RESPONSE_BODY: u32 = 4;
+    read_optional(|data, out_size| {
+        // SAFETY: out-pointers are valid for writes.
+        unsafe { proxy_get_buffer_bytes(HTTP_CALL_RESPONSE_BODY, 0, size, data, out_size) }
+    })
+    .map(Option::unwrap_or_default)
 }
 
 /// Calls the root context's `on_tick` every `period` (zero stops it).

@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod problem;
 pub mod request;
 pub mod request_match;
+pub mod shared;

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gateway_common::config::parse_json;
-use gateway_common::host::{self, CasWrite, LogLevel, MapType};
+use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::RequestHeaders;
@@ -20,7 +20,7 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::config::{Policy, RateLimitConfig};
 use crate::policy::{Decision, Denial, LimitStatus, RequestView, RuleOutcome};
-use crate::table::{Store, StoreError};
+use gateway_common::shared::{HostStore, StoreError};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
@@ -29,23 +29,6 @@ proxy_wasm::main! {{
 
 /// Filter-state property (Envoy: `wasm.ratelimit_outcome`) for access logs.
 const OUTCOME_PROPERTY: &str = "ratelimit_outcome";
-
-/// Proxy-wasm shared data of this VM id.
-struct HostStore;
-
-impl Store for HostStore {
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        host::shared_data(key).map_err(|_| StoreError)
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
-        match host::set_shared_data(key, value, cas) {
-            Ok(CasWrite::Written) => Ok(true),
-            Ok(CasWrite::Conflict) => Ok(false),
-            Err(_) => Err(StoreError),
-        }
-    }
-}
 
 struct RuleMetrics {
     allowed: Metric,

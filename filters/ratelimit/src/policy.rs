@@ -214,7 +214,7 @@ fn strip_port(address: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::RateLimitConfig;
-    use crate::table::tests::MemoryStore;
+    use gateway_common::shared::MemoryStore;
 
     const SECOND: u64 = 1_000_000_000;
 

@@ -12,6 +12,7 @@
 //! Every update is a compare-and-swap of one value with bounded retries.
 
 use gateway_common::hash::fnv1a64;
+pub use gateway_common::shared::{Store, StoreError};
 
 use crate::bucket::{Limit, Verdict};
 
@@ -28,17 +29,6 @@ pub fn slot_key(slot: u32) -> String {
 pub fn overflow_key(limit: &Limit) -> String {
     format!("rl:v1:overflow:{}", limit.id)
 }
-
-/// Shared data as the table sees it (the host's in Wasm, a map in unit tests).
-pub trait Store {
-    /// The value and its CAS token; `(None, None)` when never set.
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError>;
-    /// Writes if `cas` still matches; `Ok(false)` on a CAS conflict.
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreError;
 
 /// A bucket as stored: its TAT and the full identity it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,9 +107,7 @@ impl Table {
     pub fn initialize(&self, store: &impl Store, limits: &[Limit]) -> Result<(), StoreError> {
         let keys = (0..self.slots).map(slot_key).chain(limits.iter().map(overflow_key));
         for key in keys.chain(std::iter::once(TRACKED_KEY.to_string())) {
-            if store.get(&key)?.0.is_none() {
-                store.set(&key, b"", None)?;
-            }
+            store.ensure(&key)?;
         }
         Ok(())
     }
@@ -221,49 +209,12 @@ fn decode_counter(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::{BTreeSet, HashMap};
+    use gateway_common::shared::MemoryStore;
+    use std::collections::BTreeSet;
 
     const SECOND: u64 = 1_000_000_000;
-
-    /// Shared data as Envoy implements it: CAS tokens that change on every write,
-    /// keys that are never removed. Records every key name it was asked about.
-    #[derive(Default)]
-    pub struct MemoryStore {
-        values: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        next_cas: RefCell<u32>,
-        pub key_names: RefCell<BTreeSet<String>>,
-    }
-
-    impl Store for MemoryStore {
-        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-            self.key_names.borrow_mut().insert(key.to_string());
-            Ok(match self.values.borrow().get(key) {
-                Some((value, cas)) => (Some(value.clone()), Some(*cas)),
-                None => (None, None),
-            })
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
-            self.key_names.borrow_mut().insert(key.to_string());
-            let mut values = self.values.borrow_mut();
-            if let (Some(expected), Some((_, current))) = (cas, values.get(key)) {
-                if expected != *current {
-                    return Ok(false);
-                }
-            }
-            *self.next_cas.borrow_mut() += 1;
-            values.insert(key.to_string(), (value.to_vec(), *self.next_cas.borrow()));
-            Ok(true)
-        }
-    }
-
-    impl MemoryStore {
-        pub fn len(&self) -> usize {
-            self.values.borrow().len()
-        }
-    }
 
     fn limit(requests: u64, period: u64, burst: u64) -> Limit {
         Limit::new("rule/limit".into(), "limit".into(), requests, period, burst)
