@@ -115,6 +115,8 @@ struct VmState {
 
 struct Shared {
     auth: Auth,
+    /// Headers this module sets, removed from every incoming request.
+    identity_headers: Vec<String>,
     metrics: Metrics,
     state: RefCell<VmState>,
 }
@@ -246,7 +248,9 @@ impl RootContext for AuthRoot {
             remote: vec![RemoteKeys::default(); auth.providers.len()],
             warned: vec![false; auth.providers.len()],
         };
-        self.shared = Some(Rc::new(Shared { auth, metrics: Metrics::new(), state: RefCell::new(state) }));
+        let identity_headers = auth.identity_headers();
+        self.shared =
+            Some(Rc::new(Shared { auth, identity_headers, metrics: Metrics::new(), state: RefCell::new(state) }));
         if has_remote {
             let _ = host::set_tick_period(Duration::from_secs(1));
         }
@@ -401,9 +405,9 @@ impl HttpContext for AuthStream {
             return Action::Pause;
         };
         // Anti-spoofing: identity headers only ever come from this module.
-        for name in self.shared.auth.identity_headers() {
-            if request.count(&name) > 0 {
-                let _ = host::remove_header(MapType::HttpRequestHeaders, &name);
+        for name in &self.shared.identity_headers {
+            if request.count(name) > 0 {
+                let _ = host::remove_header(MapType::HttpRequestHeaders, name);
             }
         }
         self.request = Some(request);

@@ -24,6 +24,11 @@ pub struct RoutingConfig {
     /// Cluster for requests no route matched; absent: answer 404.
     #[serde(default)]
     pub default_cluster: Option<String>,
+    /// Also call the host's `clear_route_cache` after changing headers. Envoy
+    /// re-selects the route by itself for ABI 0.2.1 modules, so this only costs
+    /// time there; turn it on for hosts that do not.
+    #[serde(default)]
+    pub clear_route_cache: bool,
 }
 
 fn default_cluster_header() -> String {
@@ -145,6 +150,7 @@ pub struct Router {
     pub route_name_response_header: Option<String>,
     pub routes: Vec<Route>,
     pub default_cluster: Option<String>,
+    pub clear_route_cache: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -222,6 +228,7 @@ impl RoutingConfig {
             route_name_response_header: self.route_name_response_header.clone(),
             routes,
             default_cluster: self.default_cluster.clone(),
+            clear_route_cache: self.clear_route_cache,
         })
     }
 }

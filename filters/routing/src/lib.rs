@@ -187,7 +187,9 @@ impl RoutingStream {
             let _ = host::set_header(MapType::HttpRequestHeaders, ":authority", authority.as_bytes());
         }
         let _ = host::set_header(MapType::HttpRequestHeaders, &router.cluster_header, forward.cluster.as_bytes());
-        clear_route_cache();
+        if router.clear_route_cache {
+            clear_route_cache();
+        }
     }
 
     fn answer(&mut self, request: &RequestHeaders, answer: &LocalAnswer) {
@@ -226,9 +228,9 @@ fn facts(request: &RequestHeaders) -> RequestFacts {
     RequestFacts::from_values(request.first("content-type"), request.first("x-request-id"))
 }
 
-/// Asks Envoy to re-select the route after the routing header or path changed.
-/// Hosts without the function (or ABI 0.2.1 Envoy, which re-selects anyway)
-/// answer NotFound, which is fine.
+/// Asks the host to re-select the route after the routing header or path changed.
+/// Envoy does this by itself for modules of ABI 0.2.1 (ours), so it is opt-in;
+/// hosts without the function answer NotFound, which is fine.
 fn clear_route_cache() {
     let _ = host::call_foreign_function("clear_route_cache", b"");
 }

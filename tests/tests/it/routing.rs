@@ -316,3 +316,14 @@ fn invalid_configuration_is_refused_with_the_field_named() {
         }
     }
 }
+
+#[test]
+fn the_optional_clear_route_cache_call_keeps_routing_correct() {
+    let mut config = routes();
+    config["clear_route_cache"] = json!(true);
+    let fx = start(config, 1);
+    let _log = fx.envoy.log_on_failure();
+    assert_eq!(upstream_of(&fx.envoy.get("/users/1").header(CLUSTER_HEADER, "products").send()), "users");
+    let rewritten = fx.envoy.get("/v1/items/7").send();
+    assert_eq!((rewritten.echo().upstream(), rewritten.echo().path()), ("products", "/items/7"));
+}
