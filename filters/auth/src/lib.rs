@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use gateway_common::config::parse_json;
+use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::problem::RequestFacts;
@@ -220,21 +220,8 @@ impl Context for AuthRoot {
 
 impl RootContext for AuthRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let compiled = match host::plugin_configuration() {
-            Ok(bytes) => parse_json::<AuthConfig>(&bytes).and_then(|config| config.compile()),
-            Err(error) => {
-                host::log(LogLevel::Error, &format!("auth: cannot read plugin configuration: {error:?}"));
-                return false;
-            }
-        };
-        let auth = match compiled {
-            Ok(auth) => auth,
-            Err(errors) => {
-                for message in errors.messages() {
-                    host::log(LogLevel::Error, &format!("auth: invalid configuration: {message}"));
-                }
-                return false;
-            }
+        let Some(auth) = load_plugin_config("auth", AuthConfig::compile) else {
+            return false;
         };
         let remote_names = auth.providers.iter().filter(|p| remote_spec(p).is_some()).map(|p| p.name.as_str());
         if jwks::initialize(&HostStore, remote_names).is_err() {

@@ -3,6 +3,8 @@
 
 use serde::de::DeserializeOwned;
 
+use crate::host::{self, LogLevel};
+
 /// Errors collected while validating a configuration, each naming its field.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(Vec<String>);
@@ -56,6 +58,31 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigErrors> 
             let field = if path == "." { "(configuration)".to_string() } else { path };
             errors.add(field, error.into_inner().to_string());
             Err(errors)
+        }
+    }
+}
+
+/// The `on_configure` step every filter shares: reads the plugin configuration,
+/// parses it strictly, compiles it, and logs one line per problem (each naming
+/// its field). `None` means "refuse this configuration" (return `false`).
+pub fn load_plugin_config<C: DeserializeOwned, T>(
+    module: &str,
+    compile: impl FnOnce(&C) -> Result<T, ConfigErrors>,
+) -> Option<T> {
+    let bytes = match host::plugin_configuration() {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            host::log(LogLevel::Error, &format!("{module}: cannot read plugin configuration: {error:?}"));
+            return None;
+        }
+    };
+    match parse_json::<C>(&bytes).and_then(|config| compile(&config)) {
+        Ok(compiled) => Some(compiled),
+        Err(errors) => {
+            for message in errors.messages() {
+                host::log(LogLevel::Error, &format!("{module}: invalid configuration: {message}"));
+            }
+            None
         }
     }
 }

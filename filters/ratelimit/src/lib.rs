@@ -10,7 +10,7 @@ pub mod table;
 use std::rc::Rc;
 use std::time::Duration;
 
-use gateway_common::config::parse_json;
+use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::problem::{Problem, RequestFacts};
@@ -53,21 +53,8 @@ impl Context for RateLimitRoot {}
 
 impl RootContext for RateLimitRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let policy = match host::plugin_configuration() {
-            Ok(bytes) => parse_json::<RateLimitConfig>(&bytes).and_then(|config| config.compile()),
-            Err(error) => {
-                host::log(LogLevel::Error, &format!("ratelimit: cannot read plugin configuration: {error:?}"));
-                return false;
-            }
-        };
-        let policy = match policy {
-            Ok(policy) => policy,
-            Err(errors) => {
-                for message in errors.messages() {
-                    host::log(LogLevel::Error, &format!("ratelimit: invalid configuration: {message}"));
-                }
-                return false;
-            }
+        let Some(policy) = load_plugin_config("ratelimit", RateLimitConfig::compile) else {
+            return false;
         };
         let limits: Vec<_> = policy.limits().cloned().collect();
         if policy.table.initialize(&HostStore, &limits).is_err() {

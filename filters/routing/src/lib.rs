@@ -8,8 +8,8 @@ pub mod router;
 use std::cell::Cell;
 use std::rc::Rc;
 
-use gateway_common::config::parse_json;
-use gateway_common::host::{self, LogLevel, MapType};
+use gateway_common::config::load_plugin_config;
+use gateway_common::host::{self, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::RequestHeaders;
@@ -49,22 +49,8 @@ impl Context for RoutingRoot {}
 
 impl RootContext for RoutingRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match host::plugin_configuration() {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                host::log(LogLevel::Error, &format!("routing: cannot read plugin configuration: {error:?}"));
-                return false;
-            }
-        };
-        let compiled = parse_json::<RoutingConfig>(&bytes).and_then(|config| config.compile());
-        let router = match compiled {
-            Ok(router) => router,
-            Err(errors) => {
-                for message in errors.messages() {
-                    host::log(LogLevel::Error, &format!("routing: invalid configuration: {message}"));
-                }
-                return false;
-            }
+        let Some(router) = load_plugin_config("routing", RoutingConfig::compile) else {
+            return false;
         };
         let metrics = Metrics {
             per_route: router
