@@ -175,6 +175,16 @@ pub fn http_call_response_body(size: usize) -> HostResult<Vec<u8>> {
     .map(Option::unwrap_or_default)
 }
 
+/// The response body chunk being delivered to `on_http_response_body`.
+pub fn response_body_chunk(size: usize) -> HostResult<Vec<u8>> {
+    const HTTP_RESPONSE_BODY: u32 = 1;
+    read_optional(|data, out_size| {
+        // SAFETY: out-pointers are valid for writes.
+        unsafe { proxy_get_buffer_bytes(HTTP_RESPONSE_BODY, 0, size, data, out_size) }
+    })
+    .map(Option::unwrap_or_default)
+}
+
 /// Calls the root context's `on_tick` every `period` (zero stops it).
 pub fn set_tick_period(period: std::time::Duration) -> HostResult<()> {
     let millis = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);

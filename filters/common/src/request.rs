@@ -4,7 +4,7 @@
 use crate::host::{self, HostResult, MapType};
 
 /// The request headers as the host handed them over (names lower-case).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestHeaders {
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -51,6 +51,14 @@ impl RequestHeaders {
 
     pub fn authority(&self) -> &[u8] {
         self.first(":authority").or_else(|| self.first("host")).unwrap_or_default()
+    }
+
+    /// The same headers with another `:path` (e.g. a `Location` target).
+    pub fn with_path(&self, path: &[u8]) -> RequestHeaders {
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
+            self.pairs.iter().filter(|(name, _)| name.as_slice() != b":path").cloned().collect();
+        pairs.push((b":path".to_vec(), path.to_vec()));
+        RequestHeaders { pairs }
     }
 
     /// Percent-decoded values of a query parameter.

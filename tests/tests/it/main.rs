@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod auth;
+mod cache;
 mod configs;
 mod harness;
 mod modules;

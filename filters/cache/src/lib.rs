@@ -1,0 +1,471 @@
+//! cache.wasm: an RFC 9111 shared HTTP cache in shared data, visible to every
+//! worker and bounded in memory. This file is the host glue; the rules are in
+//! `http.rs` and `policy.rs`, the storage in `store.rs`.
+
+pub mod config;
+pub mod http;
+pub mod policy;
+pub mod store;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use gateway_common::config::load_plugin_config;
+use gateway_common::host::{self, MapType};
+use gateway_common::metrics::Metric;
+use gateway_common::problem::{Problem, RequestFacts};
+use gateway_common::request::RequestHeaders;
+use gateway_common::shared::HostStore;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Cache, CacheConfig};
+use crate::http::CacheControl;
+use crate::policy::{Exchange, Use};
+use crate::store::{Table, Variant};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(CacheRoot::default()) });
+}}
+
+/// Filter-state property (Envoy: `wasm.cache_status`) for access logs.
+const STATUS_PROPERTY: &str = "cache_status";
+
+struct Metrics {
+    hits: Metric,
+    misses: Metric,
+    stores: Metric,
+    revalidated_304: Metric,
+    revalidated_200: Metric,
+    stale_if_error: Metric,
+    invalidations: Metric,
+    purges: Metric,
+    bytes: Metric,
+}
+
+struct Shared {
+    cache: Cache,
+    table: Table,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct CacheRoot {
+    shared: Option<Rc<Shared>>,
+}
+
+fn now_seconds() -> u64 {
+    host::now_nanos() / 1_000_000_000
+}
+
+impl Context for CacheRoot {}
+
+impl RootContext for CacheRoot {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let Some(cache) = load_plugin_config("cache", CacheConfig::compile) else {
+            return false;
+        };
+        let config = &cache.config;
+        let table = Table {
+            slots: config.slots,
+            max_variants: usize::from(config.max_variants),
+            max_total_bytes: config.max_total_bytes,
+        };
+        if table.initialize(&HostStore).is_err() {
+            host::log(proxy_wasm::types::LogLevel::Error, "cache: cannot initialize shared data");
+            return false;
+        }
+        let metrics = Metrics {
+            hits: Metric::counter("cache.hits"),
+            misses: Metric::counter("cache.misses"),
+            stores: Metric::counter("cache.stores"),
+            revalidated_304: Metric::counter("cache.revalidations.not_modified"),
+            revalidated_200: Metric::counter("cache.revalidations.replaced"),
+            stale_if_error: Metric::counter("cache.stale_if_error"),
+            invalidations: Metric::counter("cache.invalidations"),
+            purges: Metric::counter("cache.purges"),
+            bytes: Metric::gauge("cache.bytes_stored"),
+        };
+        self.shared = Some(Rc::new(Shared { cache, table, metrics }));
+        let _ = host::set_tick_period(Duration::from_secs(1));
+        true
+    }
+
+    /// Every VM publishes the same gauge, read from the shared counter.
+    fn on_tick(&mut self) {
+        if let Some(shared) = &self.shared {
+            if let Ok(bytes) = shared.table.bytes(&HostStore) {
+                shared.metrics.bytes.record(bytes);
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(CacheStream { shared: self.shared.clone()?, pending: Pending::None, collecting: None }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// What the request side decided, for the response side.
+enum Pending {
+    None,
+    /// Forwarded; the response may be stored.
+    Miss {
+        exchange: Exchange,
+        head: bool,
+        forward: &'static str,
+    },
+    /// Forwarded with our validators for a stored variant.
+    Revalidate {
+        exchange: Exchange,
+        variant: Variant,
+        client: RequestHeaders,
+        head: bool,
+    },
+    /// An unsafe method: on success, invalidate these keys (plus Location).
+    Invalidate {
+        request: RequestHeaders,
+    },
+}
+
+struct Collecting {
+    key: String,
+    variant: Variant,
+    body: Vec<u8>,
+}
+
+struct CacheStream {
+    shared: Rc<Shared>,
+    pending: Pending,
+    collecting: Option<Collecting>,
+}
+
+impl Context for CacheStream {}
+
+impl HttpContext for CacheStream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Ok(request) = RequestHeaders::read() else { return Action::Continue };
+        match request.method() {
+            b"GET" | b"HEAD" => self.lookup(request),
+            b"PURGE" if self.shared.cache.purge.is_some() => self.purge(&request),
+            b"POST" | b"PUT" | b"PATCH" | b"DELETE" => {
+                self.pending = Pending::Invalidate { request };
+                Action::Continue
+            }
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let pending = std::mem::replace(&mut self.pending, Pending::None);
+        if matches!(pending, Pending::None) {
+            return Action::Continue;
+        }
+        let headers: Vec<(String, Vec<u8>)> = host::headers(MapType::HttpResponseHeaders)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value))
+            .collect();
+        let status = headers
+            .iter()
+            .find(|(name, _)| name == ":status")
+            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u16>().ok())
+            .unwrap_or(0);
+        match pending {
+            Pending::None => Action::Continue,
+            Pending::Invalidate { request } => {
+                if (200..400).contains(&status) {
+                    self.invalidate(&request, &headers);
+                }
+                Action::Continue
+            }
+            Pending::Revalidate { exchange, variant, client, head } => {
+                self.revalidated(exchange, variant, client, head, status, &headers)
+            }
+            Pending::Miss { exchange, head, forward } => {
+                self.consider_storing(exchange, head, status, &headers, forward);
+                Action::Continue
+            }
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(collecting) = self.collecting.as_mut() else { return Action::Continue };
+        if body_size > 0 {
+            let chunk = host::response_body_chunk(body_size).unwrap_or_default();
+            collecting.body.extend_from_slice(&chunk);
+        }
+        if collecting.body.len() as u64 > self.shared.cache.config.max_entry_bytes {
+            // Larger than an entry may be: passes through uncached.
+            self.collecting = None;
+            return Action::Continue;
+        }
+        if end_of_stream {
+            if let Some(collecting) = self.collecting.take() {
+                let shared = &self.shared;
+                let stored = shared.table.store(
+                    &HostStore,
+                    &collecting.key,
+                    collecting.variant,
+                    &collecting.body,
+                    now_seconds(),
+                );
+                if stored == Ok(true) {
+                    shared.metrics.stores.increment();
+                    if let Ok(bytes) = shared.table.bytes(&HostStore) {
+                        shared.metrics.bytes.record(bytes);
+                    }
+                }
+            }
+        }
+        Action::Continue
+    }
+}
+
+impl CacheStream {
+    fn status_header(&self, detail: &str) -> String {
+        format!("{}; {detail}", self.shared.cache.config.cache_status_name)
+    }
+
+    fn lookup(&mut self, request: RequestHeaders) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let config = &shared.cache.config;
+        let now = now_seconds();
+        let head = request.method() == b"HEAD";
+        let request_cc = if config.ignore_request_cache_control {
+            CacheControl::default()
+        } else {
+            CacheControl::parse(request.values("cache-control"))
+        };
+        let key = policy::primary_key(config, &request);
+        let authenticated = request.first("authorization").is_some()
+            || config.identity_headers.iter().any(|name| request.first(name).is_some());
+        let exchange = |request: &RequestHeaders| Exchange {
+            key: key.clone(),
+            selectors_request: request.clone(),
+            authenticated,
+            request_no_store: request_cc.no_store,
+            request_time: now,
+        };
+        if request_cc.no_store {
+            shared.metrics.misses.increment();
+            self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=request" };
+            return Action::Continue;
+        }
+        let found = shared.table.lookup(&HostStore, &key).ok().flatten();
+        let variant = found.as_ref().and_then(|found| policy::select(&found.meta, &request, &config.upstream_header));
+        let Some((found, variant)) = found.as_ref().zip(variant) else {
+            if request_cc.only_if_cached {
+                return self.gateway_timeout(&request);
+            }
+            shared.metrics.misses.increment();
+            let forward = if found.is_some() { "fwd=vary-miss" } else { "fwd=uri-miss" };
+            self.pending = Pending::Miss { exchange: exchange(&request), head, forward };
+            return Action::Continue;
+        };
+        match policy::usability(variant, &request_cc, now) {
+            Use::Fresh | Use::StaleAccepted => {
+                if let Ok(Some(body)) = shared.table.body(&HostStore, found.slot, variant) {
+                    shared.metrics.hits.increment();
+                    let detail = format!("hit; ttl={}", variant.ttl(now));
+                    self.serve(variant, &body, &request, head, &detail, now);
+                    return Action::Pause;
+                }
+                // The body is being replaced: treat as a miss.
+                shared.metrics.misses.increment();
+                self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
+                Action::Continue
+            }
+            Use::Revalidate => {
+                if request_cc.only_if_cached {
+                    return self.gateway_timeout(&request);
+                }
+                // Our validators replace the client's; the client's conditions are
+                // evaluated against the (re)validated entry afterwards.
+                let _ = host::remove_header(MapType::HttpRequestHeaders, "if-none-match");
+                let _ = host::remove_header(MapType::HttpRequestHeaders, "if-modified-since");
+                if let Some(etag) = &variant.etag {
+                    let _ = host::set_header(MapType::HttpRequestHeaders, "if-none-match", etag.as_bytes());
+                }
+                if let Some(modified) = &variant.last_modified {
+                    let _ = host::set_header(MapType::HttpRequestHeaders, "if-modified-since", modified.as_bytes());
+                }
+                if head {
+                    // Revalidate with a GET so a 200 can be stored.
+                    let _ = host::set_header(MapType::HttpRequestHeaders, ":method", b"GET");
+                }
+                self.pending = Pending::Revalidate {
+                    exchange: exchange(&request),
+                    variant: variant.clone(),
+                    client: request.clone(),
+                    head,
+                };
+                Action::Continue
+            }
+        }
+    }
+
+    /// Answers from a stored variant: 304 when the client's conditions match.
+    fn serve(&self, variant: &Variant, body: &[u8], client: &RequestHeaders, head: bool, detail: &str, now: u64) {
+        let age = variant.current_age(now).to_string();
+        let status_value = self.status_header(detail);
+        let _ = host::set_property(&[STATUS_PROPERTY], status_value.as_bytes());
+        if policy::not_modified(variant, client) {
+            const KEPT_ON_304: &[&str] = &["etag", "cache-control", "content-location", "date", "expires", "vary"];
+            let mut headers: Vec<(&str, &str)> = variant
+                .headers
+                .iter()
+                .filter(|(name, _)| KEPT_ON_304.contains(&name.as_str()))
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect();
+            headers.push(("age", &age));
+            headers.push(("cache-status", &status_value));
+            let _ = host::send_local_response(304, &headers, b"", None);
+            return;
+        }
+        let mut headers: Vec<(&str, &str)> =
+            variant.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+        headers.push(("age", &age));
+        headers.push(("cache-status", &status_value));
+        let _ = host::send_local_response(u32::from(variant.status), &headers, if head { b"" } else { body }, None);
+    }
+
+    fn gateway_timeout(&self, request: &RequestHeaders) -> Action {
+        let status_value = self.status_header("fwd=miss; detail=only-if-cached");
+        let problem =
+            Problem::new(504, "not-cached", "Gateway Timeout", "only-if-cached: no stored response is usable")
+                .with_header("cache-status", status_value);
+        let facts = RequestFacts::from_values(request.first("content-type"), request.first("x-request-id"));
+        let _ = problem.send(&facts);
+        Action::Pause
+    }
+
+    fn revalidated(
+        &mut self,
+        exchange: Exchange,
+        variant: Variant,
+        client: RequestHeaders,
+        head: bool,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+    ) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let now = now_seconds();
+        if status == 304 {
+            let updated = policy::refreshed(&shared.cache.config, &variant, headers, exchange.request_time, now);
+            let _ = shared.table.refresh(&HostStore, &exchange.key, &updated);
+            let found = shared.table.lookup(&HostStore, &exchange.key).ok().flatten();
+            if let Some(Ok(Some(body))) = found.map(|found| shared.table.body(&HostStore, found.slot, &updated)) {
+                shared.metrics.revalidated_304.increment();
+                self.serve(&updated, &body, &client, head, "fwd=stale; fwd-status=304", now);
+                return Action::Pause;
+            }
+        }
+        if status >= 500 {
+            let staleness = u64::try_from(-variant.ttl(now)).unwrap_or(0);
+            if variant.stale_if_error.is_some_and(|window| staleness <= window) {
+                let found = shared.table.lookup(&HostStore, &exchange.key).ok().flatten();
+                if let Some(Ok(Some(body))) = found.map(|found| shared.table.body(&HostStore, found.slot, &variant)) {
+                    shared.metrics.stale_if_error.increment();
+                    let detail = format!("hit; fwd=stale; fwd-status={status}");
+                    self.serve(&variant, &body, &client, head, &detail, now);
+                    return Action::Pause;
+                }
+            }
+        }
+        if status != 304 {
+            shared.metrics.revalidated_200.increment();
+        }
+        // A new response (or an unusable 304): store it like a miss.
+        self.consider_storing(exchange, head, status, headers, "fwd=stale");
+        Action::Continue
+    }
+
+    fn consider_storing(
+        &mut self,
+        exchange: Exchange,
+        head: bool,
+        status: u16,
+        headers: &[(String, Vec<u8>)],
+        forward: &'static str,
+    ) {
+        let config = &self.shared.cache.config;
+        let content_length = headers
+            .iter()
+            .find(|(name, _)| name == "content-length")
+            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.trim().parse::<u64>().ok());
+        let mut detail = format!("{forward}; fwd-status={status}");
+        // HEAD responses have no body to store.
+        if !head && content_length.is_none_or(|length| length <= config.max_entry_bytes) {
+            if let Ok(variant) = policy::storable(config, &exchange, status, headers, now_seconds()) {
+                if content_length.is_some() {
+                    detail.push_str("; stored");
+                }
+                self.collecting = Some(Collecting { key: exchange.key, variant, body: Vec::new() });
+            }
+        }
+        let value = self.status_header(&detail);
+        let _ = host::set_property(&[STATUS_PROPERTY], value.as_bytes());
+        let _ = host::set_header(MapType::HttpResponseHeaders, "cache-status", value.as_bytes());
+    }
+
+    /// RFC 9111 4.4: a successful unsafe request invalidates its URI and the
+    /// same-origin URIs in `Location` and `Content-Location`.
+    fn invalidate(&self, request: &RequestHeaders, headers: &[(String, Vec<u8>)]) {
+        let shared = &self.shared;
+        let config = &shared.cache.config;
+        let mut keys = vec![policy::primary_key(config, request)];
+        let authority = String::from_utf8_lossy(request.authority()).to_ascii_lowercase();
+        for name in ["location", "content-location"] {
+            let Some((_, value)) = headers.iter().find(|(header, _)| header == name) else { continue };
+            let target = String::from_utf8_lossy(value).trim().to_string();
+            let path = if target.starts_with('/') {
+                Some(target)
+            } else {
+                // Absolute URI: same origin only.
+                target
+                    .split_once("://")
+                    .and_then(|(_, rest)| rest.split_once('/').map(|(host, path)| (host.to_ascii_lowercase(), path)))
+                    .filter(|(host, _)| *host == authority)
+                    .map(|(_, path)| format!("/{path}"))
+            };
+            if let Some(path) = path {
+                // Same authority and key headers, the target's path.
+                keys.push(policy::primary_key(config, &request.with_path(path.as_bytes())));
+            }
+        }
+        for key in keys {
+            if shared.table.remove(&HostStore, &key) == Ok(true) {
+                shared.metrics.invalidations.increment();
+            }
+        }
+    }
+
+    fn purge(&mut self, request: &RequestHeaders) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let facts = RequestFacts::from_values(request.first("content-type"), request.first("x-request-id"));
+        let Some(purge) = &shared.cache.purge else { return Action::Continue };
+        let presented = request.first(&purge.header).map(Sha256::digest).map(|digest| {
+            let digest: [u8; 32] = digest.into();
+            digest.iter().zip(purge.secret_sha256.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        });
+        if presented != Some(true) {
+            let problem = Problem::new(403, "purge-forbidden", "Forbidden", "PURGE needs the configured secret header");
+            let _ = problem.send(&facts);
+            return Action::Pause;
+        }
+        let key = policy::primary_key(&shared.cache.config, request);
+        let removed = shared.table.remove(&HostStore, &key) == Ok(true);
+        if removed {
+            shared.metrics.purges.increment();
+        }
+        let body = format!("{{\"purged\":{removed}}}");
+        let _ = host::send_local_response(200, &[("content-type", "application/json")], body.as_bytes(), None);
+        Action::Pause
+    }
+}

@@ -1,0 +1,387 @@
+//! The caching decisions of RFC 9111 for one exchange: the cache key, which
+//! stored variant a request may use and how, and whether a response may be stored.
+
+use gateway_common::request::{percent_decode, RequestHeaders};
+
+use crate::config::CacheConfig;
+use crate::http::{corrected_initial_age, freshness_lifetime, if_none_match, parse_http_date, CacheControl};
+use crate::store::{Meta, Variant};
+
+/// Response headers never stored or replayed (hop-by-hop, recomputed, or ours).
+const NOT_STORED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "age",
+    "cache-status",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "set-cookie",
+    "x-envoy-upstream-service-time",
+    "server",
+];
+
+/// The primary cache key: authority, path, the query as configured, key headers.
+/// The method is not part of it: only GET responses are stored and HEAD uses them.
+pub fn primary_key(config: &CacheConfig, request: &RequestHeaders) -> String {
+    let mut key = String::from_utf8_lossy(request.authority()).to_ascii_lowercase();
+    key.push_str(request.path());
+    if let Some(query) = request.query().filter(|_| !config.ignore_query) {
+        let mut pairs: Vec<&[u8]> = query.split(|byte| *byte == b'&').filter(|pair| !pair.is_empty()).collect();
+        let name_of = |pair: &[u8]| percent_decode(pair.split(|byte| *byte == b'=').next().unwrap_or_default());
+        if let Some(include) = &config.query_include {
+            pairs.retain(|pair| include.iter().any(|name| name.as_bytes() == name_of(pair).as_slice()));
+        }
+        if let Some(exclude) = &config.query_exclude {
+            pairs.retain(|pair| exclude.iter().all(|name| name.as_bytes() != name_of(pair).as_slice()));
+        }
+        if !pairs.is_empty() {
+            key.push('?');
+            key.push_str(&String::from_utf8_lossy(&pairs.join(&b'&')));
+        }
+    }
+    for name in &config.key_headers {
+        key.push('\n');
+        key.push_str(name);
+        key.push(':');
+        key.push_str(&joined(request, name).unwrap_or_default());
+    }
+    key
+}
+
+/// All values of a header joined as one list, as Vary compares them.
+fn joined(request: &RequestHeaders, name: &str) -> Option<String> {
+    let values: Vec<String> =
+        request.values(name).map(|value| String::from_utf8_lossy(value).trim().to_string()).collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// The selectors a request presents for a stored variant's Vary header names.
+pub fn selectors_for(
+    request: &RequestHeaders,
+    names: &[String],
+    upstream_header: &str,
+) -> Vec<(String, Option<String>)> {
+    let mut selectors: Vec<(String, Option<String>)> =
+        names.iter().map(|name| (name.clone(), joined(request, name))).collect();
+    selectors.push((":upstream".to_string(), joined(request, upstream_header)));
+    selectors
+}
+
+/// The stored variant this request selects (RFC 9111 4.1).
+pub fn select<'m>(meta: &'m Meta, request: &RequestHeaders, upstream_header: &str) -> Option<&'m Variant> {
+    meta.variants.iter().find(|variant| {
+        let names: Vec<String> =
+            variant.selectors.iter().map(|(name, _)| name.clone()).filter(|name| name != ":upstream").collect();
+        selectors_for(request, &names, upstream_header) == variant.selectors
+    })
+}
+
+/// How a stored variant may be used for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    Fresh,
+    /// Stale, but the request accepts it (`max-stale`).
+    StaleAccepted,
+    /// Must be revalidated with the origin first.
+    Revalidate,
+}
+
+pub fn usability(variant: &Variant, request_cc: &CacheControl, now: u64) -> Use {
+    if variant.no_cache || request_cc.no_cache {
+        return Use::Revalidate;
+    }
+    let age = variant.current_age(now);
+    if request_cc.max_age.is_some_and(|max_age| age > max_age) {
+        return Use::Revalidate;
+    }
+    if request_cc.min_fresh.is_some_and(|min_fresh| variant.ttl(now) < i64::try_from(min_fresh).unwrap_or(i64::MAX)) {
+        return Use::Revalidate;
+    }
+    let ttl = variant.ttl(now);
+    if ttl > 0 {
+        return Use::Fresh;
+    }
+    let staleness = u64::try_from(-ttl).unwrap_or(0);
+    match request_cc.max_stale {
+        Some(limit) if !variant.no_stale && limit.is_none_or(|limit| staleness <= limit) => Use::StaleAccepted,
+        _ => Use::Revalidate,
+    }
+}
+
+/// Whether a client's conditional request is satisfied by the stored variant
+/// (answer 304). `If-None-Match` takes precedence over `If-Modified-Since`.
+pub fn not_modified(variant: &Variant, request: &RequestHeaders) -> bool {
+    if let Some(header) = request.first("if-none-match") {
+        return if_none_match(header, variant.etag.as_deref());
+    }
+    match (request.first("if-modified-since").and_then(parse_http_date), variant.last_modified.as_deref()) {
+        (Some(since), Some(modified)) => parse_http_date(modified.as_bytes()).is_some_and(|modified| modified <= since),
+        _ => false,
+    }
+}
+
+/// What the request side knows when the response arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub key: String,
+    pub selectors_request: RequestHeaders,
+    pub authenticated: bool,
+    pub request_no_store: bool,
+    pub request_time: u64,
+}
+
+fn header_values<'h>(headers: &'h [(String, Vec<u8>)], name: &'h str) -> impl Iterator<Item = &'h [u8]> + 'h {
+    headers.iter().filter(move |(key, _)| key == name).map(|(_, value)| value.as_slice())
+}
+
+/// Why a response was not stored (for logs and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    NoStore,
+    Private,
+    Authorization,
+    Status,
+    VaryStar,
+    SetCookie,
+    NoFreshness,
+}
+
+/// Decides whether a GET response may be stored by a shared cache (RFC 9111 3,
+/// 3.5) and builds the variant (body fields filled when stored).
+pub fn storable(
+    config: &CacheConfig,
+    exchange: &Exchange,
+    status: u16,
+    headers: &[(String, Vec<u8>)],
+    response_time: u64,
+) -> Result<Variant, NotStored> {
+    let values = |name: &'static str| header_values(headers, name);
+    let first = |name: &'static str| values(name).next();
+    let cc = CacheControl::parse(values("cache-control"));
+    if cc.no_store || exchange.request_no_store {
+        return Err(NotStored::NoStore);
+    }
+    if cc.private {
+        return Err(NotStored::Private);
+    }
+    if exchange.authenticated && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+        return Err(NotStored::Authorization);
+    }
+    if first("set-cookie").is_some() {
+        return Err(NotStored::SetCookie);
+    }
+    let mut vary_names: Vec<String> = Vec::new();
+    for value in values("vary") {
+        for name in String::from_utf8_lossy(value).split(',') {
+            let name = name.trim().to_ascii_lowercase();
+            if name == "*" {
+                return Err(NotStored::VaryStar);
+            }
+            if !name.is_empty() && !vary_names.contains(&name) {
+                vary_names.push(name);
+            }
+        }
+    }
+    let explicit = cc.s_maxage.is_some() || cc.max_age.is_some() || first("expires").is_some();
+    let heuristic = config.cacheable_statuses.contains(&status) && config.default_ttl_seconds.is_some();
+    let revalidate_only = cc.no_cache && (first("etag").is_some() || first("last-modified").is_some());
+    if !(200..600).contains(&status) || status == 206 || (!config.cacheable_statuses.contains(&status) && !explicit) {
+        return Err(NotStored::Status);
+    }
+    if !explicit && !heuristic && !revalidate_only {
+        return Err(NotStored::NoFreshness);
+    }
+    let date = first("date").and_then(parse_http_date);
+    let age = first("age").and_then(|age| std::str::from_utf8(age).ok()?.trim().parse::<u64>().ok());
+    let text = |value: &[u8]| String::from_utf8_lossy(value).into_owned();
+    Ok(Variant {
+        selectors: selectors_for(&exchange.selectors_request, &vary_names, &config.upstream_header),
+        status,
+        headers: headers
+            .iter()
+            .filter(|(name, _)| !name.starts_with(':') && !NOT_STORED.contains(&name.as_str()))
+            .map(|(name, value)| (name.clone(), text(value)))
+            .collect(),
+        stored_at: response_time,
+        initial_age: corrected_initial_age(age, date, exchange.request_time, response_time),
+        lifetime: freshness_lifetime(&cc, first("expires"), date, response_time, config.default_ttl_seconds),
+        no_cache: cc.no_cache,
+        no_stale: cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some(),
+        stale_while_revalidate: cc.stale_while_revalidate,
+        stale_if_error: cc.stale_if_error,
+        etag: first("etag").map(text),
+        last_modified: first("last-modified").map(text),
+        generation: 0,
+        body_len: 0,
+        position: 0,
+    })
+}
+
+/// Updates a stored variant from a 304 response (RFC 9111 4.3.4): its header
+/// fields replace the stored ones, and freshness is recomputed.
+pub fn refreshed(
+    config: &CacheConfig,
+    stored: &Variant,
+    headers: &[(String, Vec<u8>)],
+    request_time: u64,
+    response_time: u64,
+) -> Variant {
+    let mut variant = stored.clone();
+    for (name, value) in headers {
+        if name.starts_with(':') || NOT_STORED.contains(&name.as_str()) || name == "content-type" {
+            continue;
+        }
+        variant.headers.retain(|(stored_name, _)| stored_name != name);
+        variant.headers.push((name.clone(), String::from_utf8_lossy(value).into_owned()));
+    }
+    let stored: Vec<(String, Vec<u8>)> =
+        variant.headers.iter().map(|(name, value)| (name.clone(), value.as_bytes().to_vec())).collect();
+    let values = |name: &'static str| header_values(&stored, name);
+    let cc = CacheControl::parse(values("cache-control"));
+    let date = values("date").next().and_then(parse_http_date);
+    let expires = values("expires").next().map(<[u8]>::to_vec);
+    let age = headers
+        .iter()
+        .find(|(name, _)| name == "age")
+        .and_then(|(_, age)| std::str::from_utf8(age).ok()?.trim().parse::<u64>().ok());
+    variant.stored_at = response_time;
+    variant.initial_age = corrected_initial_age(age, date, request_time, response_time);
+    variant.lifetime = freshness_lifetime(&cc, expires.as_deref(), date, response_time, config.default_ttl_seconds);
+    variant.no_cache = cc.no_cache;
+    variant.no_stale = cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some();
+    variant.stale_while_revalidate = cc.stale_while_revalidate;
+    variant.stale_if_error = cc.stale_if_error;
+    if let Some(etag) = headers.iter().find(|(name, _)| name == "etag") {
+        variant.etag = Some(String::from_utf8_lossy(&etag.1).into_owned());
+    }
+    variant
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::http::format_http_date;
+
+    fn config(json: &str) -> CacheConfig {
+        gateway_common::config::parse_json(json.as_bytes()).unwrap()
+    }
+
+    fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
+        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+    }
+
+    fn exchange(authenticated: bool) -> Exchange {
+        Exchange {
+            key: "k".into(),
+            selectors_request: request(&[(":path", "/"), ("accept-encoding", "gzip"), ("x-gateway-cluster", "v1")]),
+            authenticated,
+            request_no_store: false,
+            request_time: 1000,
+        }
+    }
+
+    fn response(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
+    }
+
+    #[test]
+    fn keys_follow_the_query_configuration() {
+        let r = request(&[(":authority", "API.example.com"), (":path", "/a?b=2&utm_source=x&a=1"), ("x-tenant", "t1")]);
+        assert_eq!(primary_key(&config("{}"), &r), "api.example.com/a?b=2&utm_source=x&a=1");
+        assert_eq!(primary_key(&config(r#"{"ignore_query": true}"#), &r), "api.example.com/a");
+        assert_eq!(primary_key(&config(r#"{"query_exclude": ["utm_source"]}"#), &r), "api.example.com/a?b=2&a=1");
+        assert_eq!(primary_key(&config(r#"{"query_include": ["a"]}"#), &r), "api.example.com/a?a=1");
+        assert_eq!(
+            primary_key(&config(r#"{"key_headers": ["x-tenant"]}"#), &r),
+            "api.example.com/a?b=2&utm_source=x&a=1\nx-tenant:t1"
+        );
+    }
+
+    #[test]
+    fn what_a_shared_cache_may_store() {
+        let c = config("{}");
+        let ok = |headers: &[(&str, &str)], authenticated: bool| {
+            storable(&c, &exchange(authenticated), 200, &response(headers), 1000)
+        };
+        assert!(ok(&[("cache-control", "max-age=60")], false).is_ok());
+        assert_eq!(ok(&[("cache-control", "max-age=60, private")], false).unwrap_err(), NotStored::Private);
+        assert_eq!(ok(&[("cache-control", "no-store, max-age=60")], false).unwrap_err(), NotStored::NoStore);
+        assert_eq!(ok(&[("cache-control", "max-age=60")], true).unwrap_err(), NotStored::Authorization);
+        assert!(ok(&[("cache-control", "public, max-age=60")], true).is_ok());
+        assert!(ok(&[("cache-control", "s-maxage=60")], true).is_ok());
+        assert_eq!(ok(&[("cache-control", "max-age=60"), ("vary", "*")], false).unwrap_err(), NotStored::VaryStar);
+        assert_eq!(ok(&[], false).unwrap_err(), NotStored::NoFreshness, "heuristics are off by default");
+        assert!(ok(&[("cache-control", "no-cache"), ("etag", "\"v1\"")], false).is_ok(), "stored for revalidation");
+        assert_eq!(storable(&c, &exchange(false), 302, &response(&[]), 1000).unwrap_err(), NotStored::Status);
+        assert!(storable(&c, &exchange(false), 302, &response(&[("cache-control", "max-age=5")]), 1000).is_ok());
+        let heuristic = config(r#"{"default_ttl_seconds": 30}"#);
+        assert_eq!(storable(&heuristic, &exchange(false), 200, &response(&[]), 1000).unwrap().lifetime, 30);
+    }
+
+    #[test]
+    fn vary_and_upstream_select_variants() {
+        let c = config("{}");
+        let variant = storable(
+            &c,
+            &exchange(false),
+            200,
+            &response(&[("cache-control", "max-age=60"), ("vary", "Accept-Encoding")]),
+            1000,
+        )
+        .unwrap();
+        let meta = Meta { version: 1, key: "k".into(), variants: vec![variant], next_generation: 2 };
+        let same = request(&[(":path", "/"), ("accept-encoding", "gzip"), ("x-gateway-cluster", "v1")]);
+        let other_encoding = request(&[(":path", "/"), ("accept-encoding", "br"), ("x-gateway-cluster", "v1")]);
+        let other_upstream = request(&[(":path", "/"), ("accept-encoding", "gzip"), ("x-gateway-cluster", "v2")]);
+        assert!(select(&meta, &same, "x-gateway-cluster").is_some());
+        assert!(select(&meta, &other_encoding, "x-gateway-cluster").is_none());
+        assert!(select(&meta, &other_upstream, "x-gateway-cluster").is_none(), "a canary never gets the other body");
+    }
+
+    #[test]
+    fn freshness_and_request_directives() {
+        let c = config("{}");
+        let date = format_http_date(1000);
+        let v =
+            storable(&c, &exchange(false), 200, &response(&[("cache-control", "max-age=60"), ("date", &date)]), 1000)
+                .unwrap();
+        let none = CacheControl::default();
+        assert_eq!(usability(&v, &none, 1030), Use::Fresh);
+        assert_eq!(usability(&v, &none, 1061), Use::Revalidate);
+        assert_eq!(usability(&v, &CacheControl::parse([&b"max-stale=10"[..]]), 1065), Use::StaleAccepted);
+        assert_eq!(usability(&v, &CacheControl::parse([&b"max-stale=1"[..]]), 1065), Use::Revalidate);
+        assert_eq!(usability(&v, &CacheControl::parse([&b"max-age=10"[..]]), 1030), Use::Revalidate);
+        assert_eq!(usability(&v, &CacheControl::parse([&b"min-fresh=40"[..]]), 1030), Use::Revalidate);
+        assert_eq!(usability(&v, &CacheControl::parse([&b"no-cache"[..]]), 1001), Use::Revalidate);
+        let strict =
+            storable(&c, &exchange(false), 200, &response(&[("cache-control", "max-age=60, must-revalidate")]), 1000)
+                .unwrap();
+        assert_eq!(usability(&strict, &CacheControl::parse([&b"max-stale"[..]]), 2000), Use::Revalidate);
+    }
+
+    #[test]
+    fn conditional_requests_and_304_refresh() {
+        let c = config("{}");
+        let v = storable(
+            &c,
+            &exchange(false),
+            200,
+            &response(&[("cache-control", "max-age=1"), ("etag", "\"v1\""), ("last-modified", &format_http_date(500))]),
+            1000,
+        )
+        .unwrap();
+        assert!(not_modified(&v, &request(&[("if-none-match", "\"v1\"")])));
+        assert!(!not_modified(&v, &request(&[("if-none-match", "\"v0\"")])));
+        assert!(not_modified(&v, &request(&[("if-modified-since", &format_http_date(600))])));
+        assert!(!not_modified(&v, &request(&[("if-modified-since", &format_http_date(400))])));
+        let updated = refreshed(&c, &v, &response(&[("cache-control", "max-age=100"), ("x-new", "1")]), 2000, 2000);
+        assert_eq!(updated.lifetime, 100);
+        assert_eq!(usability(&updated, &CacheControl::default(), 2050), Use::Fresh);
+        assert!(updated.headers.iter().any(|(name, value)| name == "x-new" && value == "1"));
+    }
+}

@@ -1,0 +1,381 @@
+//! Stored responses in shared data, bounded.
+//!
+//! A URI's primary key (authority, path, query as configured, key headers) hashes
+//! to one of `slots` metadata values (`c:v1:meta:<slot>`, JSON with a format
+//! version); collisions are detected by the full key stored inside. Each stored
+//! variant (Vary values, upstream) has a body value
+//! `c:v1:body:<slot>:<variant>:<generation parity>` that starts with its
+//! generation: bodies are written before the metadata that points to them, into
+//! the parity the current metadata does not use, so a reader never sees a
+//! half-written entry. `c:v1:bytes` counts all stored bytes; storing beyond
+//! `max_total_bytes` first evicts the oldest of a sample of slots.
+
+use gateway_common::hash::fnv1a64;
+use gateway_common::shared::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u8 = 1;
+pub const BYTES_KEY: &str = "c:v1:bytes";
+const EVICTION_SAMPLE: u32 = 8;
+const CAS_RETRIES: u32 = 16;
+
+pub fn meta_key(slot: u32) -> String {
+    format!("c:v1:meta:{slot}")
+}
+
+pub fn body_key(slot: u32, variant: usize, generation: u64) -> String {
+    format!("c:v1:body:{slot}:{variant}:{}", generation % 2)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Variant {
+    /// (header, request value at store time) for each Vary header, plus the
+    /// upstream (routing header) under the name `:upstream`.
+    pub selectors: Vec<(String, Option<String>)>,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Response time (s) and the corrected initial age (RFC 9111 4.2.3).
+    pub stored_at: u64,
+    pub initial_age: u64,
+    pub lifetime: u64,
+    /// Must be revalidated before every use (`no-cache`).
+    pub no_cache: bool,
+    /// Must not be served stale (`must-revalidate`, `proxy-revalidate`, `s-maxage`).
+    pub no_stale: bool,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub generation: u64,
+    pub body_len: u64,
+    /// Position of the body values (`c:v1:body:<slot>:<position>:*`).
+    pub position: usize,
+}
+
+impl Variant {
+    pub fn current_age(&self, now: u64) -> u64 {
+        self.initial_age.saturating_add(now.saturating_sub(self.stored_at))
+    }
+
+    /// Seconds of freshness left (negative: stale for that long).
+    pub fn ttl(&self, now: u64) -> i64 {
+        i64::try_from(self.lifetime).unwrap_or(i64::MAX) - i64::try_from(self.current_age(now)).unwrap_or(i64::MAX)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub version: u8,
+    pub key: String,
+    pub variants: Vec<Variant>,
+    pub next_generation: u64,
+}
+
+impl Meta {
+    /// Bytes this URI holds in shared data: its metadata and bodies (with their
+    /// 8-byte generation prefix).
+    fn size(&self) -> u64 {
+        let metadata = serde_json::to_vec(self).map_or(4096, |encoded| encoded.len() as u64);
+        metadata + self.variants.iter().map(|variant| variant.body_len + 8).sum::<u64>()
+    }
+}
+
+/// Decodes a metadata value; anything else (placeholder, other version, garbage)
+/// is an empty slot.
+pub fn decode_meta(bytes: &[u8]) -> Option<Meta> {
+    let meta: Meta = serde_json::from_slice(bytes).ok()?;
+    (meta.version == FORMAT_VERSION).then_some(meta)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    pub slots: u32,
+    pub max_variants: usize,
+    pub max_total_bytes: u64,
+}
+
+pub struct Found {
+    pub meta: Meta,
+    pub cas: Option<u32>,
+    pub slot: u32,
+}
+
+impl Table {
+    pub fn slot(&self, key: &str) -> u32 {
+        u32::try_from(fnv1a64(key.as_bytes()) % u64::from(self.slots.max(1))).unwrap_or(0)
+    }
+
+    /// Pre-creates the metadata and counter keys (so updates can be CAS).
+    pub fn initialize(&self, store: &impl Store) -> Result<(), StoreError> {
+        for slot in 0..self.slots {
+            store.ensure(&meta_key(slot))?;
+        }
+        store.ensure(BYTES_KEY)
+    }
+
+    /// The stored metadata for `key`, if this slot holds that key.
+    pub fn lookup(&self, store: &impl Store, key: &str) -> Result<Option<Found>, StoreError> {
+        let slot = self.slot(key);
+        let (value, cas) = store.get(&meta_key(slot))?;
+        Ok(value.as_deref().and_then(decode_meta).filter(|meta| meta.key == key).map(|meta| Found { meta, cas, slot }))
+    }
+
+    /// A variant's body, if it is the generation the metadata names.
+    pub fn body(&self, store: &impl Store, slot: u32, variant: &Variant) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = store.get(&body_key(slot, variant.position, variant.generation))?.0.unwrap_or_default();
+        let Some(generation) = value.get(..8).and_then(|bytes| bytes.try_into().ok()).map(u64::from_le_bytes) else {
+            return Ok(None);
+        };
+        let body = value.get(8..).unwrap_or_default();
+        Ok((generation == variant.generation && body.len() as u64 == variant.body_len).then(|| body.to_vec()))
+    }
+
+    /// Stores (or replaces) the variant with the same selectors. Returns false
+    /// when it could not be stored (budget, contention).
+    pub fn store(
+        &self,
+        store: &impl Store,
+        key: &str,
+        mut variant: Variant,
+        body: &[u8],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let slot = self.slot(key);
+        for _ in 0..CAS_RETRIES {
+            let (value, cas) = store.get(&meta_key(slot))?;
+            let old = value.as_deref().and_then(decode_meta);
+            let old_size = old.as_ref().map_or(0, Meta::size);
+            let mut dropped: Vec<Variant> = Vec::new();
+            let mut meta = match old.clone() {
+                Some(meta) if meta.key == key => meta,
+                // Another URI held this slot: it is replaced.
+                other => {
+                    dropped.extend(other.map(|meta| meta.variants).unwrap_or_default());
+                    Meta { version: FORMAT_VERSION, key: key.to_string(), variants: Vec::new(), next_generation: 1 }
+                }
+            };
+            let generation = meta.next_generation;
+            meta.next_generation += 1;
+            let position = match meta.variants.iter().position(|v| v.selectors == variant.selectors) {
+                Some(index) => {
+                    let position = meta.variants.get(index).map_or(0, |v| v.position);
+                    dropped.push(meta.variants.remove(index));
+                    position
+                }
+                None if meta.variants.len() < self.max_variants => {
+                    (0..self.max_variants).find(|p| meta.variants.iter().all(|v| v.position != *p)).unwrap_or(0)
+                }
+                None => {
+                    // Full: drop the oldest variant.
+                    let oldest = meta.variants.iter().enumerate().min_by_key(|(_, v)| v.stored_at).map(|(i, _)| i);
+                    let index = oldest.unwrap_or(0);
+                    let position = meta.variants.get(index).map_or(0, |v| v.position);
+                    if index < meta.variants.len() {
+                        dropped.push(meta.variants.remove(index));
+                    }
+                    position
+                }
+            };
+            variant.generation = generation;
+            variant.position = position;
+            variant.body_len = body.len() as u64;
+            meta.variants.push(variant.clone());
+            let new_size = meta.size();
+            if new_size > old_size && !self.make_room(store, new_size - old_size, slot, now)? {
+                return Ok(false);
+            }
+            let mut body_value = generation.to_le_bytes().to_vec();
+            body_value.extend_from_slice(body);
+            store.set(&body_key(slot, position, generation), &body_value, None)?;
+            let encoded = serde_json::to_vec(&meta).map_err(|_| StoreError)?;
+            if store.set(&meta_key(slot), &encoded, cas)? {
+                self.add_bytes(store, i128::from(new_size) - i128::from(old_size))?;
+                let kept = body_key(slot, position, generation);
+                clear_bodies(store, slot, &dropped, &kept)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Updates a variant's headers and freshness after a 304 (RFC 9111 4.3.4).
+    pub fn refresh(&self, store: &impl Store, key: &str, updated: &Variant) -> Result<bool, StoreError> {
+        for _ in 0..CAS_RETRIES {
+            let Some(mut found) = self.lookup(store, key)? else { return Ok(false) };
+            let Some(variant) = found.meta.variants.iter_mut().find(|v| v.generation == updated.generation) else {
+                return Ok(false);
+            };
+            *variant = updated.clone();
+            let encoded = serde_json::to_vec(&found.meta).map_err(|_| StoreError)?;
+            if store.set(&meta_key(found.slot), &encoded, found.cas)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Removes every variant of `key` (invalidation, purge). Returns whether
+    /// anything was removed.
+    pub fn remove(&self, store: &impl Store, key: &str) -> Result<bool, StoreError> {
+        for _ in 0..CAS_RETRIES {
+            let Some(found) = self.lookup(store, key)? else { return Ok(false) };
+            if store.set(&meta_key(found.slot), b"", found.cas)? {
+                self.add_bytes(store, -i128::from(found.meta.size()))?;
+                clear_bodies(store, found.slot, &found.meta.variants, "")?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    pub fn bytes(&self, store: &impl Store) -> Result<u64, StoreError> {
+        Ok(decode_counter(&store.get(BYTES_KEY)?.0.unwrap_or_default()))
+    }
+
+    fn add_bytes(&self, store: &impl Store, delta: i128) -> Result<(), StoreError> {
+        if delta == 0 {
+            return Ok(());
+        }
+        for _ in 0..CAS_RETRIES {
+            let (value, cas) = store.get(BYTES_KEY)?;
+            let current = i128::from(decode_counter(&value.unwrap_or_default()));
+            let next = u64::try_from((current + delta).max(0)).unwrap_or(u64::MAX);
+            let mut encoded = vec![FORMAT_VERSION];
+            encoded.extend_from_slice(&next.to_le_bytes());
+            if store.set(BYTES_KEY, &encoded, cas)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts sampled entries until `needed` more bytes fit the budget.
+    fn make_room(&self, store: &impl Store, needed: u64, keep_slot: u32, now: u64) -> Result<bool, StoreError> {
+        for round in 0..4u64 {
+            if self.bytes(store)?.saturating_add(needed) <= self.max_total_bytes {
+                return Ok(true);
+            }
+            let start = fnv1a64(&(now ^ round.wrapping_mul(0x9e37_79b9) ^ u64::from(keep_slot)).to_le_bytes());
+            let mut oldest: Option<(u32, u64, Meta, Option<u32>)> = None;
+            for step in 0..EVICTION_SAMPLE {
+                let slot = u32::try_from((start.wrapping_add(u64::from(step) * 7919)) % u64::from(self.slots.max(1)))
+                    .unwrap_or(0);
+                if slot == keep_slot {
+                    continue;
+                }
+                let (value, cas) = store.get(&meta_key(slot))?;
+                if let Some(meta) = value.as_deref().and_then(decode_meta) {
+                    let stored = meta.variants.iter().map(|v| v.stored_at).max().unwrap_or(0);
+                    if oldest.as_ref().is_none_or(|(_, at, _, _)| stored < *at) {
+                        oldest = Some((slot, stored, meta, cas));
+                    }
+                }
+            }
+            let Some((slot, _, meta, cas)) = oldest else { continue };
+            if store.set(&meta_key(slot), b"", cas)? {
+                self.add_bytes(store, -i128::from(meta.size()))?;
+                clear_bodies(store, slot, &meta.variants, "")?;
+            }
+        }
+        Ok(self.bytes(store)?.saturating_add(needed) <= self.max_total_bytes)
+    }
+}
+
+/// Empties the body values of variants no longer referenced (shared data keeps
+/// every key, so memory is only returned by emptying values).
+fn clear_bodies(store: &impl Store, slot: u32, variants: &[Variant], except: &str) -> Result<(), StoreError> {
+    for variant in variants {
+        let key = body_key(slot, variant.position, variant.generation);
+        if key != except {
+            store.set(&key, b"", None)?;
+        }
+    }
+    Ok(())
+}
+
+fn decode_counter(bytes: &[u8]) -> u64 {
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, rest)) => rest.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use gateway_common::shared::MemoryStore;
+
+    fn variant(selector: &str, stored_at: u64) -> Variant {
+        Variant {
+            selectors: vec![("accept-encoding".into(), Some(selector.into()))],
+            status: 200,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            stored_at,
+            initial_age: 0,
+            lifetime: 60,
+            no_cache: false,
+            no_stale: false,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            etag: None,
+            last_modified: None,
+            generation: 0,
+            body_len: 0,
+            position: 0,
+        }
+    }
+
+    #[test]
+    fn store_lookup_variants_and_remove() {
+        let table = Table { slots: 16, max_variants: 2, max_total_bytes: 1 << 20 };
+        let store = MemoryStore::default();
+        table.initialize(&store).unwrap();
+        assert!(table.store(&store, "k", variant("gzip", 1), b"zipped", 1).unwrap());
+        assert!(table.store(&store, "k", variant("br", 2), b"brotli", 2).unwrap());
+        assert!(table.store(&store, "k", variant("id", 3), b"plain", 3).unwrap(), "oldest variant replaced");
+        let found = table.lookup(&store, "k").unwrap().unwrap();
+        assert_eq!(found.meta.variants.len(), 2);
+        let plain = found.meta.variants.iter().find(|v| v.selectors[0].1.as_deref() == Some("id")).unwrap();
+        assert_eq!(table.body(&store, found.slot, plain).unwrap().unwrap(), b"plain");
+        assert!(table.remove(&store, "k").unwrap());
+        assert!(table.lookup(&store, "k").unwrap().is_none());
+        assert_eq!(table.bytes(&store).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_budget_is_never_exceeded_and_keys_stay_bounded() {
+        let table = Table { slots: 64, max_variants: 4, max_total_bytes: 64 * 1024 };
+        let store = MemoryStore::default();
+        table.initialize(&store).unwrap();
+        let body = vec![b'x'; 4096];
+        for n in 0..2_000u64 {
+            table.store(&store, &format!("/item?x={n}"), variant("a", n), &body, n).unwrap();
+            assert!(table.bytes(&store).unwrap() <= table.max_total_bytes, "after {n}");
+        }
+        // Metadata keys, counter, and at most slots x variants x 2 bodies.
+        assert!(store.len() <= 64 + 1 + 64 * 4 * 2, "{} keys", store.len());
+        let held: usize = (0..64u32)
+            .flat_map(|slot| {
+                (0..4).flat_map(move |position| (0..2u64).map(move |parity| body_key(slot, position, parity)))
+            })
+            .map(|key| store.get(&key).unwrap().0.map_or(0, |value| value.len()))
+            .sum();
+        assert!(held as u64 <= table.max_total_bytes, "bodies actually held: {held}");
+    }
+
+    #[test]
+    fn a_body_of_another_generation_is_a_miss() {
+        let table = Table { slots: 4, max_variants: 1, max_total_bytes: 1 << 20 };
+        let store = MemoryStore::default();
+        table.initialize(&store).unwrap();
+        table.store(&store, "k", variant("a", 1), b"one", 1).unwrap();
+        let old = table.lookup(&store, "k").unwrap().unwrap();
+        table.store(&store, "k", variant("a", 2), b"two!", 2).unwrap();
+        table.store(&store, "k", variant("a", 3), b"six", 3).unwrap();
+        // The old metadata's parity was overwritten by generation 3: detected.
+        assert_eq!(table.body(&store, old.slot, &old.meta.variants[0]).unwrap(), None);
+        assert_eq!(decode_meta(b"garbage"), None);
+        assert_eq!(decode_meta(b""), None);
+    }
+}
