@@ -158,6 +158,15 @@ def native_ratelimit_filter():
               filter_enforced: { runtime_key: rl_enforced, default_value: { numerator: 100, denominator: HUNDRED } }"""
 
 
+def native_cache_filter():
+    return """
+          - name: envoy.filters.http.cache
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.cache.v3.CacheConfig
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.http.cache.simple_http_cache.v3.SimpleHttpCacheConfig"""
+
+
 def ours_auth_config():
     jwks = json.loads((FIXTURES / "jwks.json").read_text())
     return {"providers": [{"name": "bench", "issuer": ISSUER, "audiences": [AUDIENCE], "jwks": jwks}],
@@ -217,6 +226,7 @@ static_resources:
 
 def upstream_yaml(admin_port, port):
     body = "x" * 1024
+    big = "y" * 65536
     return f"""admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
 static_resources:
@@ -230,10 +240,16 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: upstream
           route_config:
+            max_direct_response_body_size_bytes: 70000
+            # Cacheable for the cache scenarios; ignored by every other filter.
+            response_headers_to_add:
+            - header: {{ key: cache-control, value: "public, max-age=600" }}
             virtual_hosts:
             - name: all
               domains: ["*"]
               routes:
+              - match: {{ prefix: "/big" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "{big}" }} }}
               - match: {{ prefix: "/" }}
                 direct_response: {{ status: 200, body: {{ inline_string: "{body}" }} }}
           http_filters:
@@ -309,17 +325,17 @@ request = function()
   local h = {{}}
   for k, v in pairs(headers) do h[k] = v end
   if #tokens > 0 then h["authorization"] = "Bearer " .. tokens[(counter % #tokens) + 1] end
-  return wrk.format("GET", "/bench", h)
+  return wrk.format("GET", "{path}", h)
 end
 """
 
 
-def lua_script(workdir, name, headers, tokens):
+def lua_script(workdir, name, headers, tokens, path="/bench"):
     tokens_file = Path(workdir) / f"{name}.tokens"
     tokens_file.write_text("\n".join(tokens) + ("\n" if tokens else ""))
     table = "{" + ", ".join(f'["{k}"] = "{v}"' for k, v in headers.items()) + "}"
     script = Path(workdir) / f"{name}.lua"
-    script.write_text(LUA_TEMPLATE.format(headers=table, tokens_file=tokens_file))
+    script.write_text(LUA_TEMPLATE.format(headers=table, tokens_file=tokens_file, path=path))
     return script
 
 
@@ -387,6 +403,12 @@ def scenarios():
         (f"routing, {ROUTES} header routes",
          [("native route matcher", "", header_routes, route_header, []),
           ("routing.wasm", wasm_filter("routing", ours_routing_config()), cluster_header_route, route_header, [])]),
+        ("cache hit, 1 KiB body",
+         [("native cache filter", native_cache_filter(), None, {}, [], "/bench"),
+          ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/bench")]),
+        ("cache hit, 64 KiB body",
+         [("native cache filter", native_cache_filter(), None, {}, [], "/big"),
+          ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/big")]),
         ("chain: ratelimit + auth RS256 + routing",
          [("native chain", chain_native, header_routes, route_header, tokens["RS256"]),
           ("wasm chain", chain_ours, cluster_header_route, route_header, tokens["RS256"])]),
@@ -441,12 +463,13 @@ def main():
         for scenario, variants in chosen:
             print(f"== {scenario}", flush=True)
             running = []
-            for index, (label, filters, routes, headers, tokens) in enumerate(variants):
+            for index, (label, filters, routes, headers, tokens, *path) in enumerate(variants):
                 name = re.sub(r"[^a-z0-9]+", "-", f"{scenario}-{label}".lower())[:60] + f"-{index}"
                 envoy = Envoy(name, lambda a, p, f=filters, r=routes: envoy_yaml(a, p, upstream.port, f, r),
                               workdir, core=0)
                 envoys.append(envoy)
-                running.append((label, envoy, lua_script(workdir, name, headers, tokens), []))
+                script = lua_script(workdir, name, headers, tokens, *(path or ["/bench"]))
+                running.append((label, envoy, script, []))
             if warmup:
                 for _, envoy, script, _ in running:
                     run_wrk(envoy, script, warmup, connections)

@@ -7,6 +7,8 @@ pub mod http;
 pub mod policy;
 pub mod store;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -15,7 +17,7 @@ use gateway_common::host::{self, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::RequestHeaders;
-use gateway_common::shared::HostStore;
+use gateway_common::shared::{HostStore, Store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use sha2::{Digest, Sha256};
@@ -23,7 +25,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{Cache, CacheConfig};
 use crate::http::CacheControl;
 use crate::policy::{Exchange, Use};
-use crate::store::{Table, Variant};
+use crate::store::{Meta, Table, Variant};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
@@ -49,6 +51,30 @@ struct Shared {
     cache: Cache,
     table: Table,
     metrics: Metrics,
+    /// Decoded metadata per slot and CAS token: a hit on unchanged metadata
+    /// skips JSON decoding (the value is still read, to see any change).
+    decoded: RefCell<HashMap<u32, (u32, Rc<Meta>)>>,
+}
+
+impl Shared {
+    /// The metadata stored for `key` (with its slot), decoded at most once per
+    /// version in this VM.
+    fn lookup(&self, key: &str) -> Option<(u32, Rc<Meta>)> {
+        let slot = self.table.slot(key);
+        let (value, cas) = HostStore.get(&store::meta_key(slot)).ok()?;
+        let mut decoded = self.decoded.borrow_mut();
+        let meta = match (cas, decoded.get(&slot)) {
+            (Some(cas), Some((cached_cas, meta))) if *cached_cas == cas => Rc::clone(meta),
+            _ => {
+                let meta = Rc::new(store::decode_meta(&value?)?);
+                if let Some(cas) = cas {
+                    decoded.insert(slot, (cas, Rc::clone(&meta)));
+                }
+                meta
+            }
+        };
+        (meta.key == key).then_some((slot, meta))
+    }
 }
 
 #[derive(Default)]
@@ -88,7 +114,7 @@ impl RootContext for CacheRoot {
             purges: Metric::counter("cache.purges"),
             bytes: Metric::gauge("cache.bytes_stored"),
         };
-        self.shared = Some(Rc::new(Shared { cache, table, metrics }));
+        self.shared = Some(Rc::new(Shared { cache, table, metrics, decoded: RefCell::new(HashMap::new()) }));
         let _ = host::set_tick_period(Duration::from_secs(1));
         true
     }
@@ -257,9 +283,9 @@ impl CacheStream {
             self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=request" };
             return Action::Continue;
         }
-        let found = shared.table.lookup(&HostStore, &key).ok().flatten();
-        let variant = found.as_ref().and_then(|found| policy::select(&found.meta, &request, &config.upstream_header));
-        let Some((found, variant)) = found.as_ref().zip(variant) else {
+        let found = shared.lookup(&key);
+        let variant = found.as_ref().and_then(|(_, meta)| policy::select(meta, &request, &config.upstream_header));
+        let Some(((slot, _), variant)) = found.as_ref().zip(variant) else {
             if request_cc.only_if_cached {
                 return self.gateway_timeout(&request);
             }
@@ -270,7 +296,7 @@ impl CacheStream {
         };
         match policy::usability(variant, &request_cc, now) {
             Use::Fresh | Use::StaleAccepted => {
-                if let Ok(Some(body)) = shared.table.body(&HostStore, found.slot, variant) {
+                if let Ok(Some(body)) = shared.table.body(&HostStore, *slot, variant) {
                     shared.metrics.hits.increment();
                     let detail = format!("hit; ttl={}", variant.ttl(now));
                     self.serve(variant, &body, &request, head, &detail, now);

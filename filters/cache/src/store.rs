@@ -11,7 +11,7 @@
 //! `max_total_bytes` first evicts the oldest of a sample of slots.
 
 use gateway_common::hash::fnv1a64;
-use gateway_common::shared::{Store, StoreError};
+use gateway_common::shared::{add_to_counter, read_counter, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u8 = 1;
@@ -229,22 +229,12 @@ impl Table {
     }
 
     pub fn bytes(&self, store: &impl Store) -> Result<u64, StoreError> {
-        Ok(decode_counter(&store.get(BYTES_KEY)?.0.unwrap_or_default()))
+        read_counter(store, BYTES_KEY)
     }
 
     fn add_bytes(&self, store: &impl Store, delta: i128) -> Result<(), StoreError> {
-        if delta == 0 {
-            return Ok(());
-        }
-        for _ in 0..CAS_RETRIES {
-            let (value, cas) = store.get(BYTES_KEY)?;
-            let current = i128::from(decode_counter(&value.unwrap_or_default()));
-            let next = u64::try_from((current + delta).max(0)).unwrap_or(u64::MAX);
-            let mut encoded = vec![FORMAT_VERSION];
-            encoded.extend_from_slice(&next.to_le_bytes());
-            if store.set(BYTES_KEY, &encoded, cas)? {
-                return Ok(());
-            }
+        if delta != 0 {
+            add_to_counter(store, BYTES_KEY, delta, CAS_RETRIES)?;
         }
         Ok(())
     }
@@ -291,13 +281,6 @@ fn clear_bodies(store: &impl Store, slot: u32, variants: &[Variant], except: &st
         }
     }
     Ok(())
-}
-
-fn decode_counter(bytes: &[u8]) -> u64 {
-    match bytes.split_first() {
-        Some((&FORMAT_VERSION, rest)) => rest.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes),
-        _ => 0,
-    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,37 @@ pub trait Store {
     }
 }
 
+/// A counter in one shared-data value: a format-version byte and a u64 LE.
+/// Unset, placeholder or foreign values read as 0.
+pub fn read_counter(store: &impl Store, key: &str) -> Result<u64, StoreError> {
+    Ok(decode_counter(&store.get(key)?.0.unwrap_or_default()))
+}
+
+/// Adds `delta` (saturating at 0 and u64::MAX) with compare-and-swap; `Ok(false)`
+/// when `retries` attempts all lost to other writers.
+pub fn add_to_counter(store: &impl Store, key: &str, delta: i128, retries: u32) -> Result<bool, StoreError> {
+    for _ in 0..=retries {
+        let (value, cas) = store.get(key)?;
+        let current = i128::from(decode_counter(&value.unwrap_or_default()));
+        let next = u64::try_from((current + delta).clamp(0, i128::from(u64::MAX))).unwrap_or(u64::MAX);
+        let mut encoded = vec![COUNTER_FORMAT];
+        encoded.extend_from_slice(&next.to_le_bytes());
+        if store.set(key, &encoded, cas)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+const COUNTER_FORMAT: u8 = 1;
+
+fn decode_counter(bytes: &[u8]) -> u64 {
+    match bytes.split_first() {
+        Some((&COUNTER_FORMAT, rest)) => rest.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes),
+        _ => 0,
+    }
+}
+
 /// The host's shared data (one map per `vm_id`, per Envoy process).
 pub struct HostStore;
 

@@ -12,6 +12,7 @@
 //! Every update is a compare-and-swap of one value with bounded retries.
 
 use gateway_common::hash::fnv1a64;
+use gateway_common::shared::{add_to_counter, read_counter};
 pub use gateway_common::shared::{Store, StoreError};
 
 use crate::bucket::{Limit, Verdict};
@@ -183,27 +184,11 @@ impl Table {
 
     /// Slots that have ever held a bucket (bounded by `slots`).
     pub fn tracked(&self, store: &impl Store) -> Result<u64, StoreError> {
-        Ok(decode_counter(&store.get(TRACKED_KEY)?.0.unwrap_or_default()))
+        read_counter(store, TRACKED_KEY)
     }
 
     fn add_tracked(&self, store: &impl Store) -> Result<(), StoreError> {
-        for _ in 0..=self.cas_retries {
-            let (value, cas) = store.get(TRACKED_KEY)?;
-            let next = decode_counter(&value.unwrap_or_default()).saturating_add(1);
-            let mut encoded = vec![FORMAT_VERSION];
-            encoded.extend_from_slice(&next.to_le_bytes());
-            if store.set(TRACKED_KEY, &encoded, cas)? {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-}
-
-fn decode_counter(bytes: &[u8]) -> u64 {
-    match bytes.split_first() {
-        Some((&FORMAT_VERSION, rest)) => rest.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes),
-        _ => 0,
+        add_to_counter(store, TRACKED_KEY, 1, self.cas_retries).map(|_| ())
     }
 }
 
