@@ -383,8 +383,8 @@ def scenarios():
               [("RS256", "rsa-1"), ("ES256", "ec-256"), ("HS256", "hs-1")]}
     cold = make_tokens("RS256", "rsa-1", 5000, cold=True)
     chain_ours = (wasm_filter("ratelimit", ours_ratelimit_config()) + wasm_filter("auth", ours_auth_config())
-                  + wasm_filter("routing", ours_routing_config()))
-    chain_native = native_ratelimit_filter() + native_jwt_filter()
+                  + wasm_filter("routing", ours_routing_config()) + wasm_filter("cache", {}))
+    chain_native = native_ratelimit_filter() + native_jwt_filter() + native_cache_filter()
     result = [
         ("passthrough vs noop", [("passthrough", "", None, {}, []),
                                  ("noop.wasm", wasm_filter("noop", {}), None, {}, [])]),
@@ -409,7 +409,7 @@ def scenarios():
         ("cache hit, 64 KiB body",
          [("native cache filter", native_cache_filter(), None, {}, [], "/big"),
           ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/big")]),
-        ("chain: ratelimit + auth RS256 + routing",
+        ("chain: ratelimit + auth RS256 + routing + cache",
          [("native chain", chain_native, header_routes, route_header, tokens["RS256"]),
           ("wasm chain", chain_ours, cluster_header_route, route_header, tokens["RS256"])]),
     ]

@@ -8,7 +8,7 @@ pub mod policy;
 pub mod store;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -54,6 +54,18 @@ struct Shared {
     /// Decoded metadata per slot and CAS token: a hit on unchanged metadata
     /// skips JSON decoding (the value is still read, to see any change).
     decoded: RefCell<HashMap<u32, (u32, Rc<Meta>)>>,
+    /// stale-while-revalidate refreshes waiting for the root context's next tick
+    /// (streams cannot outlive their answer, the root can), and the keys in flight.
+    revalidations: RefCell<Vec<Background>>,
+    in_flight: RefCell<HashSet<String>>,
+}
+
+/// A background revalidation of a stale entry served under stale-while-revalidate.
+struct Background {
+    exchange: Exchange,
+    variant: Variant,
+    cluster: String,
+    headers: Vec<(String, String)>,
 }
 
 impl Shared {
@@ -80,13 +92,50 @@ impl Shared {
 #[derive(Default)]
 struct CacheRoot {
     shared: Option<Rc<Shared>>,
+    /// Background revalidations in flight, by HTTP call token.
+    fetches: HashMap<u32, Background>,
 }
 
 fn now_seconds() -> u64 {
     host::now_nanos() / 1_000_000_000
 }
 
-impl Context for CacheRoot {}
+impl Context for CacheRoot {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let (Some(job), Some(shared)) = (self.fetches.remove(&token_id), self.shared.clone()) else { return };
+        shared.in_flight.borrow_mut().remove(&job.exchange.key);
+        let headers: Vec<(String, Vec<u8>)> = host::headers(MapType::HttpCallResponseHeaders)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value))
+            .collect();
+        let status = status_of(&headers);
+        let now = now_seconds();
+        let config = &shared.cache.config;
+        if status == 304 {
+            let updated = policy::refreshed(config, &job.variant, &headers, job.exchange.request_time, now);
+            if shared.table.refresh(&HostStore, &job.exchange.key, &updated) == Ok(true) {
+                shared.metrics.revalidated_304.increment();
+            }
+        } else if let Ok(variant) = policy::storable(config, &job.exchange, status, &headers, now) {
+            let body = host::http_call_response_body(body_size).unwrap_or_default();
+            if body.len() as u64 <= config.max_entry_bytes
+                && shared.table.store(&HostStore, &job.exchange.key, variant, &body, now) == Ok(true)
+            {
+                shared.metrics.revalidated_200.increment();
+                shared.metrics.stores.increment();
+            }
+        }
+    }
+}
+
+fn status_of(headers: &[(String, Vec<u8>)]) -> u16 {
+    headers
+        .iter()
+        .find(|(name, _)| name == ":status")
+        .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u16>().ok())
+        .unwrap_or(0)
+}
 
 impl RootContext for CacheRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -114,16 +163,35 @@ impl RootContext for CacheRoot {
             purges: Metric::counter("cache.purges"),
             bytes: Metric::gauge("cache.bytes_stored"),
         };
-        self.shared = Some(Rc::new(Shared { cache, table, metrics, decoded: RefCell::new(HashMap::new()) }));
+        self.shared = Some(Rc::new(Shared {
+            cache,
+            table,
+            metrics,
+            decoded: RefCell::new(HashMap::new()),
+            revalidations: RefCell::new(Vec::new()),
+            in_flight: RefCell::new(HashSet::new()),
+        }));
         let _ = host::set_tick_period(Duration::from_secs(1));
         true
     }
 
-    /// Every VM publishes the same gauge, read from the shared counter.
+    /// Publishes the bytes gauge (every VM writes the same value, read from the
+    /// shared counter) and starts queued stale-while-revalidate refreshes.
     fn on_tick(&mut self) {
-        if let Some(shared) = &self.shared {
-            if let Ok(bytes) = shared.table.bytes(&HostStore) {
-                shared.metrics.bytes.record(bytes);
+        let Some(shared) = self.shared.clone() else { return };
+        if let Ok(bytes) = shared.table.bytes(&HostStore) {
+            shared.metrics.bytes.record(bytes);
+        }
+        let jobs: Vec<Background> = shared.revalidations.borrow_mut().drain(..).collect();
+        for job in jobs {
+            let headers: Vec<(&str, &str)> = job.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            match host::dispatch_http_call(&job.cluster, &headers, Duration::from_secs(10)) {
+                Ok(token) => {
+                    self.fetches.insert(token, job);
+                }
+                Err(_) => {
+                    shared.in_flight.borrow_mut().remove(&job.exchange.key);
+                }
             }
         }
     }
@@ -197,11 +265,7 @@ impl HttpContext for CacheStream {
             .into_iter()
             .map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value))
             .collect();
-        let status = headers
-            .iter()
-            .find(|(name, _)| name == ":status")
-            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u16>().ok())
-            .unwrap_or(0);
+        let status = status_of(&headers);
         match pending {
             Pending::None => Action::Continue,
             Pending::Invalidate { request } => {
@@ -307,6 +371,17 @@ impl CacheStream {
                 self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
                 Action::Continue
             }
+            Use::Revalidate if self.within_stale_while_revalidate(variant, &request_cc, now) => {
+                let Ok(Some(body)) = shared.table.body(&HostStore, *slot, variant) else {
+                    self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
+                    return Action::Continue;
+                };
+                shared.metrics.hits.increment();
+                self.queue_background_revalidation(exchange(&request), variant, &request);
+                let detail = format!("hit; ttl={}; detail=stale-while-revalidate", variant.ttl(now));
+                self.serve(variant, &body, &request, head, &detail, now);
+                Action::Pause
+            }
             Use::Revalidate => {
                 if request_cc.only_if_cached {
                     return self.gateway_timeout(&request);
@@ -334,6 +409,57 @@ impl CacheStream {
                 Action::Continue
             }
         }
+    }
+
+    fn within_stale_while_revalidate(&self, variant: &Variant, request_cc: &CacheControl, now: u64) -> bool {
+        let staleness = u64::try_from(-variant.ttl(now)).unwrap_or(0);
+        !variant.no_cache
+            && !request_cc.no_cache
+            && request_cc.max_age.is_none()
+            && request_cc.min_fresh.is_none()
+            && variant.stale_while_revalidate.is_some_and(|window| staleness <= window)
+    }
+
+    /// Queues one background revalidation per key for the root's next tick. The
+    /// cluster is the routing header's (routing.wasm) or Envoy's selected one.
+    fn queue_background_revalidation(&self, exchange: Exchange, variant: &Variant, request: &RequestHeaders) {
+        let shared = &self.shared;
+        if !shared.in_flight.borrow_mut().insert(exchange.key.clone()) {
+            return;
+        }
+        let config = &shared.cache.config;
+        let cluster = request
+            .first(&config.upstream_header)
+            .map(|value| String::from_utf8_lossy(value).into_owned())
+            .or_else(|| {
+                host::property(&["xds", "cluster_name"])
+                    .ok()
+                    .flatten()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+            });
+        let Some(cluster) = cluster else {
+            shared.in_flight.borrow_mut().remove(&exchange.key);
+            return;
+        };
+        let text = |value: &[u8]| String::from_utf8_lossy(value).into_owned();
+        let mut headers = vec![
+            (":method".to_string(), "GET".to_string()),
+            (":path".to_string(), text(request.first(":path").unwrap_or(b"/"))),
+            (":authority".to_string(), text(request.authority())),
+        ];
+        // The headers the stored variant was selected by, so the answer matches it.
+        for (name, value) in &variant.selectors {
+            if let (false, Some(value)) = (name.starts_with(':'), value) {
+                headers.push((name.clone(), value.clone()));
+            }
+        }
+        if let Some(etag) = &variant.etag {
+            headers.push(("if-none-match".into(), etag.clone()));
+        }
+        if let Some(modified) = &variant.last_modified {
+            headers.push(("if-modified-since".into(), modified.clone()));
+        }
+        shared.revalidations.borrow_mut().push(Background { exchange, variant: variant.clone(), cluster, headers });
     }
 
     /// Answers from a stored variant: 304 when the client's conditions match.

@@ -211,6 +211,30 @@ fn stale_if_error_serves_the_stored_response_when_the_origin_fails() {
 }
 
 #[test]
+fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
+    let fx = shared();
+    let _log = fx.envoy.log_on_failure();
+    let path = "/c/swr";
+    fx.upstream
+        .script(path, Reply::status(200).header("cache-control", "max-age=0, stale-while-revalidate=600").body("v1"));
+    assert_eq!(fx.envoy.get(path).send().text(), "v1");
+    fx.upstream.script(
+        path,
+        Reply::status(200).header("cache-control", "max-age=600").body("v2").delay(Duration::from_millis(300)),
+    );
+    let stale = fx.envoy.get(path).send();
+    assert_eq!(stale.text(), "v1", "the stale response is served without waiting for the origin");
+    assert!(cache_status(&stale).contains("stale-while-revalidate"), "{}", cache_status(&stale));
+    // The background revalidation replaces the entry.
+    assert!(wait_until(Duration::from_secs(5), || fx.envoy.get(path).send().text() == "v2"), "never refreshed");
+    let fresh = fx.envoy.get(path).send();
+    assert!(cache_status(&fresh).contains("hit; ttl="));
+    let served = fx.upstream.served_path(path);
+    // One foreground miss, then at most one background revalidation per worker (two).
+    assert!((2..=3).contains(&served), "origin saw {served} requests");
+}
+
+#[test]
 fn unsafe_requests_invalidate_and_purge_needs_the_secret() {
     let fx = shared();
     let _log = fx.envoy.log_on_failure();
