@@ -7,6 +7,7 @@ use std::rc::Rc;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use gateway_common::request::RequestHeaders;
+use gateway_common::shared::{Store, StoreError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -96,25 +97,64 @@ pub enum BasicFailure {
     Locked { retry_after_seconds: u64 },
 }
 
-/// Verifies basic credentials with bcrypt, caching successes (keyed by a keyed
-/// hash of the credential, bounded, short-lived) and limiting failures per user,
-/// so neither repeated logins nor wrong passwords keep the worker hashing.
+/// Shared-data key of a configured user's failure window (bounded by the
+/// number of configured users; unknown usernames are never counted).
+pub fn failure_key(user_index: usize) -> String {
+    format!("auth:v1:basic-failures:{user_index}")
+}
+
+const FAILURE_FORMAT: u8 = 1;
+
+/// (failures, window start) of a user, from shared data.
+fn read_failures(store: &impl Store, key: &str) -> Result<((u32, u64), Option<u32>), StoreError> {
+    let (value, cas) = store.get(key)?;
+    let value = value.unwrap_or_default();
+    let decoded = match value.split_first() {
+        Some((&FAILURE_FORMAT, rest)) => {
+            let count = rest.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes);
+            let since = rest.get(4..12).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+            (count, since)
+        }
+        _ => (0, 0),
+    };
+    Ok((decoded, cas))
+}
+
+fn write_failures(store: &impl Store, key: &str, count: u32, since: u64, cas: Option<u32>) -> Result<bool, StoreError> {
+    let mut value = vec![FAILURE_FORMAT];
+    value.extend_from_slice(&count.to_le_bytes());
+    value.extend_from_slice(&since.to_le_bytes());
+    store.set(key, &value, cas)
+}
+
+/// Verifies basic credentials with bcrypt, caching successes per worker (keyed
+/// by a keyed hash of the credential, bounded, short-lived) and limiting failures
+/// per user across all workers (shared data), so neither repeated logins nor
+/// wrong passwords keep the gateway hashing.
 pub struct BasicChecker {
     cache_key: [u8; 16],
     successes: HashMap<[u8; 32], (String, u64)>,
-    failures: HashMap<String, (u32, u64)>,
     pub hashes_computed: u64,
 }
 
 impl BasicChecker {
     pub fn new(cache_key: [u8; 16]) -> Self {
-        Self { cache_key, successes: HashMap::new(), failures: HashMap::new(), hashes_computed: 0 }
+        Self { cache_key, successes: HashMap::new(), hashes_computed: 0 }
     }
 
-    pub fn check(&mut self, basic: &Basic, user: &str, password: &str, now: u64) -> Result<String, BasicFailure> {
-        let Some(account) = basic.users.iter().find(|account| account.username == user) else {
+    pub fn check(
+        &mut self,
+        store: &impl Store,
+        basic: &Basic,
+        user: &str,
+        password: &str,
+        now: u64,
+    ) -> Result<String, BasicFailure> {
+        let Some((index, account)) = basic.users.iter().enumerate().find(|(_, account)| account.username == user)
+        else {
             return Err(BasicFailure::Invalid);
         };
+        let failures_key = failure_key(index);
         let mut keyed = Vec::with_capacity(16 + user.len() + 1 + password.len());
         keyed.extend_from_slice(&self.cache_key);
         keyed.extend_from_slice(user.as_bytes());
@@ -126,15 +166,17 @@ impl BasicChecker {
                 return Ok(consumer.clone());
             }
         }
-        if let Some((count, since)) = self.failures.get(user) {
-            let window_end = since.saturating_add(basic.failure_window_seconds);
-            if *count >= basic.max_failures && now < window_end {
-                return Err(BasicFailure::Locked { retry_after_seconds: (window_end - now).max(1) });
-            }
+        // Shared data failing must not lock anyone out: count nothing then.
+        let ((count, since), _) = read_failures(store, &failures_key).unwrap_or(((0, 0), None));
+        let window_end = since.saturating_add(basic.failure_window_seconds);
+        if count >= basic.max_failures && now < window_end {
+            return Err(BasicFailure::Locked { retry_after_seconds: (window_end - now).max(1) });
         }
         self.hashes_computed += 1;
         if bcrypt::verify(password, &account.hash).unwrap_or(false) {
-            self.failures.remove(user);
+            if count > 0 {
+                let _ = write_failures(store, &failures_key, 0, 0, None);
+            }
             if basic.cache_entries > 0 && basic.cache_seconds > 0 {
                 if self.successes.len() >= basic.cache_entries {
                     self.successes.retain(|_, (_, until)| *until > now);
@@ -146,11 +188,17 @@ impl BasicChecker {
             }
             Ok(account.consumer.clone())
         } else {
-            let entry = self.failures.entry(user.to_string()).or_insert((0, now));
-            if now >= entry.1.saturating_add(basic.failure_window_seconds) {
-                *entry = (0, now);
+            for _ in 0..16 {
+                let Ok(((count, since), cas)) = read_failures(store, &failures_key) else { break };
+                let (count, since) = if now >= since.saturating_add(basic.failure_window_seconds) {
+                    (1, now)
+                } else {
+                    (count + 1, since)
+                };
+                if write_failures(store, &failures_key, count, since, cas).unwrap_or(true) {
+                    break;
+                }
             }
-            entry.0 += 1;
             Err(BasicFailure::Invalid)
         }
     }
@@ -216,6 +264,7 @@ impl TokenCache {
 mod tests {
     use super::*;
     use crate::config::BasicUser;
+    use gateway_common::shared::MemoryStore;
 
     fn headers(pairs: &[(&str, &[u8])]) -> RequestHeaders {
         RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect())
@@ -275,20 +324,27 @@ mod tests {
             failure_window_seconds: 60,
             forward_credentials: false,
         };
+        let store = MemoryStore::default();
+        store.ensure(&failure_key(0)).unwrap();
         let mut checker = BasicChecker::new([1; 16]);
-        assert_eq!(checker.check(&basic, "alice", "s3cret", 100), Ok("alice-co".into()));
-        assert_eq!(checker.check(&basic, "alice", "s3cret", 101), Ok("alice-co".into()));
+        assert_eq!(checker.check(&store, &basic, "alice", "s3cret", 100), Ok("alice-co".into()));
+        assert_eq!(checker.check(&store, &basic, "alice", "s3cret", 101), Ok("alice-co".into()));
         assert_eq!(checker.hashes_computed, 1, "the second check hit the cache");
-        assert_eq!(checker.check(&basic, "bob", "x", 101), Err(BasicFailure::Invalid));
-        for _ in 0..3 {
-            assert_eq!(checker.check(&basic, "alice", "wrong", 102), Err(BasicFailure::Invalid));
+        assert_eq!(checker.check(&store, &basic, "bob", "x", 101), Err(BasicFailure::Invalid));
+        // Failures on another worker count too: they share the store.
+        let mut other_worker = BasicChecker::new([2; 16]);
+        assert_eq!(other_worker.check(&store, &basic, "alice", "wrong", 102), Err(BasicFailure::Invalid));
+        for _ in 0..2 {
+            assert_eq!(checker.check(&store, &basic, "alice", "wrong", 102), Err(BasicFailure::Invalid));
         }
         let hashed = checker.hashes_computed;
-        assert_eq!(checker.check(&basic, "alice", "wrong", 103), Err(BasicFailure::Locked { retry_after_seconds: 59 }));
+        let locked = Err(BasicFailure::Locked { retry_after_seconds: 59 });
+        assert_eq!(checker.check(&store, &basic, "alice", "wrong", 103), locked);
         assert_eq!(checker.hashes_computed, hashed, "a locked user costs no hash");
+        assert_eq!(other_worker.check(&store, &basic, "alice", "wrong", 103), locked, "locked on every worker");
         // The cached success still works; after the window, checks resume.
-        assert_eq!(checker.check(&basic, "alice", "s3cret", 104), Ok("alice-co".into()));
-        assert_eq!(checker.check(&basic, "alice", "wrong", 200), Err(BasicFailure::Invalid));
+        assert_eq!(checker.check(&store, &basic, "alice", "s3cret", 104), Ok("alice-co".into()));
+        assert_eq!(checker.check(&store, &basic, "alice", "wrong", 200), Err(BasicFailure::Invalid));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::problem::RequestFacts;
 use gateway_common::request::{percent_decode, RequestHeaders};
-use gateway_common::shared::HostStore;
+use gateway_common::shared::{HostStore, Store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use serde_json::Value;
@@ -224,7 +224,9 @@ impl RootContext for AuthRoot {
             return false;
         };
         let remote_names = auth.providers.iter().filter(|p| remote_spec(p).is_some()).map(|p| p.name.as_str());
-        if jwks::initialize(&HostStore, remote_names).is_err() {
+        let users = auth.basic.as_ref().map_or(0, |basic| basic.users.len());
+        let failure_keys = (0..users).try_for_each(|index| HostStore.ensure(&credentials::failure_key(index)));
+        if jwks::initialize(&HostStore, remote_names).is_err() || failure_keys.is_err() {
             host::log(LogLevel::Error, "auth: cannot initialize shared data for remote JWKS");
             return false;
         }
@@ -354,7 +356,7 @@ impl Verifier for StateVerifier<'_> {
 
     fn check_basic(&mut self, basic: &Basic, user: &str, password: &str) -> Result<String, BasicFailure> {
         let before = self.state.basic.hashes_computed;
-        let result = self.state.basic.check(basic, user, password, self.now);
+        let result = self.state.basic.check(&HostStore, basic, user, password, self.now);
         let computed = self.state.basic.hashes_computed.saturating_sub(before);
         if computed > 0 {
             self.metrics.basic_hashes.add(i64::try_from(computed).unwrap_or(i64::MAX));

@@ -45,6 +45,7 @@ struct Metrics {
     invalidations: Metric,
     purges: Metric,
     bytes: Metric,
+    evictions: Metric,
 }
 
 struct Shared {
@@ -162,6 +163,7 @@ impl RootContext for CacheRoot {
             invalidations: Metric::counter("cache.invalidations"),
             purges: Metric::counter("cache.purges"),
             bytes: Metric::gauge("cache.bytes_stored"),
+            evictions: Metric::gauge("cache.evictions"),
         };
         self.shared = Some(Rc::new(Shared {
             cache,
@@ -181,6 +183,9 @@ impl RootContext for CacheRoot {
         let Some(shared) = self.shared.clone() else { return };
         if let Ok(bytes) = shared.table.bytes(&HostStore) {
             shared.metrics.bytes.record(bytes);
+        }
+        if let Ok(evictions) = shared.table.evictions(&HostStore) {
+            shared.metrics.evictions.record(evictions);
         }
         let jobs: Vec<Background> = shared.revalidations.borrow_mut().drain(..).collect();
         for job in jobs {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u8 = 1;
 pub const BYTES_KEY: &str = "c:v1:bytes";
+pub const EVICTIONS_KEY: &str = "c:v1:evictions";
 const EVICTION_SAMPLE: u32 = 8;
 const CAS_RETRIES: u32 = 16;
 
@@ -110,7 +111,8 @@ impl Table {
         for slot in 0..self.slots {
             store.ensure(&meta_key(slot))?;
         }
-        store.ensure(BYTES_KEY)
+        store.ensure(BYTES_KEY)?;
+        store.ensure(EVICTIONS_KEY)
     }
 
     /// The stored metadata for `key`, if this slot holds that key.
@@ -232,6 +234,11 @@ impl Table {
         read_counter(store, BYTES_KEY)
     }
 
+    /// URIs evicted to stay within the budget, since the process started.
+    pub fn evictions(&self, store: &impl Store) -> Result<u64, StoreError> {
+        read_counter(store, EVICTIONS_KEY)
+    }
+
     fn add_bytes(&self, store: &impl Store, delta: i128) -> Result<(), StoreError> {
         if delta != 0 {
             add_to_counter(store, BYTES_KEY, delta, CAS_RETRIES)?;
@@ -265,6 +272,7 @@ impl Table {
             if store.set(&meta_key(slot), b"", cas)? {
                 self.add_bytes(store, -i128::from(meta.size()))?;
                 clear_bodies(store, slot, &meta.variants, "")?;
+                add_to_counter(store, EVICTIONS_KEY, 1, CAS_RETRIES)?;
             }
         }
         Ok(self.bytes(store)?.saturating_add(needed) <= self.max_total_bytes)
@@ -336,8 +344,9 @@ mod tests {
             table.store(&store, &format!("/item?x={n}"), variant("a", n), &body, n).unwrap();
             assert!(table.bytes(&store).unwrap() <= table.max_total_bytes, "after {n}");
         }
+        assert!(table.evictions(&store).unwrap() > 1_000, "older entries were evicted");
         // Metadata keys, counter, and at most slots x variants x 2 bodies.
-        assert!(store.len() <= 64 + 1 + 64 * 4 * 2, "{} keys", store.len());
+        assert!(store.len() <= 64 + 2 + 64 * 4 * 2, "{} keys", store.len());
         let held: usize = (0..64u32)
             .flat_map(|slot| {
                 (0..4).flat_map(move |position| (0..2u64).map(move |parity| body_key(slot, position, parity)))

@@ -319,6 +319,7 @@ fn memory_stays_within_the_budget() {
     let growth = at_1500.saturating_sub(at_300);
     assert!(growth < 4_000_000, "allocated grew by {growth} bytes ({at_300} -> {at_1500})");
     assert!(fx.envoy.stat("wasmcustom.cache.stores") >= 1000);
+    assert!(wait_until(Duration::from_secs(5), || fx.envoy.stat("wasmcustom.cache.evictions") > 500));
 }
 
 #[test]
