@@ -401,10 +401,6 @@ impl CacheStream {
                 if let Some(modified) = &variant.last_modified {
                     let _ = host::set_header(MapType::HttpRequestHeaders, "if-modified-since", modified.as_bytes());
                 }
-                if head {
-                    // Revalidate with a GET so a 200 can be stored.
-                    let _ = host::set_header(MapType::HttpRequestHeaders, ":method", b"GET");
-                }
                 self.pending = Pending::Revalidate {
                     exchange: exchange(&request),
                     variant: variant.clone(),
