@@ -6,7 +6,7 @@ SHELL := bash
 ENVOY_VERSION := 1.40.0
 VENV := .venv
 # Filter crates; each builds dist/<name>.wasm.
-MODULES := routing ratelimit auth cache
+MODULES := routing ratelimit auth cache aggregate
 WASM_TARGET := wasm32-wasip1
 WASM_OUT := target/$(WASM_TARGET)/release
 # Integration tests are mostly waiting on sockets: run more of them than cores.

@@ -37,7 +37,7 @@ TOKEN="$header.$payload.$signature"
 cat <<TEXT
 
 The demo gateway is up (JSON access log below; Ctrl-C stops everything).
-Chain: ratelimit (per IP) -> auth -> ratelimit (per user, /orders) -> routing -> cache -> backends.
+Chain: ratelimit (per IP) -> auth -> ratelimit (per user, /orders) -> aggregate -> routing -> cache -> backends.
   HTTP   http://127.0.0.1:8080
   HTTPS  https://localhost:8443   (self-signed: curl -k)
   admin  http://127.0.0.1:9901    (stats: /stats/prometheus)
@@ -50,6 +50,7 @@ Try (a demo token for user alice, valid one hour):
   curl -s http://127.0.0.1:8080/orders -H "authorization: Bearer \$TOKEN" -H 'x-api-version: 2'   # -> orders-v2
   curl -s http://127.0.0.1:8080/orders -H "authorization: Bearer \$TOKEN" -i              # 90/10 split, sticky per user; RateLimit headers
   curl -s http://127.0.0.1:8080/products/1 -H 'x-api-key: demo-key-123'                    # API key -> products
+  curl -s http://127.0.0.1:8080/dashboard/alice -H "authorization: Bearer \$TOKEN"         # users + orders in one JSON
   curl -s http://127.0.0.1:8080/products/2 -H 'x-api-key: demo-key-123' -H 'x-echo-header: cache-control: public, max-age=30' -i
                                                      # run it twice: the second answer is a cache hit (Cache-Status, Age)
   curl -s http://127.0.0.1:8080/v0/anything -i                                              # 410 problem+json

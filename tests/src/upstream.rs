@@ -113,6 +113,11 @@ impl EchoUpstream {
         self.state.served_by_path.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
+    /// From now on, describe requests for `path` again (undo `script`).
+    pub fn unscript(&self, path: &str) {
+        self.state.scripts.lock().unwrap().remove(path);
+    }
+
     /// From now on, answer requests for `path` (query excluded) with `reply`.
     pub fn script(&self, path: &str, reply: Reply) {
         self.state.scripts.lock().unwrap().insert(path.to_string(), reply);

@@ -2,6 +2,7 @@
 //! threads of one process, and every Envoy they start dies with that process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+mod aggregate;
 mod auth;
 mod cache;
 mod configs;

@@ -5,7 +5,7 @@ use gateway_tests::paths;
 use wasmparser::{Parser, Payload, TypeRef};
 
 /// The modules this release ships; each must exist in `dist/`.
-pub const MODULES: &[&str] = &["routing", "ratelimit", "auth", "cache"];
+pub const MODULES: &[&str] = &["routing", "ratelimit", "auth", "cache", "aggregate"];
 
 /// WASI functions proxy-wasm hosts (Envoy's proxy-wasm-cpp-host) provide.
 const HOST_WASI: &[&str] = &[
