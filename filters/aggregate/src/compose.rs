@@ -6,14 +6,11 @@ use serde_json::{Map, Value};
 
 use crate::config::{Endpoint, Missing, Part, Piece};
 
-/// Path parameters of a matching endpoint (percent-decoded values).
-pub fn match_endpoint<'e>(
-    endpoints: &'e [Endpoint],
-    request: &RequestHeaders,
-) -> Option<(&'e Endpoint, Vec<(String, String)>)> {
+/// The index of the matching endpoint and its path parameters (percent-decoded).
+pub fn match_endpoint(endpoints: &[Endpoint], request: &RequestHeaders) -> Option<(usize, Vec<(String, String)>)> {
     let method = request.method();
     let segments: Vec<&str> = request.path().split('/').skip(1).collect();
-    endpoints.iter().find_map(|endpoint| {
+    endpoints.iter().enumerate().find_map(|(index, endpoint)| {
         if endpoint.method.as_bytes() != method || endpoint.segments.len() != segments.len() {
             return None;
         }
@@ -29,7 +26,7 @@ pub fn match_endpoint<'e>(
                 Err(_) => return None,
             }
         }
-        Some((endpoint, params))
+        Some((index, params))
     })
 }
 
@@ -229,7 +226,8 @@ mod tests {
     fn matching_and_safe_rendering() {
         let endpoints = dashboard();
         let r = request(&[(":method", "GET"), (":path", "/dashboard/..%2Fadmin?page=2"), ("x-tenant", "a b")]);
-        let (endpoint, params) = match_endpoint(&endpoints, &r).unwrap();
+        let (index, params) = match_endpoint(&endpoints, &r).unwrap();
+        let endpoint = &endpoints[index];
         assert_eq!(params, vec![("userId".to_string(), "../admin".to_string())]);
         assert_eq!(render_path(&endpoint.parts[0], &params, &r), "/users/%2E%2E%2Fadmin?tenant=a%20b");
         assert_eq!(render_path(&endpoint.parts[1], &params, &r), "/orders?user=%2E%2E%2Fadmin&page=2");

@@ -138,11 +138,11 @@ impl HttpContext for AggregateStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
         let Ok(request) = RequestHeaders::read() else { return Action::Continue };
-        let Some((endpoint, params)) = compose::match_endpoint(&shared.endpoints, &request) else {
+        let Some((index, params)) = compose::match_endpoint(&shared.endpoints, &request) else {
             return Action::Continue;
         };
+        let Some(endpoint) = shared.endpoints.get(index) else { return Action::Continue };
         shared.metrics.composites.increment();
-        let index = shared.endpoints.iter().position(|candidate| std::ptr::eq(candidate, endpoint)).unwrap_or(0);
         let mut composite = Composite {
             endpoint: index,
             outcomes: vec![None; endpoint.parts.len()],

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use gateway_common::config::ConfigErrors;
+use gateway_common::hash::decode_sha256_hex;
 use gateway_common::request_match::{is_lower_case_header_name, Conditions, MatchSpec};
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
@@ -586,17 +587,6 @@ impl ApiKeysSpec {
         }
         Some(ApiKeys { sources, keys, forward_key: self.forward_key })
     }
-}
-
-pub fn decode_sha256_hex(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut digest = [0u8; 32];
-    for (index, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(index * 2..index * 2 + 2)?, 16).ok()?;
-    }
-    Some(digest)
 }
 
 impl BasicSpec {

@@ -6,6 +6,7 @@ use std::rc::Rc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use gateway_common::hash::digests_equal;
 use gateway_common::request::RequestHeaders;
 use gateway_common::shared::{Store, StoreError};
 use serde_json::Value;
@@ -56,11 +57,6 @@ pub fn find_credential(request: &RequestHeaders, sources: &[TokenSource]) -> Opt
 
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
-}
-
-/// Constant-time equality of two digests.
-pub fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The consumer an API key belongs to. Every configured digest is compared (in

@@ -1,6 +1,7 @@
 //! cache.wasm configuration: the JSON users write, and its checked form.
 
 use gateway_common::config::ConfigErrors;
+use gateway_common::hash::decode_sha256_hex;
 use gateway_common::request_match::is_lower_case_header_name;
 use serde::Deserialize;
 
@@ -150,7 +151,7 @@ impl CacheConfig {
             if !is_lower_case_header_name(&spec.header) {
                 errors.add("purge.header", "must be a lower-case header name");
             }
-            match decode_hex32(&spec.secret_sha256) {
+            match decode_sha256_hex(&spec.secret_sha256) {
                 Some(secret_sha256) => Some(Purge { header: spec.header.clone(), secret_sha256 }),
                 None => {
                     errors.add("purge.secret_sha256", "must be the 64-character hex SHA-256 of the secret");
@@ -160,15 +161,4 @@ impl CacheConfig {
         });
         errors.into_result(Cache { config: self.clone(), purge })
     }
-}
-
-fn decode_hex32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (index, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(index * 2..index * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
 }

@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gateway_common::config::load_plugin_config;
+use gateway_common::hash::digests_equal;
 use gateway_common::host::{self, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::problem::{Problem, RequestFacts};
@@ -603,9 +604,9 @@ impl CacheStream {
         let shared = Rc::clone(&self.shared);
         let facts = RequestFacts::from_values(request.first("content-type"), request.first("x-request-id"));
         let Some(purge) = &shared.cache.purge else { return Action::Continue };
-        let presented = request.first(&purge.header).map(Sha256::digest).map(|digest| {
-            let digest: [u8; 32] = digest.into();
-            digest.iter().zip(purge.secret_sha256.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        let presented = request.first(&purge.header).map(|secret| {
+            let digest: [u8; 32] = Sha256::digest(secret).into();
+            digests_equal(&digest, &purge.secret_sha256)
         });
         if presented != Some(true) {
             let problem = Problem::new(403, "purge-forbidden", "Forbidden", "PURGE needs the configured secret header");

@@ -11,9 +11,36 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     hash
 }
 
+/// A lower-case or upper-case hex SHA-256 digest (64 characters) as bytes.
+pub fn decode_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (index, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(index * 2..index * 2 + 2)?, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// Constant-time equality of two digests (secrets are compared with this).
+pub fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_decode_and_compare() {
+        let hex = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let digest = decode_sha256_hex(hex);
+        assert!(digest.is_some_and(|d| digests_equal(&d, &d)));
+        assert_eq!(decode_sha256_hex("plaintext"), None);
+        assert_eq!(decode_sha256_hex(&"zz".repeat(32)), None);
+        assert!(!digests_equal(&[0; 32], &[1; 32]));
+    }
 
     #[test]
     fn matches_published_fnv1a_vectors() {
