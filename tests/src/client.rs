@@ -122,7 +122,7 @@ impl RequestBuilder {
 }
 
 /// A complete response.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,

@@ -6,8 +6,12 @@ use serde_json::{Map, Value};
 
 use crate::config::{Endpoint, Missing, Part, Piece};
 
-/// The index of the matching endpoint and its path parameters (percent-decoded).
-pub fn match_endpoint(endpoints: &[Endpoint], request: &RequestHeaders) -> Option<(usize, Vec<(String, String)>)> {
+/// A path parameter: its name and the bytes it stands for (percent-decoded as a
+/// path segment: `+` stays a `+`).
+pub type Params = Vec<(String, Vec<u8>)>;
+
+/// The index of the matching endpoint and its path parameters.
+pub fn match_endpoint(endpoints: &[Endpoint], request: &RequestHeaders) -> Option<(usize, Params)> {
     let method = request.method();
     let segments: Vec<&str> = request.path().split('/').skip(1).collect();
     endpoints.iter().enumerate().find_map(|(index, endpoint)| {
@@ -20,8 +24,8 @@ pub fn match_endpoint(endpoints: &[Endpoint], request: &RequestHeaders) -> Optio
                 Ok(literal) if literal == segment => {}
                 Ok(_) => return None,
                 Err(name) if !segment.is_empty() => {
-                    let decoded = gateway_common::request::percent_decode(segment.as_bytes());
-                    params.push((name.clone(), String::from_utf8_lossy(&decoded).into_owned()));
+                    let decoded = gateway_common::request::percent_decode_path(segment.as_bytes());
+                    params.push((name.clone(), decoded));
                 }
                 Err(_) => return None,
             }
@@ -31,10 +35,12 @@ pub fn match_endpoint(endpoints: &[Endpoint], request: &RequestHeaders) -> Optio
 }
 
 /// Percent-encodes everything but ASCII letters, digits, `-`, `_` and `~`: a value
-/// can never add a path segment (`/`), climb (`.`), or start a query (`?`).
-pub fn encode_component(value: &str) -> String {
+/// can never add a path segment (`/`) or start a query (`?`). Dot segments are
+/// refused by [`render_path`]: RFC 3986 normalizers decode `%2E` and then remove
+/// dot segments, so encoding the dot alone would not stop a climb.
+pub fn encode_component(value: &[u8]) -> String {
     let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
+    for &byte in value {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'~') {
             out.push(char::from(byte));
         } else {
@@ -44,28 +50,50 @@ pub fn encode_component(value: &str) -> String {
     out
 }
 
+/// A request value that would become a dot segment of a part's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DotSegment {
+    /// The template placeholder (`userId`, `query.page`, `header.x-tenant`).
+    pub placeholder: String,
+}
+
 /// The part's request path with parameters, query values and headers encoded in.
-/// A missing query parameter or header renders empty.
-pub fn render_path(part: &Part, params: &[(String, String)], request: &RequestHeaders) -> String {
+/// A missing query parameter or header renders empty. A value of `.` or `..` in
+/// the path (before the template's `?`) is refused: it would climb to another
+/// backend route at the first normalizing hop.
+pub fn render_path(part: &Part, params: &Params, request: &RequestHeaders) -> Result<String, DotSegment> {
     let mut path = String::new();
     for piece in &part.template {
-        match piece {
-            Piece::Literal(text) => path.push_str(text),
+        let (placeholder, value): (String, Vec<u8>) = match piece {
+            Piece::Literal(text) => {
+                path.push_str(text);
+                continue;
+            }
             Piece::PathParam(name) => {
-                let value = params.iter().find(|(param, _)| param == name).map_or("", |(_, value)| value.as_str());
-                path.push_str(&encode_component(value));
+                let value = params.iter().find(|(param, _)| param == name).map(|(_, value)| value.clone());
+                (name.clone(), value.unwrap_or_default())
             }
             Piece::Query(name) => {
-                let value = request.query_values(name).into_iter().next().unwrap_or_default();
-                path.push_str(&encode_component(&String::from_utf8_lossy(&value)));
+                (format!("query.{name}"), request.query_values(name).into_iter().next().unwrap_or_default())
             }
-            Piece::Header(name) => {
-                let value = request.first(name).unwrap_or_default();
-                path.push_str(&encode_component(&String::from_utf8_lossy(value)));
-            }
+            Piece::Header(name) => (format!("header.{name}"), request.first(name).unwrap_or_default().to_vec()),
+        };
+        let in_path = !path.contains('?');
+        if in_path && matches!(value.as_slice(), b"." | b"..") {
+            return Err(DotSegment { placeholder });
         }
+        path.push_str(&encode_component(&value));
     }
-    path
+    // Values next to each other or to literal dots (`{a}{b}`, `.{a}`) can still
+    // form a dot segment: judge the rendered path as a normalizer would.
+    let path_only = path.split('?').next().unwrap_or_default();
+    let dot_segment = path_only.split('/').any(|segment| {
+        matches!(gateway_common::request::percent_decode_path(segment.as_bytes()).as_slice(), b"." | b"..")
+    });
+    if dot_segment {
+        return Err(DotSegment { placeholder: "(path)".to_string() });
+    }
+    Ok(path)
 }
 
 /// How one part ended.
@@ -220,6 +248,7 @@ mod tests {
 
     fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
         RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+            .unwrap()
     }
 
     #[test]
@@ -228,12 +257,35 @@ mod tests {
         let r = request(&[(":method", "GET"), (":path", "/dashboard/..%2Fadmin?page=2"), ("x-tenant", "a b")]);
         let (index, params) = match_endpoint(&endpoints, &r).unwrap();
         let endpoint = &endpoints[index];
-        assert_eq!(params, vec![("userId".to_string(), "../admin".to_string())]);
-        assert_eq!(render_path(&endpoint.parts[0], &params, &r), "/users/%2E%2E%2Fadmin?tenant=a%20b");
-        assert_eq!(render_path(&endpoint.parts[1], &params, &r), "/orders?user=%2E%2E%2Fadmin&page=2");
+        assert_eq!(params, vec![("userId".to_string(), b"../admin".to_vec())]);
+        assert_eq!(render_path(&endpoint.parts[0], &params, &r).unwrap(), "/users/%2E%2E%2Fadmin?tenant=a%20b");
+        assert_eq!(render_path(&endpoint.parts[1], &params, &r).unwrap(), "/orders?user=%2E%2E%2Fadmin&page=2");
         assert!(match_endpoint(&endpoints, &request(&[(":method", "POST"), (":path", "/dashboard/1")])).is_none());
         assert!(match_endpoint(&endpoints, &request(&[(":method", "GET"), (":path", "/dashboard/1/x")])).is_none());
         assert!(match_endpoint(&endpoints, &request(&[(":method", "GET"), (":path", "/dashboard/")])).is_none());
+    }
+
+    #[test]
+    fn dot_segments_are_refused_and_plus_is_literal() {
+        let endpoints = dashboard();
+        for dots in ["..", ".", "%2e%2e", "%2E", ".%2e", "%2e"] {
+            let r = request(&[(":method", "GET"), (":path", &format!("/dashboard/{dots}"))]);
+            let (index, params) = match_endpoint(&endpoints, &r).unwrap();
+            let refused = render_path(&endpoints[index].parts[0], &params, &r).unwrap_err();
+            assert_eq!(refused.placeholder, "userId", "{dots}");
+        }
+        // After the `?` a dot is only a query value.
+        let r = request(&[(":method", "GET"), (":path", "/dashboard/7?page=..")]);
+        let (index, params) = match_endpoint(&endpoints, &r).unwrap();
+        assert_eq!(render_path(&endpoints[index].parts[1], &params, &r).unwrap(), "/orders?user=7&page=%2E%2E");
+        let r = request(&[(":method", "GET"), (":path", "/dashboard/john+tag@x.com")]);
+        let (index, params) = match_endpoint(&endpoints, &r).unwrap();
+        assert_eq!(params[0].1, b"john+tag@x.com");
+        assert_eq!(render_path(&endpoints[index].parts[0], &params, &r).unwrap(), "/users/john%2Btag%40x%2Ecom?tenant=");
+        // Bytes that are not UTF-8 keep their identity.
+        let r = request(&[(":method", "GET"), (":path", "/dashboard/%FF")]);
+        let (index, params) = match_endpoint(&endpoints, &r).unwrap();
+        assert_eq!(render_path(&endpoints[index].parts[0], &params, &r).unwrap(), "/users/%FF?tenant=");
     }
 
     #[test]
@@ -288,6 +340,22 @@ mod tests {
             (
                 json!({"endpoints": [{"name": "d", "path": "/d", "parts": [{"name": "a", "cluster": "c", "path": "/a", "timeout": 5}]}]}),
                 "endpoints[0].parts[0]",
+            ),
+            (
+                json!({"endpoints": [{"name": "d", "path": "/d", "parts": [{"name": "a", "cluster": "c", "path": "/a", "authority": "h\r\nx: y"}]}]}),
+                "endpoints[0].parts[0].authority",
+            ),
+            (
+                json!({"endpoints": [{"name": "d", "path": "/d", "parts": [{"name": "a", "cluster": "c\n", "path": "/a"}]}]}),
+                "endpoints[0].parts[0].cluster",
+            ),
+            (
+                json!({"endpoints": [{"name": "d", "path": "/d", "parts": [{"name": "a", "cluster": "c", "path": "/a b"}]}]}),
+                "endpoints[0].parts[0].path",
+            ),
+            (
+                json!({"endpoints": [{"name": "d", "path": "/d", "parts": [{"name": "a", "cluster": "c", "path": "/a\u{0}"}]}]}),
+                "endpoints[0].parts[0].path",
             ),
         ];
         for (value, field) in cases {

@@ -163,8 +163,21 @@ impl EndpointSpec {
                     errors.add(format!("{part_field}.key"), format!("duplicate or reserved merge key `{key}`"));
                 }
             }
-            if spec.cluster.is_empty() {
-                errors.add(format!("{part_field}.cluster"), "must name an Envoy cluster");
+            if spec.cluster.is_empty() || !spec.cluster.bytes().all(|byte| (0x21..=0x7e).contains(&byte)) {
+                errors.add(format!("{part_field}.cluster"), "must name an Envoy cluster (printable ASCII, no spaces)");
+            }
+            match &spec.authority {
+                Some(authority) => {
+                    errors.check_authority(format!("{part_field}.authority"), authority);
+                }
+                // The cluster name is the default authority.
+                None if !spec.cluster.is_empty() && !gateway_common::request::is_authority(spec.cluster.as_bytes()) => {
+                    errors.add(
+                        format!("{part_field}.authority"),
+                        "needed: the cluster name is not a valid authority (RFC 3986 characters only)",
+                    );
+                }
+                None => {}
             }
             check_method(&spec.method, &format!("{part_field}.method"), errors);
             if !(1..=60_000).contains(&spec.timeout_ms) {
@@ -208,6 +221,10 @@ fn parse_template(template: &str, params: &BTreeSet<String>, field: &str, errors
     }
     let mut pieces = Vec::new();
     let mut rest = template;
+    let literal_ok = |text: &str| text.bytes().all(|byte| (0x21..=0x7e).contains(&byte));
+    if !literal_ok(&template.replace(['{', '}'], "")) {
+        errors.add(field, "must be printable ASCII without spaces (percent-encode other bytes)");
+    }
     while let Some(open) = rest.find('{') {
         let (literal, after) = rest.split_at(open);
         if !literal.is_empty() {

@@ -5,7 +5,8 @@
 pub mod compose;
 pub mod config;
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::problem::{Problem, RequestFacts};
-use gateway_common::request::RequestHeaders;
+use gateway_common::request::read_request;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -39,6 +40,8 @@ struct Metrics {
 struct Shared {
     endpoints: Vec<Endpoint>,
     metrics: Metrics,
+    /// Parts (by endpoint and part index) whose cluster call failed, logged once.
+    unreachable_clusters: RefCell<BTreeSet<(usize, usize)>>,
 }
 
 #[derive(Default)]
@@ -60,7 +63,7 @@ impl RootContext for AggregateRoot {
             timeout: Metric::counter("aggregate.parts.timeout"),
             partial: Metric::counter("aggregate.partial_responses"),
         };
-        self.shared = Some(Rc::new(Shared { endpoints, metrics }));
+        self.shared = Some(Rc::new(Shared { endpoints, metrics, unreachable_clusters: RefCell::default() }));
         true
     }
 
@@ -137,7 +140,10 @@ impl Context for AggregateStream {
 impl HttpContext for AggregateStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
-        let Ok(request) = RequestHeaders::read() else { return Action::Continue };
+        let request = match read_request() {
+            Ok(request) => request,
+            Err(action) => return action,
+        };
         let Some((index, params)) = compose::match_endpoint(&shared.endpoints, &request) else {
             return Action::Continue;
         };
@@ -148,10 +154,25 @@ impl HttpContext for AggregateStream {
             outcomes: vec![None; endpoint.parts.len()],
             calls: HashMap::new(),
             credentials_forwarded: false,
-            facts: RequestFacts::from_values(request.first("content-type"), request.first("x-request-id")),
+            facts: RequestFacts::of(&request),
         };
-        for (part_index, part) in endpoint.parts.iter().enumerate() {
-            let path = compose::render_path(part, &params, &request);
+        let mut paths = Vec::with_capacity(endpoint.parts.len());
+        for part in &endpoint.parts {
+            match compose::render_path(part, &params, &request) {
+                Ok(path) => paths.push(path),
+                Err(refused) => {
+                    let problem = Problem::new(
+                        400,
+                        "bad-path-parameter",
+                        "Bad Request",
+                        format!("`{}` must not be `.` or `..` (a dot segment)", refused.placeholder),
+                    );
+                    let _ = problem.send(&composite.facts);
+                    return Action::Pause;
+                }
+            }
+        }
+        for ((part_index, part), path) in endpoint.parts.iter().enumerate().zip(paths) {
             let authority = part.spec.authority.clone().unwrap_or_else(|| part.spec.cluster.clone());
             let mut headers: Vec<(String, String)> = vec![
                 (":method".into(), part.spec.method.clone()),
@@ -162,7 +183,11 @@ impl HttpContext for AggregateStream {
             for name in &part.spec.forward_headers {
                 if let Some(value) = request.first(name) {
                     composite.credentials_forwarded |= CREDENTIAL_HEADERS.contains(&name.as_str());
-                    headers.push((name.clone(), String::from_utf8_lossy(value).into_owned()));
+                    // Forwarded as sent or not at all (`field.rs` counts the skip).
+                    match std::str::from_utf8(value) {
+                        Ok(text) => headers.push((name.clone(), text.to_string())),
+                        Err(_) => gateway_common::field::skipped(),
+                    }
                 }
             }
             let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
@@ -172,13 +197,19 @@ impl HttpContext for AggregateStream {
                     composite.calls.insert(token, (part_index, host::now_nanos()));
                 }
                 Err(error) => {
-                    host::log(
-                        LogLevel::Error,
-                        &format!(
-                            "aggregate: endpoint {} part {}: cannot call cluster `{}` ({error:?}): does it exist?",
-                            endpoint.name, part.spec.name, part.spec.cluster
-                        ),
-                    );
+                    // Once per cluster and worker: under traffic a log line per request floods.
+                    let first_time =
+                        shared.unreachable_clusters.try_borrow_mut().is_ok_and(|mut set| set.insert((index, part_index)));
+                    if first_time {
+                        host::log(
+                            LogLevel::Error,
+                            &format!(
+                                "aggregate: endpoint {} part {}: cannot call cluster `{}` ({error:?}): does it exist? \
+                                 (logged once per worker; see aggregate.parts.error)",
+                                endpoint.name, part.spec.name, part.spec.cluster
+                            ),
+                        );
+                    }
                     shared.metrics.error.increment();
                     if let Some(slot) = composite.outcomes.get_mut(part_index) {
                         *slot = Some(Outcome::Error(format!("cannot call cluster {}", part.spec.cluster)));

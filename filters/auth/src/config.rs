@@ -393,8 +393,10 @@ impl AuthConfig {
         if let Some(header) = &self.consumer_header {
             check_header(header, "consumer_header", &mut errors);
         }
-        if self.realm.is_empty() || self.realm.contains('"') || self.realm.contains('\\') {
-            errors.add("realm", "must be non-empty without quotes or backslashes");
+        // The realm is a quoted auth-param of every challenge (RFC 6750 §3 charset).
+        let realm_ok = !self.realm.is_empty() && gateway_common::field::auth_param_text(&self.realm) == self.realm;
+        if !realm_ok {
+            errors.add("realm", "must be non-empty printable ASCII without quotes, backslashes, '%' or control characters");
         }
         let mut rules = Vec::new();
         let mut rule_names = BTreeSet::new();
@@ -491,8 +493,18 @@ impl ProviderSpec {
             if remote.cluster.is_empty() {
                 errors.add(format!("{field}.remote_jwks.cluster"), "must name an Envoy cluster");
             }
-            if !remote.path.starts_with('/') {
-                errors.add(format!("{field}.remote_jwks.path"), "must start with '/'");
+            errors.check_path(format!("{field}.remote_jwks.path"), &remote.path);
+            match &remote.authority {
+                Some(authority) => {
+                    errors.check_authority(format!("{field}.remote_jwks.authority"), authority);
+                }
+                None if !remote.cluster.is_empty() && !gateway_common::request::is_authority(remote.cluster.as_bytes()) => {
+                    errors.add(
+                        format!("{field}.remote_jwks.authority"),
+                        "needed: the cluster name is not a valid authority (RFC 3986 characters only)",
+                    );
+                }
+                None => {}
             }
             if !(1..=60_000).contains(&remote.timeout_ms) {
                 errors.add(format!("{field}.remote_jwks.timeout_ms"), "must be between 1 and 60000");
@@ -583,6 +595,9 @@ impl ApiKeysSpec {
             }
             if key.consumer.is_empty() {
                 errors.add(format!("{field}.keys[{index}].consumer"), "must not be empty");
+            } else {
+                // It becomes the consumer header and the access log's identity.
+                errors.check_header_value(format!("{field}.keys[{index}].consumer"), &key.consumer);
             }
         }
         Some(ApiKeys { sources, keys, forward_key: self.forward_key })
@@ -600,6 +615,11 @@ impl BasicSpec {
             let user_field = format!("{field}.users[{index}]");
             if user.username.is_empty() || user.username.contains(':') || !names.insert(user.username.as_str()) {
                 errors.add(format!("{user_field}.username"), "must be non-empty, unique and without ':'");
+            }
+            if let Some(consumer) = &user.consumer {
+                errors.check_header_value(format!("{user_field}.consumer"), consumer);
+            } else if !user.username.is_empty() {
+                errors.check_header_value(format!("{user_field}.username"), &user.username);
             }
             match bcrypt_cost(&user.bcrypt) {
                 Some(cost) if cost <= self.max_cost => {}

@@ -20,7 +20,7 @@ use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::problem::RequestFacts;
-use gateway_common::request::{percent_decode, RequestHeaders};
+use gateway_common::request::{percent_decode, ReadError, RequestHeaders};
 use gateway_common::shared::{HostStore, Store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -387,11 +387,19 @@ impl Context for AuthStream {
 
 impl HttpContext for AuthStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Ok(request) = RequestHeaders::read() else {
-            // Without the headers nothing can be checked: fail closed.
-            let problem = policy::problem(&Denial::NoRule, &self.shared.auth.realm);
-            let _ = problem.send(&RequestFacts::default());
-            return Action::Pause;
+        let request = match RequestHeaders::read() {
+            Ok(request) => request,
+            Err(ReadError::Bad { reason, facts }) => {
+                // A target no rule can judge is never matched against a default.
+                let _ = gateway_common::problem::bad_request(reason).send(&facts);
+                return Action::Pause;
+            }
+            Err(ReadError::Host(_)) => {
+                // Without the headers nothing can be checked: fail closed.
+                let problem = policy::problem(&Denial::NoRule, &self.shared.auth.realm);
+                let _ = problem.send(&RequestFacts::default());
+                return Action::Pause;
+            }
         };
         // Anti-spoofing: identity headers only ever come from this module.
         for name in &self.shared.identity_headers {
@@ -444,7 +452,7 @@ impl AuthStream {
             Outcome::Deny(denial) => {
                 shared.metrics.denied(&denial);
                 let _ = host::set_property(&[DECISION_PROPERTY], b"denied");
-                let facts = RequestFacts::from_values(request.first("content-type"), request.first("x-request-id"));
+                let facts = RequestFacts::of(&request);
                 let _ = policy::problem(&denial, &shared.auth.realm).send(&facts);
                 Action::Pause
             }

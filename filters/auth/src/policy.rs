@@ -262,8 +262,10 @@ fn authorize(rule: &Rule, identities: &[Identity]) -> Option<Denial> {
     None
 }
 
+/// Text inside a quoted auth-param: only RFC 6750's charset, the rest `%XX`.
+/// Reasons can carry token text (`kid`, `alg`) that nobody has verified yet.
 fn quoted(text: &str) -> String {
-    text.replace(['"', '\\'], "'")
+    gateway_common::field::auth_param_text(text)
 }
 
 /// The answer for a denial: status, standard headers, problem+json.
@@ -391,7 +393,12 @@ mod tests {
     }
 
     fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
-        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
+            pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect();
+        if !pairs.iter().any(|(name, _)| name == b":path") {
+            pairs.push((b":path".to_vec(), b"/".to_vec()));
+        }
+        RequestHeaders::from_pairs(pairs).unwrap()
     }
 
     fn decide_for(pairs: &[(&str, &str)]) -> Outcome {
@@ -445,6 +452,24 @@ mod tests {
             ]),
             Outcome::Allow { .. }
         ));
+    }
+
+    #[test]
+    fn token_text_never_breaks_the_challenge() {
+        let problem = problem(
+            &Denial::Invalid {
+                method: "idp".into(),
+                reason: "unknown kid `a\"\r\nSet-Cookie: x=1\r\n\r\n\u{0}\u{7f}é\\`".into(),
+                code: "invalid",
+                schemes: Schemes { bearer: true, basic: false, api_key: false },
+            },
+            "gw",
+        );
+        let value = &problem.headers[0].1;
+        assert!(gateway_common::field::is_field_value(value.as_bytes()), "{value:?}");
+        let description = value.split("error_description=\"").nth(1).unwrap().strip_suffix('"').unwrap();
+        assert!(description.bytes().all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e)), "{description}");
+        assert!(description.contains("%0D%0ASet-Cookie"), "{description}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use gateway_common::hash::digests_equal;
 use gateway_common::host::{self, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::problem::{Problem, RequestFacts};
-use gateway_common::request::RequestHeaders;
+use gateway_common::request::{read_request, unescape_bytes, RequestHeaders};
 use gateway_common::shared::{HostStore, Store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -249,7 +249,10 @@ impl Context for CacheStream {}
 
 impl HttpContext for CacheStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Ok(request) = RequestHeaders::read() else { return Action::Continue };
+        let request = match read_request() {
+            Ok(request) => request,
+            Err(action) => return action,
+        };
         match request.method() {
             b"GET" | b"HEAD" => self.lookup(request),
             b"PURGE" if self.shared.cache.purge.is_some() => self.purge(&request),
@@ -443,16 +446,22 @@ impl CacheStream {
             shared.in_flight.borrow_mut().remove(&exchange.key);
             return;
         };
-        let text = |value: &[u8]| String::from_utf8_lossy(value).into_owned();
         let mut headers = vec![
             (":method".to_string(), "GET".to_string()),
-            (":path".to_string(), text(request.first(":path").unwrap_or(b"/"))),
-            (":authority".to_string(), text(request.authority())),
+            (":path".to_string(), request.target().to_string()),
+            // Checked to be ASCII when the request was read.
+            (":authority".to_string(), String::from_utf8_lossy(request.authority()).into_owned()),
         ];
         // The headers the stored variant was selected by, so the answer matches it.
+        // Selectors keep raw bytes escaped; a value that is not text cannot be
+        // sent by this call, and then there is no background revalidation.
         for (name, value) in &variant.selectors {
             if let (false, Some(value)) = (name.starts_with(':'), value) {
-                headers.push((name.clone(), value.clone()));
+                let Ok(raw) = String::from_utf8(unescape_bytes(value)) else {
+                    shared.in_flight.borrow_mut().remove(&exchange.key);
+                    return;
+                };
+                headers.push((name.clone(), raw));
             }
         }
         if let Some(etag) = &variant.etag {
@@ -494,7 +503,7 @@ impl CacheStream {
         let problem =
             Problem::new(504, "not-cached", "Gateway Timeout", "only-if-cached: no stored response is usable")
                 .with_header("cache-status", status_value);
-        let facts = RequestFacts::from_values(request.first("content-type"), request.first("x-request-id"));
+        let facts = RequestFacts::of(request);
         let _ = problem.send(&facts);
         Action::Pause
     }
@@ -577,7 +586,9 @@ impl CacheStream {
         let authority = String::from_utf8_lossy(request.authority()).to_ascii_lowercase();
         for name in ["location", "content-location"] {
             let Some((_, value)) = headers.iter().find(|(header, _)| header == name) else { continue };
-            let target = String::from_utf8_lossy(value).trim().to_string();
+            // Bytes that are not text name no URI we could have stored.
+            let Ok(target) = std::str::from_utf8(value) else { continue };
+            let target = target.trim().to_string();
             let path = if target.starts_with('/') {
                 Some(target)
             } else {
@@ -588,9 +599,9 @@ impl CacheStream {
                     .filter(|(host, _)| *host == authority)
                     .map(|(_, path)| format!("/{path}"))
             };
-            if let Some(path) = path {
-                // Same authority and key headers, the target's path.
-                keys.push(policy::primary_key(config, &request.with_path(path.as_bytes())));
+            // Same scheme, authority and key headers, the target's path.
+            if let Some(target) = path.and_then(|path| request.with_target(path.as_bytes())) {
+                keys.push(policy::primary_key(config, &target));
             }
         }
         for key in keys {
@@ -602,7 +613,7 @@ impl CacheStream {
 
     fn purge(&mut self, request: &RequestHeaders) -> Action {
         let shared = Rc::clone(&self.shared);
-        let facts = RequestFacts::from_values(request.first("content-type"), request.first("x-request-id"));
+        let facts = RequestFacts::of(request);
         let Some(purge) = &shared.cache.purge else { return Action::Continue };
         let presented = request.first(&purge.header).map(|secret| {
             let digest: [u8; 32] = Sha256::digest(secret).into();

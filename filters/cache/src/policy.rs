@@ -1,7 +1,7 @@
 //! The caching decisions of RFC 9111 for one exchange: the cache key, which
 //! stored variant a request may use and how, and whether a response may be stored.
 
-use gateway_common::request::{percent_decode, RequestHeaders};
+use gateway_common::request::{escape_bytes, percent_decode, RequestHeaders};
 
 use crate::config::CacheConfig;
 use crate::http::{corrected_initial_age, freshness_lifetime, if_none_match, parse_http_date, CacheControl};
@@ -24,10 +24,17 @@ const NOT_STORED: &[&str] = &[
     "server",
 ];
 
-/// The primary cache key: authority, path, the query as configured, key headers.
-/// The method is not part of it: only GET responses are stored and HEAD uses them.
+/// The primary cache key: the target URI (RFC 9111 §2: scheme, authority, path,
+/// the query as configured), then the key headers. The method is not part of it:
+/// only GET responses are stored and HEAD uses them.
+///
+/// Every part is lossless: the path and authority were checked to be printable
+/// ASCII (the authority holds no `/`), and header values are [`escape_bytes`]d,
+/// so two different requests never share a key.
 pub fn primary_key(config: &CacheConfig, request: &RequestHeaders) -> String {
-    let mut key = String::from_utf8_lossy(request.authority()).to_ascii_lowercase();
+    let mut key = escape_bytes(&scheme(request).to_ascii_lowercase());
+    key.push_str("://");
+    key.push_str(&String::from_utf8_lossy(request.authority()).to_ascii_lowercase());
     key.push_str(request.path());
     if let Some(query) = request.query().filter(|_| !config.ignore_query) {
         let mut pairs: Vec<&[u8]> = query.split(|byte| *byte == b'&').filter(|pair| !pair.is_empty()).collect();
@@ -40,7 +47,7 @@ pub fn primary_key(config: &CacheConfig, request: &RequestHeaders) -> String {
         }
         if !pairs.is_empty() {
             key.push('?');
-            key.push_str(&String::from_utf8_lossy(&pairs.join(&b'&')));
+            key.push_str(&escape_bytes(&pairs.join(&b'&')));
         }
     }
     for name in &config.key_headers {
@@ -52,10 +59,17 @@ pub fn primary_key(config: &CacheConfig, request: &RequestHeaders) -> String {
     key
 }
 
-/// All values of a header joined as one list, as Vary compares them.
+/// The scheme the client used: `x-forwarded-proto` as Envoy sets it (from the
+/// downstream connection when `use_remote_address: true`, from the trusted hop
+/// with `xff_num_trusted_hops`), else the request's `:scheme`.
+pub fn scheme(request: &RequestHeaders) -> &[u8] {
+    request.first("x-forwarded-proto").or_else(|| request.first(":scheme")).unwrap_or_default()
+}
+
+/// All values of a header joined as one list, as Vary compares them; each value's
+/// bytes kept losslessly ([`escape_bytes`]: `\xff` and `\xfe` stay different).
 fn joined(request: &RequestHeaders, name: &str) -> Option<String> {
-    let values: Vec<String> =
-        request.values(name).map(|value| String::from_utf8_lossy(value).trim().to_string()).collect();
+    let values: Vec<String> = request.values(name).map(|value| escape_bytes(value.trim_ascii())).collect();
     (!values.is_empty()).then(|| values.join(", "))
 }
 
@@ -272,7 +286,15 @@ mod tests {
     }
 
     fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
-        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+        raw_request(&pairs.iter().map(|(k, v)| (*k, v.as_bytes())).collect::<Vec<_>>())
+    }
+
+    fn raw_request(pairs: &[(&str, &[u8])]) -> RequestHeaders {
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect();
+        if !pairs.iter().any(|(name, _)| name == b":path") {
+            pairs.push((b":path".to_vec(), b"/".to_vec()));
+        }
+        RequestHeaders::from_pairs(pairs).unwrap()
     }
 
     fn exchange(authenticated: bool) -> Exchange {
@@ -291,15 +313,47 @@ mod tests {
 
     #[test]
     fn keys_follow_the_query_configuration() {
-        let r = request(&[(":authority", "API.example.com"), (":path", "/a?b=2&utm_source=x&a=1"), ("x-tenant", "t1")]);
-        assert_eq!(primary_key(&config("{}"), &r), "api.example.com/a?b=2&utm_source=x&a=1");
-        assert_eq!(primary_key(&config(r#"{"ignore_query": true}"#), &r), "api.example.com/a");
-        assert_eq!(primary_key(&config(r#"{"query_exclude": ["utm_source"]}"#), &r), "api.example.com/a?b=2&a=1");
-        assert_eq!(primary_key(&config(r#"{"query_include": ["a"]}"#), &r), "api.example.com/a?a=1");
-        assert_eq!(
-            primary_key(&config(r#"{"key_headers": ["x-tenant"]}"#), &r),
-            "api.example.com/a?b=2&utm_source=x&a=1\nx-tenant:t1"
-        );
+        let r = request(&[
+            (":authority", "API.example.com"),
+            (":path", "/a?b=2&utm_source=x&a=1"),
+            ("x-tenant", "t1"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let k = |json: &str| primary_key(&config(json), &r);
+        assert_eq!(k("{}"), "https://api.example.com/a?b=2&utm_source=x&a=1");
+        assert_eq!(k(r#"{"ignore_query": true}"#), "https://api.example.com/a");
+        assert_eq!(k(r#"{"query_exclude": ["utm_source"]}"#), "https://api.example.com/a?b=2&a=1");
+        assert_eq!(k(r#"{"query_include": ["a"]}"#), "https://api.example.com/a?a=1");
+        assert_eq!(k(r#"{"key_headers": ["x-tenant"]}"#), "https://api.example.com/a?b=2&utm_source=x&a=1\nx-tenant:t1");
+    }
+
+    #[test]
+    fn the_key_has_the_scheme_and_never_merges_distinct_requests() {
+        let c = config(r#"{"key_headers": ["x-tenant"]}"#);
+        let key = |pairs: &[(&str, &[u8])]| primary_key(&c, &raw_request(pairs));
+        let http = key(&[(":path", b"/"), (":authority", b"a"), ("x-forwarded-proto", b"http")]);
+        let https = key(&[(":path", b"/"), (":authority", b"a"), ("x-forwarded-proto", b"https")]);
+        assert_ne!(http, https);
+        // `:scheme` is only the fallback: Envoy sets x-forwarded-proto from the connection.
+        let claimed = key(&[(":path", b"/"), (":authority", b"a"), (":scheme", b"https"), ("x-forwarded-proto", b"http")]);
+        assert_eq!(claimed, http);
+        let variants: Vec<String> = [&b"\xff"[..], b"\xfe", b"%FF", b"", b"\xff\nx"]
+            .iter()
+            .map(|tenant| key(&[(":path", b"/"), (":authority", b"a"), ("x-tenant", tenant)]))
+            .collect();
+        for (i, one) in variants.iter().enumerate() {
+            assert!(variants[i + 1..].iter().all(|other| other != one), "{variants:?}");
+        }
+        let with_query = key(&[(":path", b"/a?x=%FF"), (":authority", b"a")]);
+        assert_ne!(with_query, key(&[(":path", b"/a?x=%FE"), (":authority", b"a")]));
+    }
+
+    #[test]
+    fn vary_selectors_keep_raw_bytes_apart() {
+        let names = vec!["x-token".to_string()];
+        let ff = selectors_for(&raw_request(&[(":path", b"/"), ("x-token", b"\xff")]), &names, "x-gateway-cluster");
+        let fe = selectors_for(&raw_request(&[(":path", b"/"), ("x-token", b"\xfe")]), &names, "x-gateway-cluster");
+        assert_ne!(ff, fe);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! `max_total_bytes` first evicts the oldest of a sample of slots.
 
 use gateway_common::hash::fnv1a64;
-use gateway_common::shared::{add_to_counter, read_counter, Store, StoreError};
+use gateway_common::shared::{add_to_counter, read_counter, reserve_within, Reserve, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u8 = 1;
@@ -183,7 +183,11 @@ impl Table {
             variant.body_len = body.len() as u64;
             meta.variants.push(variant.clone());
             let new_size = meta.size();
-            if new_size > old_size && !self.make_room(store, new_size - old_size, slot, now)? {
+            // Growth is reserved in the byte counter before anything is written, so
+            // the counter (and the gauge) never passes the budget; a lost CAS
+            // releases the reservation.
+            let growth = new_size.saturating_sub(old_size);
+            if growth > 0 && !self.make_room(store, growth, slot, now)? {
                 return Ok(false);
             }
             let mut body_value = generation.to_le_bytes().to_vec();
@@ -191,11 +195,12 @@ impl Table {
             store.set(&body_key(slot, position, generation), &body_value, None)?;
             let encoded = serde_json::to_vec(&meta).map_err(|_| StoreError)?;
             if store.set(&meta_key(slot), &encoded, cas)? {
-                self.add_bytes(store, i128::from(new_size) - i128::from(old_size))?;
+                self.add_bytes(store, -i128::from(old_size.saturating_sub(new_size)))?;
                 let kept = body_key(slot, position, generation);
                 clear_bodies(store, slot, &dropped, &kept)?;
                 return Ok(true);
             }
+            self.add_bytes(store, -i128::from(growth))?;
         }
         Ok(false)
     }
@@ -246,11 +251,14 @@ impl Table {
         Ok(())
     }
 
-    /// Evicts sampled entries until `needed` more bytes fit the budget.
+    /// Reserves `needed` bytes of the budget, evicting sampled entries while it is
+    /// full. `true`: the bytes are reserved (counted) for the caller.
     fn make_room(&self, store: &impl Store, needed: u64, keep_slot: u32, now: u64) -> Result<bool, StoreError> {
-        for round in 0..4u64 {
-            if self.bytes(store)?.saturating_add(needed) <= self.max_total_bytes {
-                return Ok(true);
+        for round in 0..8u64 {
+            match reserve_within(store, BYTES_KEY, needed, self.max_total_bytes, CAS_RETRIES)? {
+                Reserve::Reserved => return Ok(true),
+                Reserve::Contended => continue,
+                Reserve::Full => {}
             }
             let start = fnv1a64(&(now ^ round.wrapping_mul(0x9e37_79b9) ^ u64::from(keep_slot)).to_le_bytes());
             let mut oldest: Option<(u32, u64, Meta, Option<u32>)> = None;
@@ -275,7 +283,7 @@ impl Table {
                 add_to_counter(store, EVICTIONS_KEY, 1, CAS_RETRIES)?;
             }
         }
-        Ok(self.bytes(store)?.saturating_add(needed) <= self.max_total_bytes)
+        Ok(false)
     }
 }
 

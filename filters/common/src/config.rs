@@ -37,11 +37,57 @@ impl ConfigErrors {
     }
 }
 
+/// Config values that end up in headers, paths or authorities are checked at load
+/// with the same rules `field.rs` applies when writing (one source of truth).
+impl ConfigErrors {
+    /// A header name: a lower-case RFC 9110 token.
+    pub fn check_header_name(&mut self, field: impl AsRef<str>, name: &str) -> bool {
+        let ok = crate::field::is_header_name(name) && !name.starts_with(':');
+        if !ok {
+            self.add(field, "must be a lower-case header name (RFC 9110 token characters)");
+        }
+        ok
+    }
+
+    /// A header value: visible ASCII with inner spaces (no CR, LF, NUL, DEL or non-ASCII).
+    pub fn check_header_value(&mut self, field: impl AsRef<str>, value: &str) -> bool {
+        let ok = crate::field::is_field_value(value.as_bytes());
+        if !ok {
+            self.add(field, "must be a valid header value: visible ASCII, no control characters");
+        }
+        ok
+    }
+
+    /// A URI authority (`host[:port]`), non-empty.
+    pub fn check_authority(&mut self, field: impl AsRef<str>, value: &str) -> bool {
+        let ok = !value.is_empty() && crate::request::is_authority(value.as_bytes());
+        if !ok {
+            self.add(field, "must be a host[:port] authority (RFC 3986 characters only)");
+        }
+        ok
+    }
+
+    /// A request target: printable ASCII starting with `/`.
+    pub fn check_path(&mut self, field: impl AsRef<str>, value: &str) -> bool {
+        let ok = crate::request::check_target(value.as_bytes()).is_ok() && value.starts_with('/');
+        if !ok {
+            self.add(field, "must be a path: printable ASCII starting with '/', no spaces");
+        }
+        ok
+    }
+}
+
 /// Parses the plugin configuration JSON. An empty configuration parses as `{}`.
 /// The error names the path of the offending field, e.g.
 /// `routes[2].match.headers[0].regex: ...`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigErrors> {
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    // serde would also fill a struct from a JSON array (`[]`): only an object is a configuration.
+    if text.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+        let mut errors = ConfigErrors::new();
+        errors.add("(configuration)", "must be a JSON object");
+        return Err(errors);
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(text);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
     let mut errors = ConfigErrors::new();
@@ -69,6 +115,8 @@ pub fn load_plugin_config<C: DeserializeOwned, T>(
     module: &str,
     compile: impl FnOnce(&C) -> Result<T, ConfigErrors>,
 ) -> Option<T> {
+    let skipped = host::define_metric(host::MetricType::Counter, &format!("{module}.header_values_skipped"));
+    crate::field::count_skipped_in(skipped.ok());
     let bytes = match host::plugin_configuration() {
         Ok(bytes) => bytes,
         Err(error) => {
@@ -122,5 +170,15 @@ mod tests {
         struct Empty {}
         assert!(parse_json::<Empty>(b"").is_ok());
         assert!(parse_json::<Empty>(b"  \n").is_ok());
+    }
+
+    #[test]
+    fn only_an_object_is_a_configuration() {
+        #[derive(Deserialize, Debug)]
+        struct Lenient {}
+        for bad in [&b"[]"[..], b"  []", b"1", b"\"x\"", b"null"] {
+            let error = parse_json::<Lenient>(bad).unwrap_err();
+            assert!(error.messages()[0].contains("must be a JSON object"), "{error:?}");
+        }
     }
 }

@@ -8,6 +8,8 @@
 
 use std::ptr::{null, null_mut};
 
+use crate::field;
+
 pub use proxy_wasm::types::{LogLevel, MapType, MetricType};
 
 /// A proxy-wasm status other than `Ok`, kept as the raw number the host returned.
@@ -19,6 +21,21 @@ pub const STATUS_NOT_FOUND: u32 = 1;
 pub const STATUS_CAS_MISMATCH: u32 = 8;
 
 pub type HostResult<T> = Result<T, HostError>;
+
+/// Not a host status: the value was not a valid field value (see `field.rs`), so
+/// it was not handed to the host at all.
+pub const VALUE_REFUSED: HostError = HostError(u32::MAX);
+
+/// Lets a header or property write through only when `field.rs` accepts it;
+/// otherwise counts the skip and refuses.
+fn checked_field(name: &str, value: &[u8]) -> HostResult<()> {
+    if field::is_header_name(name) && field::is_field_value(value) {
+        Ok(())
+    } else {
+        field::skipped();
+        Err(VALUE_REFUSED)
+    }
+}
 
 #[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]
@@ -160,8 +177,11 @@ pub fn resume_request() -> HostResult<()> {
 /// context's `on_http_call_response`. This one goes through the SDK, because its
 /// dispatcher must register the token to route the answer; the SDK returns
 /// unknown clusters (BadArgument) and internal failures as errors.
+/// Headers that are not valid field values are left out (and counted).
 pub fn dispatch_http_call(cluster: &str, headers: &[(&str, &str)], timeout: std::time::Duration) -> HostResult<u32> {
-    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, Vec::new(), timeout)
+    let headers: Vec<(&str, &str)> =
+        headers.iter().copied().filter(|(name, value)| checked_field(name, value.as_bytes()).is_ok()).collect();
+    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, None, Vec::new(), timeout)
         .map_err(|status| HostError(status as u32))
 }
 
@@ -271,12 +291,16 @@ pub fn encode_header_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// Replaces a header; a value `field.rs` refuses is not written (`VALUE_REFUSED`).
 pub fn set_header(map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+    checked_field(name, value)?;
     // SAFETY: both slices are live for the call.
     check(unsafe { proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
 
+/// Adds a header; a value `field.rs` refuses is not written (`VALUE_REFUSED`).
 pub fn add_header(map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+    checked_field(name, value)?;
     // SAFETY: both slices are live for the call.
     check(unsafe { proxy_add_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
@@ -305,21 +329,30 @@ pub fn property(path: &[&str]) -> HostResult<Option<Vec<u8>>> {
 
 /// Sets a property; in Envoy this becomes filter state `wasm.<path>`, readable from
 /// access logs as `%FILTER_STATE(wasm.<path>:PLAIN)%`.
+/// Access logs print these values: one that is not a valid field value (a CR/LF
+/// could forge a log line) is not written.
 pub fn set_property(path: &[&str], value: &[u8]) -> HostResult<()> {
+    if !field::is_field_value(value) {
+        field::skipped();
+        return Err(VALUE_REFUSED);
+    }
     let encoded = property_path(path);
     // SAFETY: both buffers are live for the call.
     check(unsafe { proxy_set_property(encoded.as_ptr(), encoded.len(), value.as_ptr(), value.len()) })
 }
 
 /// Answers the request locally. Returns an error (instead of panicking) when the
-/// host refuses, e.g. because a response was already sent.
+/// host refuses, e.g. because a response was already sent. Headers whose name or
+/// value `field.rs` refuses are left out (and counted); the answer still goes out.
 pub fn send_local_response(
     status: u32,
     headers: &[(&str, &str)],
     body: &[u8],
     grpc_status: Option<u32>,
 ) -> HostResult<()> {
-    let encoded = encode_header_pairs(headers);
+    let headers: Vec<(&str, &str)> =
+        headers.iter().copied().filter(|(name, value)| checked_field(name, value.as_bytes()).is_ok()).collect();
+    let encoded = encode_header_pairs(&headers);
     let grpc = grpc_status.and_then(|code| i32::try_from(code).ok()).unwrap_or(-1);
     // SAFETY: all buffers are live for the call.
     check(unsafe {

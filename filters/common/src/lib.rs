@@ -2,6 +2,7 @@
 //! a panic traps the Wasm VM and fails every later request on that worker.
 
 pub mod config;
+pub mod field;
 pub mod hash;
 pub mod host;
 pub mod matcher;

@@ -148,8 +148,9 @@ impl StringMatcher {
             StringKind::Prefix(prefix) => value.starts_with(prefix),
             StringKind::Suffix(suffix) => value.ends_with(suffix),
             StringKind::Contains(needle) => contains(value, needle),
-            // regex-lite matches text; non-UTF-8 bytes are replaced by U+FFFD first.
-            StringKind::Regex(regex) => regex.is_match(&String::from_utf8_lossy(value)),
+            // A regex describes text: a value that is not UTF-8 is not text and
+            // matches no regex (never a lossy copy, where \xff and \xfe look alike).
+            StringKind::Regex(regex) => std::str::from_utf8(value).is_ok_and(|text| regex.is_match(text)),
             StringKind::OneOf(options) => options.iter().any(|option| option.as_slice() == value),
             StringKind::Present => true,
             StringKind::Absent => false,

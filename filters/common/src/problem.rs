@@ -1,7 +1,9 @@
 //! Denials as users see them: an RFC 9457 `application/problem+json` body carrying
 //! the request id, or a gRPC status for gRPC requests.
 
+use crate::field;
 use crate::host::{self, HostResult};
+use crate::request::{BadRequest, RequestHeaders};
 
 /// gRPC status codes used by the filters.
 pub mod grpc {
@@ -65,12 +67,19 @@ impl Problem {
             self.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
         if request.is_grpc {
             // Envoy turns a local reply to a gRPC request into a trailers-only gRPC
-            // response carrying this status and the detail as grpc-message.
-            return host::send_local_response(self.status, &headers, self.detail.as_bytes(), Some(self.grpc_status));
+            // response carrying this status and the detail as grpc-message, a
+            // header: percent-encoded as gRPC specifies, so no detail can break it.
+            let message = field::grpc_message(&self.detail);
+            return host::send_local_response(self.status, &headers, message.as_bytes(), Some(self.grpc_status));
         }
         headers.push(("content-type", "application/problem+json"));
         host::send_local_response(self.status, &headers, &self.body(request.request_id.as_deref()), None)
     }
+}
+
+/// The answer to a request no module can judge (see `request.rs`).
+pub fn bad_request(reason: BadRequest) -> Problem {
+    Problem::new(400, "bad-request", "Bad Request", reason.detail())
 }
 
 /// The gRPC status that best matches an HTTP denial status.
@@ -97,10 +106,21 @@ impl RequestFacts {
         Self {
             is_grpc: content_type.is_some_and(is_grpc_content_type),
             request_id: request_id
+                .filter(|id| id.len() <= 128 && field::is_field_value(id))
                 .and_then(|id| std::str::from_utf8(id).ok())
-                .filter(|id| id.len() <= 128)
                 .map(str::to_owned),
         }
+    }
+
+    /// The facts of a checked request.
+    pub fn of(request: &RequestHeaders) -> Self {
+        Self::from_values(request.first("content-type"), request.first("x-request-id"))
+    }
+
+    /// The facts of raw header pairs (a request that failed its checks).
+    pub fn from_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Self {
+        let first = |name: &str| pairs.iter().find(|(key, _)| key.as_slice() == name.as_bytes()).map(|(_, v)| v.as_slice());
+        Self::from_values(first("content-type"), first("x-request-id"))
     }
 
     /// Reads `content-type` and `x-request-id` of the current request.

@@ -1,22 +1,103 @@
 //! A per-request view of the request headers, read from the host once
 //! (every host call copies into the VM), plus query and cookie parsing.
+//!
+//! Request data is bytes. The request target (`:path`) and `:authority` are
+//! checked once, when the view is built: a target that is not printable ASCII
+//! starting with `/` (or `*`) is refused, never replaced by a default. Envoy's
+//! HTTP/1.1 codec refuses such targets itself; its HTTP/2 codec hands bytes
+//! 0x80-0xFF through, so every module judges them here and answers `400`.
 
-use crate::host::{self, HostResult, MapType};
+use crate::host::{self, HostError, MapType};
 
-/// The request headers as the host handed them over (names lower-case).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Why a request cannot be judged: its target or authority is not what a URI allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRequest {
+    MissingPath,
+    /// `:path` holds a byte outside printable ASCII (0x21-0x7E) or does not start with `/`.
+    InvalidPath,
+    /// `:authority` / `host` holds a byte no URI authority may hold.
+    InvalidAuthority,
+}
+
+impl BadRequest {
+    pub fn detail(&self) -> &'static str {
+        match self {
+            BadRequest::MissingPath => "the request has no :path",
+            BadRequest::InvalidPath => {
+                "the request target must be printable ASCII starting with '/' (percent-encode other bytes)"
+            }
+            BadRequest::InvalidAuthority => "the request authority holds bytes a URI authority cannot hold",
+        }
+    }
+}
+
+/// Reading the request failed: the host refused, or the request is malformed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    Host(HostError),
+    /// The request cannot be judged; `facts` let the caller answer it.
+    Bad { reason: BadRequest, facts: crate::problem::RequestFacts },
+}
+
+/// The request headers as the host handed them over (names lower-case), with
+/// a request target that passed [`check_target`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHeaders {
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The whole `:path` (printable ASCII, checked).
+    target: String,
+    /// Where the query starts (`?`), if there is one.
+    query_at: Option<usize>,
+}
+
+/// Printable ASCII starting with `/`, or the asterisk form `*`.
+pub fn check_target(target: &[u8]) -> Result<&str, BadRequest> {
+    let printable = target.iter().all(|byte| (0x21..=0x7e).contains(byte));
+    let form_ok = target.first() == Some(&b'/') || target == b"*";
+    if !printable || !form_ok {
+        return Err(BadRequest::InvalidPath);
+    }
+    std::str::from_utf8(target).map_err(|_| BadRequest::InvalidPath)
+}
+
+/// RFC 3986 authority characters: reg-name / IP literal, port, userinfo.
+/// No `/`, `?`, `#`, spaces, controls or non-ASCII: nothing that could move
+/// bytes between the authority and the path of a key built from both.
+pub fn is_authority(value: &[u8]) -> bool {
+    value.iter().all(|byte| byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%@".contains(byte))
 }
 
 impl RequestHeaders {
-    /// Reads all request headers in one host call.
-    pub fn read() -> HostResult<Self> {
-        Ok(Self { pairs: host::headers(MapType::HttpRequestHeaders)? })
+    /// Reads all request headers in one host call and checks the target.
+    pub fn read() -> Result<Self, ReadError> {
+        let pairs = host::headers(MapType::HttpRequestHeaders).map_err(ReadError::Host)?;
+        Self::from_pairs(pairs).map_err(|(reason, pairs)| ReadError::Bad {
+            reason,
+            facts: crate::problem::RequestFacts::from_pairs(&pairs),
+        })
     }
 
-    pub fn from_pairs(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
-        Self { pairs }
+    /// Builds the view; a malformed target gives the pairs back with the reason.
+    #[allow(clippy::result_large_err)]
+    pub fn from_pairs(
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Self, (BadRequest, Vec<(Vec<u8>, Vec<u8>)>)> {
+        let checked = (|| {
+            let path = first_of(&pairs, ":path").ok_or(BadRequest::MissingPath)?;
+            let target = check_target(path)?.to_string();
+            let authority = first_of(&pairs, ":authority").or_else(|| first_of(&pairs, "host"));
+            if authority.is_some_and(|value| !is_authority(value)) {
+                return Err(BadRequest::InvalidAuthority);
+            }
+            Ok(target)
+        })();
+        match checked {
+            Ok(target) => {
+                let query_at = target.find('?');
+                Ok(Self { pairs, target, query_at })
+            }
+            Err(reason) => Err((reason, pairs)),
+        }
     }
 
     /// Every value of a header, in order (a repeated header yields several).
@@ -32,33 +113,41 @@ impl RequestHeaders {
         self.values(name).count()
     }
 
-    /// `:path` without its query string (`/` when missing or not UTF-8 safe).
+    /// The whole request target (`:path` with its query), as the client sent it.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// `:path` without its query string.
     pub fn path(&self) -> &str {
-        let full = self.first(":path").and_then(|path| std::str::from_utf8(path).ok()).unwrap_or("/");
-        full.split_once('?').map_or(full, |(path, _)| path)
+        match self.query_at {
+            Some(at) => self.target.get(..at).unwrap_or(&self.target),
+            None => &self.target,
+        }
     }
 
     /// The raw query string after `?`, if any.
     pub fn query(&self) -> Option<&[u8]> {
-        let path = self.first(":path")?;
-        let at = path.iter().position(|byte| *byte == b'?')?;
-        path.get(at + 1..)
+        let at = self.query_at?;
+        self.target.as_bytes().get(at + 1..)
     }
 
     pub fn method(&self) -> &[u8] {
         self.first(":method").unwrap_or_default()
     }
 
+    /// `:authority` (or `host`); empty when the request has none.
     pub fn authority(&self) -> &[u8] {
         self.first(":authority").or_else(|| self.first("host")).unwrap_or_default()
     }
 
-    /// The same headers with another `:path` (e.g. a `Location` target).
-    pub fn with_path(&self, path: &[u8]) -> RequestHeaders {
+    /// The same headers with another target (e.g. a `Location` path); `None`
+    /// when that target would not pass the check.
+    pub fn with_target(&self, target: &[u8]) -> Option<RequestHeaders> {
         let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
             self.pairs.iter().filter(|(name, _)| name.as_slice() != b":path").cloned().collect();
-        pairs.push((b":path".to_vec(), path.to_vec()));
-        RequestHeaders { pairs }
+        pairs.push((b":path".to_vec(), target.to_vec()));
+        RequestHeaders::from_pairs(pairs).ok()
     }
 
     /// Percent-decoded values of a query parameter.
@@ -70,6 +159,46 @@ impl RequestHeaders {
     pub fn cookie_values(&self, name: &str) -> Vec<&[u8]> {
         self.values("cookie").flat_map(|header| cookie_values(header, name)).collect()
     }
+}
+
+/// The request of the current stream, for a filter's `on_http_request_headers`:
+/// `Err(action)` tells the filter what to return instead. A request whose target
+/// cannot be judged is answered `400` problem+json here (the stream stays paused);
+/// when the host cannot hand over the headers at all the filter lets the request
+/// continue (a host failure, not client input: nothing a client sends causes it).
+pub fn read_request() -> Result<RequestHeaders, proxy_wasm::types::Action> {
+    match RequestHeaders::read() {
+        Ok(request) => Ok(request),
+        Err(ReadError::Bad { reason, facts }) => {
+            let _ = crate::problem::bad_request(reason).send(&facts);
+            Err(proxy_wasm::types::Action::Pause)
+        }
+        Err(ReadError::Host(_)) => Err(proxy_wasm::types::Action::Continue),
+    }
+}
+
+fn first_of<'p>(pairs: &'p [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'p [u8]> {
+    pairs.iter().find(|(key, _)| key.as_slice() == name.as_bytes()).map(|(_, value)| value.as_slice())
+}
+
+/// Text that stands for bytes without losing any: printable ASCII other than `%`
+/// as is, every other byte as `%XX`. Two different byte strings never give the
+/// same text, so it is safe inside keys and selectors ([`unescape_bytes`] inverts it).
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &byte in bytes {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The bytes an [`escape_bytes`] text stands for.
+pub fn unescape_bytes(text: &str) -> Vec<u8> {
+    percent_decode_path(text.as_bytes())
 }
 
 /// Percent-decoded values of parameter `name` in a raw query string
@@ -87,7 +216,17 @@ pub fn query_values(query: &[u8], name: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Decodes a query-string component: `%XX` escapes, and `+` as a space (HTML forms).
 pub fn percent_decode(input: &[u8]) -> Vec<u8> {
+    decode(input, true)
+}
+
+/// Decodes a path segment: `%XX` escapes only; `+` is a literal in a path (RFC 3986).
+pub fn percent_decode_path(input: &[u8]) -> Vec<u8> {
+    decode(input, false)
+}
+
+fn decode(input: &[u8], plus_is_space: bool) -> Vec<u8> {
     fn hex(byte: u8) -> Option<u8> {
         match byte {
             b'0'..=b'9' => Some(byte - b'0'),
@@ -100,7 +239,7 @@ pub fn percent_decode(input: &[u8]) -> Vec<u8> {
     let mut index = 0;
     while let Some(&byte) = input.get(index) {
         match byte {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' => {
                 let decoded = input
                     .get(index + 1)
@@ -136,7 +275,12 @@ mod tests {
     use super::*;
 
     fn headers(pairs: &[(&str, &[u8])]) -> RequestHeaders {
+        try_headers(pairs).unwrap()
+    }
+
+    fn try_headers(pairs: &[(&str, &[u8])]) -> Result<RequestHeaders, BadRequest> {
         RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect())
+            .map_err(|(reason, _)| reason)
     }
 
     #[test]
@@ -159,8 +303,33 @@ mod tests {
         assert_eq!(percent_decode(b"%"), b"%");
         assert_eq!(percent_decode(b"%4"), b"%4");
         assert_eq!(percent_decode(b"%zz%41"), b"%zzA");
-        let request = headers(&[(":path", b"\xff/?\xff=\xfe")]);
-        assert_eq!(request.path(), "/");
-        assert_eq!(request.query_values("a").len(), 0);
+        assert_eq!(percent_decode(b"a+b"), b"a b");
+        assert_eq!(percent_decode_path(b"a+b%2B"), b"a+b+");
+    }
+
+    #[test]
+    fn a_target_that_is_not_printable_ascii_is_refused_never_defaulted() {
+        for bad in [&b"\xff/"[..], b"/ops/\xfe\xff", b"/a b", b"/a\x00", b"/\x7f", b"x", b"", b"/?q=\xff"] {
+            assert_eq!(try_headers(&[(":path", bad)]), Err(BadRequest::InvalidPath), "{bad:?}");
+        }
+        assert_eq!(try_headers(&[(":method", b"GET")]), Err(BadRequest::MissingPath));
+        assert_eq!(try_headers(&[(":path", b"/"), (":authority", b"a/b")]), Err(BadRequest::InvalidAuthority));
+        assert_eq!(try_headers(&[(":path", b"/"), ("host", b"a\xff")]), Err(BadRequest::InvalidAuthority));
+        let request = headers(&[(":path", b"/ops/%FF?a=%fe"), (":authority", b"api.example.com:8443")]);
+        assert_eq!(request.path(), "/ops/%FF");
+        assert_eq!(request.query_values("a"), vec![vec![0xfe]]);
+        assert!(headers(&[(":path", b"*")]).path() == "*");
+    }
+
+    #[test]
+    fn escaped_bytes_are_injective_and_invertible() {
+        let samples: [&[u8]; 6] = [b"\xff", b"\xfe", b"%FF", b"%25FF", b"a b", b""];
+        let escaped: Vec<String> = samples.iter().map(|s| escape_bytes(s)).collect();
+        for (i, a) in escaped.iter().enumerate() {
+            assert_eq!(unescape_bytes(a), samples[i]);
+            for b in &escaped[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
     }
 }

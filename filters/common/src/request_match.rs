@@ -142,7 +142,5 @@ impl Conditions {
 
 /// Lower-case token characters (RFC 9110), or a pseudo-header.
 pub fn is_lower_case_header_name(name: &str) -> bool {
-    let body = name.strip_prefix(':').unwrap_or(name);
-    !body.is_empty()
-        && body.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+    crate::field::is_header_name(name)
 }

@@ -51,6 +51,42 @@ pub fn add_to_counter(store: &impl Store, key: &str, delta: i128, retries: u32) 
     Ok(false)
 }
 
+/// What [`reserve_within`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// The amount was added; the counter stays within the limit.
+    Reserved,
+    /// Adding it would pass the limit; nothing was added.
+    Full,
+    /// Every attempt lost to another writer; nothing was added.
+    Contended,
+}
+
+/// Adds `amount` to a counter only if the sum stays within `limit`, in one
+/// compare-and-swap: check and add cannot be split by another worker, so two
+/// workers can never both fit into the last free bytes.
+pub fn reserve_within(
+    store: &impl Store,
+    key: &str,
+    amount: u64,
+    limit: u64,
+    retries: u32,
+) -> Result<Reserve, StoreError> {
+    for _ in 0..=retries {
+        let (value, cas) = store.get(key)?;
+        let current = decode_counter(&value.unwrap_or_default());
+        let Some(next) = current.checked_add(amount).filter(|next| *next <= limit) else {
+            return Ok(Reserve::Full);
+        };
+        let mut encoded = vec![COUNTER_FORMAT];
+        encoded.extend_from_slice(&next.to_le_bytes());
+        if store.set(key, &encoded, cas)? {
+            return Ok(Reserve::Reserved);
+        }
+    }
+    Ok(Reserve::Contended)
+}
+
 const COUNTER_FORMAT: u8 = 1;
 
 fn decode_counter(bytes: &[u8]) -> u64 {

@@ -14,7 +14,7 @@ use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::problem::{Problem, RequestFacts};
-use gateway_common::request::RequestHeaders;
+use gateway_common::request::read_request;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -121,8 +121,9 @@ impl HttpContext for RateLimitStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
         let policy = &shared.policy;
-        let Ok(headers) = RequestHeaders::read() else {
-            return Action::Continue;
+        let headers = match read_request() {
+            Ok(headers) => headers,
+            Err(action) => return action,
         };
         let client_ip = if policy.needs_client_ip() {
             let peer = host::property(&["source", "address"]).ok().flatten();
@@ -151,7 +152,7 @@ impl HttpContext for RateLimitStream {
             }
             Some(denial) => {
                 let _ = host::set_property(&[OUTCOME_PROPERTY], b"denied");
-                let facts = RequestFacts::from_values(headers.first("content-type"), headers.first("x-request-id"));
+                let facts = RequestFacts::of(&headers);
                 let _ = denial_problem(policy, denial).send(&facts);
                 Action::Pause
             }

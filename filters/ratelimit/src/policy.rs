@@ -77,23 +77,35 @@ pub struct RequestView<'a> {
 }
 
 /// Builds the bucket key of a rule; `None` when the request lacks a part.
+/// Each part is the raw bytes the client sent, prefixed with a marker and its
+/// length: two different requests can never share a key, whatever bytes their
+/// parts hold (no separator a value could contain, no lossy decoding).
 pub fn bucket_key(rule: &Rule, request: &RequestView<'_>) -> Option<Vec<u8>> {
     let mut key = Vec::new();
-    for (index, part) in rule.key.iter().enumerate() {
-        if index > 0 {
-            key.push(0x1f);
-        }
-        match part {
-            KeyPart::ClientIp => key.extend_from_slice(request.client_ip?),
-            KeyPart::Header(name) => key.extend_from_slice(request.headers.first(name)?),
-            KeyPart::Query(name) => key.extend_from_slice(&request.headers.query_values(name).into_iter().next()?),
-            KeyPart::Path => key.extend_from_slice(request.headers.path().as_bytes()),
-            KeyPart::Method => key.extend_from_slice(request.headers.method()),
-            KeyPart::Constant(value) => key.extend_from_slice(value.as_bytes()),
-        }
+    for part in &rule.key {
+        let query_value;
+        let bytes: &[u8] = match part {
+            KeyPart::ClientIp => request.client_ip?,
+            KeyPart::Header(name) => request.headers.first(name)?,
+            KeyPart::Query(name) => {
+                query_value = request.headers.query_values(name).into_iter().next()?;
+                &query_value
+            }
+            KeyPart::Path => request.headers.path().as_bytes(),
+            KeyPart::Method => request.headers.method(),
+            KeyPart::Constant(value) => value.as_bytes(),
+        };
+        key.push(PRESENT_PART);
+        key.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
+        key.extend_from_slice(bytes);
     }
     Some(key)
 }
+
+/// Marks a key part in [`bucket_key`]; the key of requests that lack a part
+/// (`missing_key: shared`) is [`MISSING_KEY`], which no present part starts with.
+const PRESENT_PART: u8 = 1;
+const MISSING_KEY: &[u8] = &[0];
 
 struct Taken<'p> {
     limit: &'p Limit,
@@ -113,7 +125,7 @@ impl Policy {
             }
             let key = match (bucket_key(rule, request), rule.missing_key) {
                 (Some(key), _) => key,
-                (None, MissingKey::Shared) => b"\0missing".to_vec(),
+                (None, MissingKey::Shared) => MISSING_KEY.to_vec(),
                 (None, MissingKey::Skip) => {
                     decision.outcomes.push((index, RuleOutcome::Skipped));
                     continue;
@@ -224,7 +236,38 @@ mod tests {
     }
 
     fn headers(pairs: &[(&str, &str)]) -> RequestHeaders {
-        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+        raw_headers(&pairs.iter().map(|(k, v)| (*k, v.as_bytes())).collect::<Vec<_>>())
+    }
+
+    fn raw_headers(pairs: &[(&str, &[u8])]) -> RequestHeaders {
+        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect()).unwrap()
+    }
+
+    #[test]
+    fn distinct_raw_keys_never_share_a_bucket() {
+        let policy = policy(
+            r#"{"slots": 64, "rules": [{"name": "r", "key": [{"header": "x-a"}, {"header": "x-b"}, {"path": true}],
+                "limits": [{"name": "l", "requests": 1, "per_seconds": 60}]}]}"#,
+        );
+        let rule = &policy.rules[0];
+        let cases: [(&[u8], &[u8], &[u8]); 5] = [
+            (b"\xff", b"x", b"/p"),
+            (b"\xfe", b"x", b"/p"),
+            (b"\xff\x1fx", b"", b"/p"),
+            (b"\xff", b"\x1fx", b"/p"),
+            (b"\xff", b"x", b"/p%FF"),
+        ];
+        let keys: Vec<Vec<u8>> = cases
+            .iter()
+            .map(|(a, b, path)| {
+                let request = raw_headers(&[(":path", path), ("x-a", a), ("x-b", b)]);
+                bucket_key(rule, &RequestView { headers: &request, client_ip: None }).unwrap()
+            })
+            .collect();
+        for (i, key) in keys.iter().enumerate() {
+            assert!(keys[i + 1..].iter().all(|other| other != key), "case {i} collides");
+            assert_ne!(key.as_slice(), MISSING_KEY);
+        }
     }
 
     #[test]
@@ -254,7 +297,8 @@ mod tests {
         assert!(decision.denial.is_none());
         let roomy = &policy.rules[0].limits[0];
         let mut identity = roomy.id.as_bytes().to_vec();
-        identity.extend_from_slice(b"\0all");
+        identity.push(0);
+        identity.extend_from_slice(&bucket_key(&policy.rules[0], &view).unwrap());
         let Take::Taken { verdict, .. } = policy.table.take(&store, roomy, &identity, now).unwrap() else { panic!() };
         assert_eq!(verdict.remaining, 97, "100 - (a, b, this one)");
     }

@@ -31,6 +31,14 @@ pub fn overflow_key(limit: &Limit) -> String {
     format!("rl:v1:overflow:{}", limit.id)
 }
 
+/// The identity stored in a limit's overflow bucket (no client key can equal it:
+/// client identities are `<limit id>\0<encoded key>`).
+fn overflow_identity(limit: &Limit) -> Vec<u8> {
+    let mut identity = limit.id.as_bytes().to_vec();
+    identity.extend_from_slice(OVERFLOW_IDENTITY);
+    identity
+}
+
 /// A bucket as stored: its TAT and the full identity it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -123,40 +131,101 @@ impl Table {
     /// Takes one token for `identity` under `limit` at time `now` (nanoseconds).
     pub fn take(&self, store: &impl Store, limit: &Limit, identity: &[u8], now: u64) -> Result<Take, StoreError> {
         let [first, second] = self.candidates(identity);
+        let owns = |read: &Read| read.entry.as_ref().is_some_and(|entry| entry.identity == identity);
+        let free = |read: &Read| read.entry.as_ref().is_none_or(|entry| entry.tat <= now);
         for _ in 0..=self.cas_retries {
             let a = self.read(store, slot_key(first))?;
-            let owns = |read: &Read| read.entry.as_ref().is_some_and(|entry| entry.identity == identity);
-            let free = |read: &Read| read.entry.as_ref().is_none_or(|entry| entry.tat <= now);
-            let (target, owned_identity) = if owns(&a) {
-                (a, identity.to_vec())
+            let outcome = if owns(&a) {
+                self.take_owned(store, limit, a, now)?
             } else {
                 let b = self.read(store, slot_key(second))?;
                 if owns(&b) {
-                    (b, identity.to_vec())
+                    self.take_owned(store, limit, b, now)?
                 } else if free(&a) {
-                    (a, identity.to_vec())
+                    self.claim(store, limit, a, identity, now)?
                 } else if free(&b) {
-                    (b, identity.to_vec())
+                    self.claim(store, limit, b, identity, now)?
                 } else {
-                    let mut overflow_identity = limit.id.as_bytes().to_vec();
-                    overflow_identity.extend_from_slice(OVERFLOW_IDENTITY);
-                    (self.read(store, overflow_key(limit))?, overflow_identity)
+                    let overflow = self.read(store, overflow_key(limit))?;
+                    self.take_owned_as(store, limit, overflow, overflow_identity(limit), now)?
                 }
             };
-            let tat = target.entry.as_ref().filter(|entry| entry.identity == owned_identity).map_or(0, |e| e.tat);
-            let verdict = limit.take(tat, now);
-            if !verdict.allowed {
-                return Ok(Take::Denied { verdict });
-            }
-            let entry = Entry { tat: verdict.new_tat, identity: owned_identity };
-            if store.set(&target.key, &entry.encode(), target.cas)? {
-                if target.unused && target.key.starts_with("rl:v1:slot:") {
-                    self.add_tracked(store)?;
-                }
-                return Ok(Take::Taken { verdict, key: target.key, identity: entry.identity });
+            if let Some(take) = outcome {
+                return Ok(take);
             }
         }
         Ok(Take::Contended)
+    }
+
+    /// Takes from a bucket this identity already holds. `None`: lost a CAS race.
+    fn take_owned(&self, store: &impl Store, limit: &Limit, target: Read, now: u64) -> Result<Option<Take>, StoreError> {
+        let identity = target.entry.as_ref().map(|entry| entry.identity.clone()).unwrap_or_default();
+        self.take_owned_as(store, limit, target, identity, now)
+    }
+
+    fn take_owned_as(
+        &self,
+        store: &impl Store,
+        limit: &Limit,
+        target: Read,
+        identity: Vec<u8>,
+        now: u64,
+    ) -> Result<Option<Take>, StoreError> {
+        let tat = target.entry.as_ref().filter(|entry| entry.identity == identity).map_or(0, |entry| entry.tat);
+        let verdict = limit.take(tat, now);
+        if !verdict.allowed {
+            return Ok(Some(Take::Denied { verdict }));
+        }
+        let entry = Entry { tat: verdict.new_tat, identity };
+        if !store.set(&target.key, &entry.encode(), target.cas)? {
+            return Ok(None);
+        }
+        Ok(Some(Take::Taken { verdict, key: target.key, identity: entry.identity }))
+    }
+
+    /// Gives a free slot to an identity that holds none. The identity may have been
+    /// counted in the overflow bucket while the table was full, and that history is
+    /// not in any slot: while the overflow bucket is not full again, the new bucket
+    /// starts from the overflow's TAT (a conservative start, never a full bucket)
+    /// and the request is also charged to the overflow, so a concurrent overflow
+    /// admission of the same identity on another worker is serialized by that
+    /// bucket's compare-and-swap instead of counting twice from the same state.
+    fn claim(
+        &self,
+        store: &impl Store,
+        limit: &Limit,
+        target: Read,
+        identity: &[u8],
+        now: u64,
+    ) -> Result<Option<Take>, StoreError> {
+        let overflow = self.read(store, overflow_key(limit))?;
+        let overflow_identity = overflow_identity(limit);
+        let overflow_tat = overflow
+            .entry
+            .as_ref()
+            .filter(|entry| entry.identity == overflow_identity && entry.tat > now)
+            .map(|entry| entry.tat);
+        let verdict = limit.take(overflow_tat.unwrap_or(0), now);
+        if !verdict.allowed {
+            return Ok(Some(Take::Denied { verdict }));
+        }
+        if overflow_tat.is_some() {
+            let charged = Entry { tat: verdict.new_tat, identity: overflow_identity.clone() };
+            if !store.set(&overflow.key, &charged.encode(), overflow.cas)? {
+                return Ok(None);
+            }
+        }
+        let entry = Entry { tat: verdict.new_tat, identity: identity.to_vec() };
+        if !store.set(&target.key, &entry.encode(), target.cas)? {
+            if overflow_tat.is_some() {
+                self.give_back(store, limit, &overflow.key, &overflow_identity, now)?;
+            }
+            return Ok(None);
+        }
+        if target.unused {
+            self.add_tracked(store)?;
+        }
+        Ok(Some(Take::Taken { verdict, key: target.key, identity: entry.identity }))
     }
 
     /// Gives back a token taken earlier (the request was denied by another limit).
@@ -264,6 +333,49 @@ mod tests {
         // At most one per slot plus one for the shared overflow bucket.
         assert!(allowed <= 5, "{allowed}");
         assert!(allowed >= 2);
+    }
+
+    /// Issue #11: a key served from the overflow bucket that later moves into a
+    /// freed slot must not start with a full bucket. Per key, admissions never
+    /// exceed burst + elapsed x rate.
+    #[test]
+    fn a_key_moving_from_overflow_into_a_slot_keeps_its_history() {
+        for (slots, requests, period, hogs) in [(1u32, 3u64, 6u64, 1usize), (4, 5, 10, 4), (16, 2, 4, 16)] {
+            let table = Table { slots, cas_retries: 4 };
+            let store = MemoryStore::default();
+            let l = limit(requests, period, requests);
+            table.initialize(&store, std::slice::from_ref(&l)).unwrap();
+            let start = 1_000 * SECOND;
+            let interval = period * SECOND / requests;
+            // Hog keys fill every slot, each bucket emptied at a staggered time
+            // so that slots free up one after another while the target key runs.
+            for hog in 0..hogs * 4 {
+                let identity = format!("rule/limit\0hog-{hog}");
+                let at = start + (hog as u64) * interval / 3;
+                for _ in 0..requests {
+                    table.take(&store, &l, identity.as_bytes(), at).unwrap();
+                }
+            }
+            let mut admitted: Vec<u64> = Vec::new();
+            let mut now = start;
+            while now < start + 3 * period * SECOND {
+                if let Take::Taken { .. } = table.take(&store, &l, b"rule/limit\0target", now).unwrap() {
+                    admitted.push(now);
+                }
+                now += SECOND / 20;
+            }
+            // For every window starting at an admission: at most burst + elapsed x rate.
+            for (i, first) in admitted.iter().enumerate() {
+                for (j, last) in admitted.iter().enumerate().skip(i) {
+                    let count = (j - i + 1) as u64;
+                    let allowed = requests + (last - first) / interval;
+                    assert!(count <= allowed, "slots {slots}: {count} admissions in {} ns, at most {allowed}", last - first);
+                }
+            }
+            if slots == 1 {
+                assert!(admitted.len() >= 3, "slots 1: the key was admitted {} times", admitted.len());
+            }
+        }
     }
 
     #[test]

@@ -216,6 +216,9 @@ impl RoutingConfig {
             let field = format!("routes[{index}]");
             if spec.name.is_empty() {
                 errors.add(format!("{field}.name"), "must not be empty");
+            } else if !is_header_value(&spec.name) {
+                // The name goes into `route_name_response_header` and the access log.
+                errors.add(format!("{field}.name"), "must be visible ASCII without control characters");
             } else if !seen_names.insert(spec.name.as_str()) {
                 errors.add(format!("{field}.name"), format!("duplicate route name `{}`", spec.name));
             }
@@ -238,8 +241,11 @@ impl RouteSpec {
         let conditions = self.match_.compile(&format!("{field}.match"), errors);
         let action = self.compile_action(field, errors);
         let rewrite = self.compile_rewrite(field, errors);
-        for name in self.request_headers.set.keys().chain(self.request_headers.add.keys()) {
-            check_mutable_header(name, &format!("{field}.request_headers"), errors);
+        for (kind, map) in [("set", &self.request_headers.set), ("add", &self.request_headers.add)] {
+            for (name, value) in map {
+                check_mutable_header(name, &format!("{field}.request_headers"), errors);
+                errors.check_header_value(format!("{field}.request_headers.{kind}.{name}"), value);
+            }
         }
         let edits = &self.request_headers;
         let forwards = self.cluster.is_some() || self.split.is_some();
@@ -250,8 +256,9 @@ impl RouteSpec {
         for name in &self.request_headers.remove {
             check_mutable_header(name, &format!("{field}.request_headers.remove"), errors);
         }
-        for name in self.response_headers.add.keys() {
+        for (name, value) in &self.response_headers.add {
             check_mutable_header(name, &format!("{field}.response_headers.add"), errors);
+            errors.check_header_value(format!("{field}.response_headers.add.{name}"), value);
         }
         Some(Route {
             name: self.name.clone(),
@@ -328,20 +335,19 @@ impl RouteSpec {
                 Some(matched) => rewrite.prefix = Some((matched, replacement.clone())),
                 None => errors.add(format!("{field}.prefix"), "needs the route to match `path.prefix`"),
             }
-            if !replacement.starts_with('/') {
-                errors.add(format!("{field}.prefix"), "must start with '/'");
-            }
+            errors.check_path(format!("{field}.prefix"), replacement);
         }
         if let Some(regex) = &spec.regex {
+            if !regex.substitution.bytes().all(|byte| (0x21..=0x7e).contains(&byte)) {
+                errors.add(format!("{field}.regex.substitution"), "must be printable ASCII without spaces");
+            }
             match regex_lite::Regex::new(&regex.pattern) {
                 Ok(compiled) => rewrite.regex = Some((compiled, regex.substitution.clone())),
                 Err(error) => errors.add(format!("{field}.regex.pattern"), format!("invalid regex: {error}")),
             }
         }
         if let Some(host) = &spec.host {
-            if host.is_empty() || !is_header_value(host) {
-                errors.add(format!("{field}.host"), "must be a non-empty host");
-            }
+            errors.check_authority(format!("{field}.host"), host);
             rewrite.host = Some(host.clone());
         }
         Some(rewrite)
@@ -410,6 +416,7 @@ fn is_header_name(name: &str) -> bool {
     is_lower_case_header_name(name)
 }
 
+/// The value rule `field.rs` enforces when the module writes a header.
 fn is_header_value(value: &str) -> bool {
-    value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+    gateway_common::field::is_field_value(value.as_bytes())
 }

@@ -12,7 +12,7 @@ use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::problem::{Problem, RequestFacts};
-use gateway_common::request::RequestHeaders;
+use gateway_common::request::{escape_bytes, read_request, RequestHeaders};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -90,8 +90,9 @@ impl HttpContext for RoutingStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
         let router = &shared.router;
-        let Ok(request) = RequestHeaders::read() else {
-            return Action::Continue;
+        let request = match read_request() {
+            Ok(request) => request,
+            Err(action) => return action,
         };
         // No client may pick a cluster: drop its copy before anything else.
         if request.count(&router.cluster_header) > 0 {
@@ -113,7 +114,7 @@ impl HttpContext for RoutingStream {
                     404,
                     "no-route",
                     "No route",
-                    format!("no route matches {} {}", String::from_utf8_lossy(request.method()), request.path()),
+                    format!("no route matches {} {}", escape_bytes(request.method()), request.path()),
                 );
                 let _ = host::set_property(&[ROUTE_PROPERTY], b"-");
                 let _ = problem.send(&facts(&request));
@@ -211,7 +212,7 @@ impl RoutingStream {
 }
 
 fn facts(request: &RequestHeaders) -> RequestFacts {
-    RequestFacts::from_values(request.first("content-type"), request.first("x-request-id"))
+    RequestFacts::of(request)
 }
 
 /// Asks the host to re-select the route after the routing header or path changed.

@@ -109,26 +109,17 @@ fn rewrite_path(route: &Route, request: &RequestHeaders) -> Option<String> {
     let path = request.path();
     let rewritten = if let Some((matched, replacement)) = &route.rewrite.prefix {
         // The route matched `matched` as a (segment-safe) prefix of this path.
+        // The rest of the path is kept byte for byte, as Envoy's prefix_rewrite does.
         let rest = path.get(matched.len()..)?;
-        let mut new_path = replacement.clone();
-        // Avoid `//` when both sides carry the separator.
-        if new_path.ends_with('/') && rest.starts_with('/') {
-            new_path.pop();
-        }
-        new_path.push_str(rest);
-        if new_path.is_empty() {
-            new_path.push('/');
-        }
-        new_path
+        format!("{replacement}{rest}")
     } else if let Some((regex, substitution)) = &route.rewrite.regex {
         regex.replace(path, substitution.as_str()).into_owned()
     } else {
         return None;
     };
-    Some(match request.query() {
-        Some(query) => format!("{rewritten}?{}", String::from_utf8_lossy(query)),
-        None => rewritten,
-    })
+    // The target was checked to be ASCII, so the query is the client's bytes.
+    let query = request.target().get(request.path().len()..).unwrap_or_default();
+    Some(format!("{rewritten}{query}"))
 }
 
 #[cfg(test)]
@@ -146,6 +137,7 @@ mod tests {
 
     fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
         RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
+            .unwrap()
     }
 
     fn cluster_of(decision: Decision) -> String {
@@ -232,6 +224,35 @@ mod tests {
     }
 
     #[test]
+    fn prefix_rewrite_keeps_the_rest_byte_for_byte() {
+        let r = router(
+            r#"{"routes":[{"name":"p","match":{"path":{"prefix":"/old/"}},"cluster":"u","rewrite":{"prefix":"/new/"}}]}"#,
+        );
+        for (path, expected) in [("/old//x", "/new//x"), ("/old/x?q=%FF", "/new/x?q=%FF"), ("/old/", "/new/")] {
+            let Decision::Forward(forward) = r.decide(&request(&[(":path", path)]), || 0) else { panic!() };
+            assert_eq!(forward.path.as_deref(), Some(expected), "{path}");
+        }
+    }
+
+    #[test]
+    fn header_values_that_are_not_utf8_stay_distinct() {
+        let r = router(
+            r#"{"routes":[
+                {"name":"ff","match":{"headers":{"x-k":{"exact":"\u00ff"}}},"cluster":"a"},
+                {"name":"rx","match":{"headers":{"x-k":{"regex":".*\ufffd.*"}}},"cluster":"b"}
+            ],"default_cluster":"d"}"#,
+        );
+        let pairs = |value: &[u8]| {
+            RequestHeaders::from_pairs(vec![(b":path".to_vec(), b"/".to_vec()), (b"x-k".to_vec(), value.to_vec())])
+                .unwrap()
+        };
+        // Raw 0xff is not the UTF-8 text "ÿ", and a lossy U+FFFD never appears.
+        assert_eq!(cluster_of(r.decide(&pairs(b"\xff"), || 0)), "d");
+        assert_eq!(cluster_of(r.decide(&pairs("\u{ff}".as_bytes()), || 0)), "a");
+        assert_eq!(cluster_of(r.decide(&pairs("\u{fffd}".as_bytes()), || 0)), "b");
+    }
+
+    #[test]
     fn config_errors_name_fields() {
         let bad = [
             (r#"{"routes":[{"name":"a","match":{"path":{"regex":"("}},"cluster":"c"}]}"#, "routes[0].match.path.regex"),
@@ -245,6 +266,24 @@ mod tests {
             (
                 r#"{"routes":[{"name":"a","match":{"headers":{"X-Up":{"exact":"1"}}},"cluster":"c"}]}"#,
                 "routes[0].match.headers.X-Up",
+            ),
+            (
+                r#"{"routes":[{"name":"a","cluster":"c","request_headers":{"set":{"x-a":"1\r\nx-b: 2"}}}]}"#,
+                "routes[0].request_headers.set.x-a",
+            ),
+            (
+                r#"{"routes":[{"name":"a","cluster":"c","response_headers":{"add":{"x-a":"v\u0000"}}}]}"#,
+                "routes[0].response_headers.add.x-a",
+            ),
+            (r#"{"routes":[{"name":"a\nb","cluster":"c"}]}"#, "routes[0].name"),
+            (r#"{"routes":[{"name":"a","cluster":"c\r"}]}"#, "routes[0].cluster"),
+            (
+                r#"{"routes":[{"name":"a","match":{"path":{"prefix":"/a"}},"cluster":"c","rewrite":{"host":"h/x"}}]}"#,
+                "routes[0].rewrite.host",
+            ),
+            (
+                r#"{"routes":[{"name":"a","match":{"path":{"prefix":"/a"}},"cluster":"c","rewrite":{"prefix":"/b c"}}]}"#,
+                "routes[0].rewrite.prefix",
             ),
         ];
         for (json, expected) in bad {

@@ -1,0 +1,112 @@
+//! What may be written into a header, a local reply or a property.
+//!
+//! Every header value, local-reply header and property value the modules write
+//! passes through `host.rs`, which checks it here first: a value that is not a
+//! valid field value is not written (the header is skipped, the property left
+//! unset), and counted in `<module>.header_values_skipped`. Envoy does not
+//! sanitize what a Wasm module writes: a CR/LF in a local-reply header reaches an
+//! HTTP/1.1 client as a separate header line, and control bytes in a forwarded
+//! header make Envoy answer 503.
+
+use std::cell::Cell;
+
+/// RFC 9110 §5.5 `field-value` as we send it: visible ASCII, with spaces and tabs
+/// only between visible characters. No CTL (CR, LF, NUL...), no DEL, and no
+/// obs-text (0x80-0xFF): RFC 9110 lets recipients treat that as opaque, and a
+/// sender should not generate it.
+pub fn is_field_value(value: &[u8]) -> bool {
+    let visible = |byte: &u8| (0x21..=0x7e).contains(byte);
+    value.iter().all(|byte| visible(byte) || *byte == b' ' || *byte == b'\t')
+        && value.first().is_none_or(visible)
+        && value.last().is_none_or(visible)
+}
+
+/// RFC 9110 `token` (header names), lower-case as HTTP/2 requires; or a
+/// pseudo-header (`:path`).
+pub fn is_header_name(name: &str) -> bool {
+    let body = name.strip_prefix(':').unwrap_or(name);
+    !body.is_empty()
+        && body.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Text for a quoted auth-param such as `error_description` (RFC 6750 §3:
+/// `%x20-21 / %x23-5B / %x5D-7E`). Every other byte, and `%` itself, becomes
+/// `%XX`, so text from a token (attacker-controlled before its signature is
+/// checked) can never end the quoted string or the header.
+pub fn auth_param_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &byte in text.as_bytes() {
+        let allowed = matches!(byte, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e) && byte != b'%';
+        if allowed {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// gRPC's `grpc-message` is percent-encoded (gRPC over HTTP/2: printable ASCII
+/// except `%` as is, everything else `%XX`).
+pub fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &byte in text.as_bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+thread_local! {
+    /// The `<module>.header_values_skipped` counter of this VM (set at configure time).
+    static SKIPPED_METRIC: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// Names the counter that skipped values are added to (one per module and VM).
+pub fn count_skipped_in(metric_id: Option<u32>) {
+    SKIPPED_METRIC.with(|cell| cell.set(metric_id));
+}
+
+/// Counts one value that was not written.
+pub fn skipped() {
+    if let Some(id) = SKIPPED_METRIC.with(Cell::get) {
+        let _ = crate::host::increment_metric(id, 1);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_values_exclude_controls_del_and_non_ascii() {
+        assert!(is_field_value(b"Bearer realm=\"x\""));
+        assert!(is_field_value(b""));
+        assert!(is_field_value(b"a\tb c"));
+        for bad in [&b"a\r\nb"[..], b"a\nb", b"a\0b", b"a\x7fb", b"caf\xc3\xa9", b" a", b"a ", b"\x01"] {
+            assert!(!is_field_value(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn auth_param_text_keeps_only_the_rfc_6750_charset() {
+        assert_eq!(auth_param_text("token expired"), "token expired");
+        let hostile = "kid \"x\"\r\nSet-Cookie: a=b\\\u{0}\u{7f}é%";
+        let escaped = auth_param_text(hostile);
+        assert_eq!(escaped, "kid %22x%22%0D%0ASet-Cookie: a=b%5C%00%7F%C3%A9%25");
+        assert!(escaped.bytes().all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e)));
+    }
+
+    #[test]
+    fn header_names_are_lower_case_tokens() {
+        assert!(is_header_name("x-user"));
+        assert!(is_header_name(":path"));
+        for bad in ["", "X-User", "a b", "a:b", "a\r\n", ":", "é"] {
+            assert!(!is_header_name(bad), "{bad:?}");
+        }
+    }
+}
