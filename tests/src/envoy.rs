@@ -59,6 +59,8 @@ pub struct EnvoyConfig {
     pub routes: Routes,
     /// Worker threads (`--concurrency`).
     pub concurrency: u32,
+    /// `xff_num_trusted_hops` of the connection manager (0: the peer is the client).
+    pub xff_trusted_hops: u32,
 }
 
 impl EnvoyConfig {
@@ -69,7 +71,14 @@ impl EnvoyConfig {
             clusters: vec![(upstream.name().to_string(), upstream.addr)],
             routes: Routes::Cluster(upstream.name().to_string()),
             concurrency: 2,
+            xff_trusted_hops: 0,
         }
+    }
+
+    /// Trust `hops` proxies in front (their `x-forwarded-for` / `x-forwarded-proto`).
+    pub fn xff_trusted_hops(mut self, hops: u32) -> Self {
+        self.xff_trusted_hops = hops;
+        self
     }
 
     pub fn filter(mut self, filter: WasmFilter) -> Self {
@@ -169,6 +178,7 @@ static_resources:
           codec_type: AUTO
           # The peer address is the client's; never a client-supplied x-forwarded-for.
           use_remote_address: true
+          xff_num_trusted_hops: {hops}
           route_config:
             name: gateway
             virtual_hosts:
@@ -180,8 +190,24 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:{clusters}
-"#
+"#,
+            hops = self.xff_trusted_hops,
         )
+    }
+}
+
+/// Starts Envoy with `module` configured as `configuration` and checks that it
+/// refuses the config with a log line `<module>: invalid configuration: ...`
+/// naming `field`.
+pub fn assert_config_refused(upstream: &EchoUpstream, module: &str, configuration: &str, field: &str) {
+    let config = EnvoyConfig::new(upstream).filter(WasmFilter::raw(module, configuration));
+    match Envoy::try_start(&config) {
+        Ok(_) => panic!("Envoy accepted an invalid {module} config: {configuration}"),
+        Err(failure) => {
+            let marker = format!("{module}: invalid configuration");
+            let line = failure.log.lines().find(|line| line.contains(&marker) && line.contains(field));
+            assert!(line.is_some(), "no `{marker}` line naming {field} for {configuration}:\n{}", failure.log);
+        }
     }
 }
 

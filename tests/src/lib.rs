@@ -12,7 +12,7 @@ pub mod client;
 pub mod envoy;
 pub mod paths;
 pub mod process;
-pub mod raw_h2;
+pub mod raw;
 pub mod upstream;
 
 use std::sync::OnceLock;

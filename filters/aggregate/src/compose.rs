@@ -281,7 +281,10 @@ mod tests {
         let r = request(&[(":method", "GET"), (":path", "/dashboard/john+tag@x.com")]);
         let (index, params) = match_endpoint(&endpoints, &r).unwrap();
         assert_eq!(params[0].1, b"john+tag@x.com");
-        assert_eq!(render_path(&endpoints[index].parts[0], &params, &r).unwrap(), "/users/john%2Btag%40x%2Ecom?tenant=");
+        assert_eq!(
+            render_path(&endpoints[index].parts[0], &params, &r).unwrap(),
+            "/users/john%2Btag%40x%2Ecom?tenant="
+        );
         // Bytes that are not UTF-8 keep their identity.
         let r = request(&[(":method", "GET"), (":path", "/dashboard/%FF")]);
         let (index, params) = match_endpoint(&endpoints, &r).unwrap();

@@ -198,8 +198,10 @@ impl HttpContext for AggregateStream {
                 }
                 Err(error) => {
                     // Once per cluster and worker: under traffic a log line per request floods.
-                    let first_time =
-                        shared.unreachable_clusters.try_borrow_mut().is_ok_and(|mut set| set.insert((index, part_index)));
+                    let first_time = shared
+                        .unreachable_clusters
+                        .try_borrow_mut()
+                        .is_ok_and(|mut set| set.insert((index, part_index)));
                     if first_time {
                         host::log(
                             LogLevel::Error,

@@ -396,7 +396,10 @@ impl AuthConfig {
         // The realm is a quoted auth-param of every challenge (RFC 6750 §3 charset).
         let realm_ok = !self.realm.is_empty() && gateway_common::field::auth_param_text(&self.realm) == self.realm;
         if !realm_ok {
-            errors.add("realm", "must be non-empty printable ASCII without quotes, backslashes, '%' or control characters");
+            errors.add(
+                "realm",
+                "must be non-empty printable ASCII without quotes, backslashes, '%' or control characters",
+            );
         }
         let mut rules = Vec::new();
         let mut rule_names = BTreeSet::new();
@@ -498,7 +501,9 @@ impl ProviderSpec {
                 Some(authority) => {
                     errors.check_authority(format!("{field}.remote_jwks.authority"), authority);
                 }
-                None if !remote.cluster.is_empty() && !gateway_common::request::is_authority(remote.cluster.as_bytes()) => {
+                None if !remote.cluster.is_empty()
+                    && !gateway_common::request::is_authority(remote.cluster.as_bytes()) =>
+                {
                     errors.add(
                         format!("{field}.remote_jwks.authority"),
                         "needed: the cluster name is not a valid authority (RFC 3986 characters only)",

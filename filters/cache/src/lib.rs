@@ -223,7 +223,8 @@ enum Pending {
     /// Forwarded with our validators for a stored variant.
     Revalidate {
         exchange: Exchange,
-        variant: Variant,
+        /// Boxed: the largest variant by far.
+        variant: Box<Variant>,
         client: RequestHeaders,
         head: bool,
     },
@@ -284,7 +285,7 @@ impl HttpContext for CacheStream {
                 Action::Continue
             }
             Pending::Revalidate { exchange, variant, client, head } => {
-                self.revalidated(exchange, variant, client, head, status, &headers)
+                self.revalidated(exchange, *variant, client, head, status, &headers)
             }
             Pending::Miss { exchange, head, forward } => {
                 self.consider_storing(exchange, head, status, &headers, forward);
@@ -407,7 +408,7 @@ impl CacheStream {
                 }
                 self.pending = Pending::Revalidate {
                     exchange: exchange(&request),
-                    variant: variant.clone(),
+                    variant: Box::new(variant.clone()),
                     client: request.clone(),
                     head,
                 };

@@ -290,7 +290,8 @@ mod tests {
     }
 
     fn raw_request(pairs: &[(&str, &[u8])]) -> RequestHeaders {
-        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect();
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
+            pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect();
         if !pairs.iter().any(|(name, _)| name == b":path") {
             pairs.push((b":path".to_vec(), b"/".to_vec()));
         }
@@ -324,7 +325,10 @@ mod tests {
         assert_eq!(k(r#"{"ignore_query": true}"#), "https://api.example.com/a");
         assert_eq!(k(r#"{"query_exclude": ["utm_source"]}"#), "https://api.example.com/a?b=2&a=1");
         assert_eq!(k(r#"{"query_include": ["a"]}"#), "https://api.example.com/a?a=1");
-        assert_eq!(k(r#"{"key_headers": ["x-tenant"]}"#), "https://api.example.com/a?b=2&utm_source=x&a=1\nx-tenant:t1");
+        assert_eq!(
+            k(r#"{"key_headers": ["x-tenant"]}"#),
+            "https://api.example.com/a?b=2&utm_source=x&a=1\nx-tenant:t1"
+        );
     }
 
     #[test]
@@ -335,7 +339,8 @@ mod tests {
         let https = key(&[(":path", b"/"), (":authority", b"a"), ("x-forwarded-proto", b"https")]);
         assert_ne!(http, https);
         // `:scheme` is only the fallback: Envoy sets x-forwarded-proto from the connection.
-        let claimed = key(&[(":path", b"/"), (":authority", b"a"), (":scheme", b"https"), ("x-forwarded-proto", b"http")]);
+        let claimed =
+            key(&[(":path", b"/"), (":authority", b"a"), (":scheme", b"https"), ("x-forwarded-proto", b"http")]);
         assert_eq!(claimed, http);
         let variants: Vec<String> = [&b"\xff"[..], b"\xfe", b"%FF", b"", b"\xff\nx"]
             .iter()
@@ -346,6 +351,31 @@ mod tests {
         }
         let with_query = key(&[(":path", b"/a?x=%FF"), (":authority", b"a")]);
         assert_ne!(with_query, key(&[(":path", b"/a?x=%FE"), (":authority", b"a")]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn distinct_raw_requests_never_share_a_cache_key(
+            path_a in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..16),
+            path_b in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..16),
+            tenant_a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
+            tenant_b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
+        ) {
+            let c = config(r#"{"key_headers": ["x-tenant"]}"#);
+            let view = |path: &[u8], tenant: &[u8]| {
+                let mut target = b"/".to_vec();
+                target.extend_from_slice(path);
+                RequestHeaders::from_pairs(vec![
+                    (b":path".to_vec(), target),
+                    (b"x-tenant".to_vec(), tenant.to_vec()),
+                ]).ok()
+            };
+            if let (Some(a), Some(b)) = (view(&path_a, &tenant_a), view(&path_b, &tenant_b)) {
+                // Same key only for the same target and the same (trimmed) tenant bytes.
+                let same_input = a.target() == b.target() && tenant_a.trim_ascii() == tenant_b.trim_ascii();
+                proptest::prop_assert_eq!(primary_key(&c, &a) == primary_key(&c, &b), same_input);
+            }
+        }
     }
 
     #[test]

@@ -325,6 +325,51 @@ mod tests {
         }
     }
 
+    /// Another worker's whole store lands between this worker's budget check and
+    /// its write (shared data interleaves workers at any host call).
+    type OtherWorker<'a> = Box<dyn FnOnce(&MemoryStore) + 'a>;
+
+    struct Interleaved<'a> {
+        inner: &'a MemoryStore,
+        other_worker: std::cell::RefCell<Option<OtherWorker<'a>>>,
+    }
+
+    impl Store for Interleaved<'_> {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            if key.starts_with("c:v1:body:") {
+                if let Some(other) = self.other_worker.borrow_mut().take() {
+                    other(self.inner);
+                }
+            }
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn two_workers_never_both_fit_into_the_last_free_bytes() {
+        let body = vec![b'x'; 40_000];
+        let table = Table { slots: 64, max_variants: 1, max_total_bytes: 60_000 };
+        let store = MemoryStore::default();
+        table.initialize(&store).unwrap();
+        let racing = Interleaved {
+            inner: &store,
+            other_worker: std::cell::RefCell::new(Some(Box::new(|inner: &MemoryStore| {
+                let _ = table.store(inner, "b.example/other", variant("gzip", 10), &body, 10).unwrap();
+            }))),
+        };
+        let _ = table.store(&racing, "a.example/one", variant("gzip", 10), &body, 10).unwrap();
+        let counted = table.bytes(&store).unwrap();
+        assert!(counted <= table.max_total_bytes, "counted {counted} of {}", table.max_total_bytes);
+        let stored = ["a.example/one", "b.example/other"]
+            .iter()
+            .filter(|key| table.lookup(&store, key).unwrap().is_some())
+            .count();
+        assert_eq!(stored, 1, "only one of two 40 kB entries fits a 60 kB budget");
+    }
+
     #[test]
     fn store_lookup_variants_and_remove() {
         let table = Table { slots: 16, max_variants: 2, max_total_bytes: 1 << 20 };

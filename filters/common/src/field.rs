@@ -34,10 +34,15 @@ pub fn is_header_name(name: &str) -> bool {
 /// `%XX`, so text from a token (attacker-controlled before its signature is
 /// checked) can never end the quoted string or the header.
 pub fn auth_param_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for &byte in text.as_bytes() {
-        let allowed = matches!(byte, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e) && byte != b'%';
-        if allowed {
+    percent_escape(text.as_bytes(), |byte| matches!(byte, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e))
+}
+
+/// Keeps the bytes `keep` allows (never `%`), writes every other byte as `%XX`:
+/// reversible, so two different inputs never give the same text.
+pub fn percent_escape(bytes: &[u8], keep: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &byte in bytes {
+        if keep(byte) && byte != b'%' {
             out.push(char::from(byte));
         } else {
             out.push_str(&format!("%{byte:02X}"));
@@ -49,15 +54,7 @@ pub fn auth_param_text(text: &str) -> String {
 /// gRPC's `grpc-message` is percent-encoded (gRPC over HTTP/2: printable ASCII
 /// except `%` as is, everything else `%XX`).
 pub fn grpc_message(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for &byte in text.as_bytes() {
-        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    percent_escape(text.as_bytes(), |byte| (0x20..=0x7e).contains(&byte))
 }
 
 thread_local! {

@@ -119,7 +119,8 @@ impl RequestFacts {
 
     /// The facts of raw header pairs (a request that failed its checks).
     pub fn from_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Self {
-        let first = |name: &str| pairs.iter().find(|(key, _)| key.as_slice() == name.as_bytes()).map(|(_, v)| v.as_slice());
+        let first =
+            |name: &str| pairs.iter().find(|(key, _)| key.as_slice() == name.as_bytes()).map(|(_, v)| v.as_slice());
         Self::from_values(first("content-type"), first("x-request-id"))
     }
 

@@ -36,14 +36,20 @@ impl BadRequest {
 pub enum ReadError {
     Host(HostError),
     /// The request cannot be judged; `facts` let the caller answer it.
-    Bad { reason: BadRequest, facts: crate::problem::RequestFacts },
+    Bad {
+        reason: BadRequest,
+        facts: crate::problem::RequestFacts,
+    },
 }
+
+/// Header (name, value) pairs as the host hands them over.
+pub type HeaderPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The request headers as the host handed them over (names lower-case), with
 /// a request target that passed [`check_target`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHeaders {
-    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    pairs: HeaderPairs,
     /// The whole `:path` (printable ASCII, checked).
     target: String,
     /// Where the query starts (`?`), if there is one.
@@ -78,10 +84,7 @@ impl RequestHeaders {
     }
 
     /// Builds the view; a malformed target gives the pairs back with the reason.
-    #[allow(clippy::result_large_err)]
-    pub fn from_pairs(
-        pairs: Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<Self, (BadRequest, Vec<(Vec<u8>, Vec<u8>)>)> {
+    pub fn from_pairs(pairs: HeaderPairs) -> Result<Self, (BadRequest, HeaderPairs)> {
         let checked = (|| {
             let path = first_of(&pairs, ":path").ok_or(BadRequest::MissingPath)?;
             let target = check_target(path)?.to_string();
@@ -185,15 +188,7 @@ fn first_of<'p>(pairs: &'p [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'p [u8]>
 /// as is, every other byte as `%XX`. Two different byte strings never give the
 /// same text, so it is safe inside keys and selectors ([`unescape_bytes`] inverts it).
 pub fn escape_bytes(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for &byte in bytes {
-        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    crate::field::percent_escape(bytes, |byte| (0x20..=0x7e).contains(&byte))
 }
 
 /// The bytes an [`escape_bytes`] text stands for.

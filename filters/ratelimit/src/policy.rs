@@ -243,6 +243,26 @@ mod tests {
         RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect()).unwrap()
     }
 
+    proptest::proptest! {
+        #[test]
+        fn distinct_header_bytes_never_share_a_bucket(
+            a1 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+            a2 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+            b1 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+            b2 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+        ) {
+            let policy = policy(
+                r#"{"slots": 8, "rules": [{"name": "r", "key": [{"header": "x-a"}, {"header": "x-b"}],
+                    "limits": [{"name": "l", "requests": 1, "per_seconds": 60}]}]}"#,
+            );
+            let key = |a: &[u8], b: &[u8]| {
+                let request = raw_headers(&[(":path", b"/"), ("x-a", a), ("x-b", b)]);
+                bucket_key(&policy.rules[0], &RequestView { headers: &request, client_ip: None }).unwrap()
+            };
+            proptest::prop_assert_eq!(key(&a1, &b1) == key(&a2, &b2), a1 == a2 && b1 == b2);
+        }
+    }
+
     #[test]
     fn distinct_raw_keys_never_share_a_bucket() {
         let policy = policy(

@@ -158,7 +158,13 @@ impl Table {
     }
 
     /// Takes from a bucket this identity already holds. `None`: lost a CAS race.
-    fn take_owned(&self, store: &impl Store, limit: &Limit, target: Read, now: u64) -> Result<Option<Take>, StoreError> {
+    fn take_owned(
+        &self,
+        store: &impl Store,
+        limit: &Limit,
+        target: Read,
+        now: u64,
+    ) -> Result<Option<Take>, StoreError> {
         let identity = target.entry.as_ref().map(|entry| entry.identity.clone()).unwrap_or_default();
         self.take_owned_as(store, limit, target, identity, now)
     }
@@ -369,7 +375,11 @@ mod tests {
                 for (j, last) in admitted.iter().enumerate().skip(i) {
                     let count = (j - i + 1) as u64;
                     let allowed = requests + (last - first) / interval;
-                    assert!(count <= allowed, "slots {slots}: {count} admissions in {} ns, at most {allowed}", last - first);
+                    assert!(
+                        count <= allowed,
+                        "slots {slots}: {count} admissions in {} ns, at most {allowed}",
+                        last - first
+                    );
                 }
             }
             if slots == 1 {

@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 mod configs;
 mod harness;
+mod hostile;
 mod modules;
 mod ratelimit;
 mod routing;

@@ -1,5 +1,5 @@
-//! An HTTP/2 (h2c, prior knowledge) client that sends header bytes exactly as
-//! given. hyper and h2 validate `:path` and header values before sending, so they
+//! Clients that send request bytes exactly as given: HTTP/2 (h2c, prior
+//! knowledge) and a raw HTTP/1.1 exchange. hyper and h2 validate `:path` and header values before sending, so they
 //! cannot send what an attacker sends; Envoy's HTTP/2 codec passes bytes its
 //! HTTP/1.1 codec refuses (e.g. 0x80-0xFF in `:path`), and the modules must judge
 //! those bytes themselves.
@@ -73,6 +73,32 @@ pub fn get(addr: SocketAddr, path: &[u8], extra: &[(&[u8], &[u8])]) -> RawOutcom
         vec![(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"gateway.test"), (b":path", path)];
     headers.extend_from_slice(extra);
     send(addr, &headers, b"")
+}
+
+/// Writes `request` (a whole HTTP/1.1 request, any bytes) and returns the
+/// response status (0 when the connection closed without one).
+pub fn http1_status(addr: SocketAddr, request: &[u8]) -> u16 {
+    let request = request.to_vec();
+    crate::runtime().block_on(async move {
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.write_all(&request).await?;
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !head.windows(2).any(|w| w == b"\r\n") {
+                let read = stream.read(&mut buffer).await?;
+                if read == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buffer[..read]);
+            }
+            Ok::<_, std::io::Error>(head)
+        };
+        let head =
+            tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("raw h1 answer").unwrap_or_default();
+        let line = String::from_utf8_lossy(&head);
+        line.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
+    })
 }
 
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
