@@ -51,12 +51,6 @@ pub fn percent_escape(bytes: &[u8], keep: impl Fn(u8) -> bool) -> String {
     out
 }
 
-/// gRPC's `grpc-message` is percent-encoded (gRPC over HTTP/2: printable ASCII
-/// except `%` as is, everything else `%XX`).
-pub fn grpc_message(text: &str) -> String {
-    percent_escape(text.as_bytes(), |byte| (0x20..=0x7e).contains(&byte))
-}
-
 thread_local! {
     /// The `<module>.header_values_skipped` counter of this VM (set at configure time).
     static SKIPPED_METRIC: Cell<Option<u32>> = const { Cell::new(None) };

@@ -3,7 +3,7 @@
 //! raw inputs are never treated as the same path, key or selector.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use gateway_common::field::{auth_param_text, grpc_message, is_field_value};
+use gateway_common::field::{auth_param_text, is_field_value};
 use gateway_common::matcher::StringMatchSpec;
 use gateway_common::request::{check_target, escape_bytes, unescape_bytes, RequestHeaders};
 use proptest::collection::vec;
@@ -67,7 +67,6 @@ proptest! {
     fn escaped_text_is_always_a_safe_quoted_value(text in ".*") {
         let escaped = auth_param_text(&text);
         prop_assert!(escaped.bytes().all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e)));
-        prop_assert!(is_field_value(grpc_message(&text).trim().as_bytes()));
     }
 
     #[test]

@@ -240,7 +240,7 @@ fn token_text_never_splits_the_401() {
         URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256\r\nset-cookie: pwned=2","kid":"hs-1"}"#),
         URL_SAFE_NO_PAD.encode(claims("mallory").to_string())
     );
-    for token in [by_kid, by_alg] {
+    for token in [by_kid.clone(), by_alg] {
         for protocol in [Protocol::Http1, Protocol::Http2] {
             let path = format!("/ops/x?access_token={token}");
             let mut request = fx.envoy.get("/ops/x").header("authorization", format!("Bearer {token}"));
@@ -256,6 +256,27 @@ fn token_text_never_splits_the_401() {
             }
         }
     }
+}
+
+#[test]
+fn token_text_never_breaks_grpc_message() {
+    let fx = chain();
+    let _log = fx.envoy.log_on_failure();
+    let mut kid_header = hs_header();
+    kid_header.kid = Some("x\r\nset-cookie: pwned=1\u{0}é%".into());
+    let token = hs256(kid_header, &claims("mallory"));
+    let response = fx
+        .envoy
+        .request("POST", "/ops/svc.Method")
+        .http2()
+        .header("content-type", "application/grpc")
+        .header("authorization", format!("Bearer {token}"))
+        .send();
+    assert_eq!(response.header("grpc-status").as_deref(), Some("16"), "{:?}", response.headers);
+    assert_headers_clean(&response);
+    let message = response.header("grpc-message").unwrap_or_default();
+    assert!(message.contains("%0D%0Aset-cookie"), "grpc-message is percent-encoded: {message}");
+    assert!(response.header("set-cookie").is_none());
 }
 
 #[test]
