@@ -7,6 +7,7 @@ pub mod hash;
 pub mod host;
 pub mod matcher;
 pub mod metrics;
+pub mod platform;
 pub mod problem;
 pub mod request;
 pub mod request_match;

@@ -2,34 +2,56 @@
 //! A metric that could not be defined is silently a no-op: metrics must never
 //! break request handling.
 
-use crate::host::{self, MetricType};
+use crate::host::MetricType;
+use crate::platform::{Ffi, Host};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Metric(Option<u32>);
 
 impl Metric {
+    pub fn counter_on(host: &impl Host, name: &str) -> Self {
+        Self(host.define_metric(MetricType::Counter, name).ok())
+    }
+
+    pub fn gauge_on(host: &impl Host, name: &str) -> Self {
+        Self(host.define_metric(MetricType::Gauge, name).ok())
+    }
+
+    pub fn add_on(&self, host: &impl Host, by: i64) {
+        if let Some(id) = self.0 {
+            let _ = host.increment_metric(id, by);
+        }
+    }
+
+    pub fn increment_on(&self, host: &impl Host) {
+        self.add_on(host, 1);
+    }
+
+    pub fn record_on(&self, host: &impl Host, value: u64) {
+        if let Some(id) = self.0 {
+            let _ = host.record_metric(id, value);
+        }
+    }
+
+    // The same on the real host, for glue not yet written against `Host`.
     pub fn counter(name: &str) -> Self {
-        Self(host::define_metric(MetricType::Counter, name).ok())
+        Self::counter_on(&Ffi, name)
     }
 
     pub fn gauge(name: &str) -> Self {
-        Self(host::define_metric(MetricType::Gauge, name).ok())
+        Self::gauge_on(&Ffi, name)
     }
 
     pub fn increment(&self) {
-        self.add(1);
+        self.add_on(&Ffi, 1);
     }
 
     pub fn add(&self, by: i64) {
-        if let Some(id) = self.0 {
-            let _ = host::increment_metric(id, by);
-        }
+        self.add_on(&Ffi, by);
     }
 
     pub fn record(&self, value: u64) {
-        if let Some(id) = self.0 {
-            let _ = host::record_metric(id, value);
-        }
+        self.record_on(&Ffi, value);
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::field;
 use crate::host::{self, HostResult};
+use crate::platform::{Ffi, Host};
 use crate::request::{BadRequest, RequestHeaders};
 
 /// gRPC status codes used by the filters.
@@ -63,6 +64,10 @@ impl Problem {
 
     /// Sends the denial as the local response to the current request.
     pub fn send(&self, request: &RequestFacts) -> HostResult<()> {
+        self.send_on(&Ffi, request)
+    }
+
+    pub fn send_on(&self, host: &impl Host, request: &RequestFacts) -> HostResult<()> {
         let mut headers: Vec<(&str, &str)> =
             self.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
         if request.is_grpc {
@@ -70,10 +75,10 @@ impl Problem {
             // response carrying this status and the detail as grpc-message, which it
             // percent-encodes as gRPC specifies (tested: encoding here too would
             // show gRPC clients `%250D`).
-            return host::send_local_response(self.status, &headers, self.detail.as_bytes(), Some(self.grpc_status));
+            return host.send_local_response(self.status, &headers, self.detail.as_bytes(), Some(self.grpc_status));
         }
         headers.push(("content-type", "application/problem+json"));
-        host::send_local_response(self.status, &headers, &self.body(request.request_id.as_deref()), None)
+        host.send_local_response(self.status, &headers, &self.body(request.request_id.as_deref()), None)
     }
 }
 

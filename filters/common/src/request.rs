@@ -7,7 +7,8 @@
 //! HTTP/1.1 codec refuses such targets itself; its HTTP/2 codec hands bytes
 //! 0x80-0xFF through, so every module judges them here and answers `400`.
 
-use crate::host::{self, HostError, MapType};
+use crate::host::{HostError, MapType};
+use crate::platform::{Ffi, Host};
 
 /// Why a request cannot be judged: its target or authority is not what a URI allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +77,11 @@ pub fn is_authority(value: &[u8]) -> bool {
 impl RequestHeaders {
     /// Reads all request headers in one host call and checks the target.
     pub fn read() -> Result<Self, ReadError> {
-        let pairs = host::headers(MapType::HttpRequestHeaders).map_err(ReadError::Host)?;
+        Self::read_from(&Ffi)
+    }
+
+    pub fn read_from(host: &impl Host) -> Result<Self, ReadError> {
+        let pairs = host.header_pairs(MapType::HttpRequestHeaders).map_err(ReadError::Host)?;
         Self::from_pairs(pairs).map_err(|(reason, pairs)| ReadError::Bad {
             reason,
             facts: crate::problem::RequestFacts::from_pairs(&pairs),
@@ -170,10 +175,14 @@ impl RequestHeaders {
 /// when the host cannot hand over the headers at all the filter lets the request
 /// continue (a host failure, not client input: nothing a client sends causes it).
 pub fn read_request() -> Result<RequestHeaders, proxy_wasm::types::Action> {
-    match RequestHeaders::read() {
+    read_request_from(&Ffi)
+}
+
+pub fn read_request_from(host: &impl Host) -> Result<RequestHeaders, proxy_wasm::types::Action> {
+    match RequestHeaders::read_from(host) {
         Ok(request) => Ok(request),
         Err(ReadError::Bad { reason, facts }) => {
-            let _ = crate::problem::bad_request(reason).send(&facts);
+            let _ = crate::problem::bad_request(reason).send_on(host, &facts);
             Err(proxy_wasm::types::Action::Pause)
         }
         Err(ReadError::Host(_)) => Err(proxy_wasm::types::Action::Continue),

@@ -5,7 +5,8 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 
-use crate::host::{self, CasWrite};
+use crate::host::CasWrite;
+use crate::platform::{Ffi, Host};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreError;
@@ -101,11 +102,24 @@ pub struct HostStore;
 
 impl Store for HostStore {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        host::shared_data(key).map_err(|_| StoreError)
+        SharedData(&Ffi).get(key)
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
-        match host::set_shared_data(key, value, cas) {
+        SharedData(&Ffi).set(key, value, cas)
+    }
+}
+
+/// Shared data of any [`Host`] as a [`Store`].
+pub struct SharedData<'h, H: Host>(pub &'h H);
+
+impl<H: Host> Store for SharedData<'_, H> {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        self.0.shared_data(key).map_err(|_| StoreError)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        match self.0.set_shared_data(key, value, cas) {
             Ok(CasWrite::Written) => Ok(true),
             Ok(CasWrite::Conflict) => Ok(false),
             Err(_) => Err(StoreError),

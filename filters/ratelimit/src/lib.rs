@@ -11,16 +11,17 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gateway_common::config::load_plugin_config;
-use gateway_common::host::{self, LogLevel, MapType};
+use gateway_common::host::{self, HostResult, LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
+use gateway_common::platform::{Ffi, Host};
 use gateway_common::problem::{Problem, RequestFacts};
-use gateway_common::request::read_request;
+use gateway_common::request::read_request_from;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::config::{Policy, RateLimitConfig};
 use crate::policy::{Decision, Denial, LimitStatus, RequestView, RuleOutcome};
-use gateway_common::shared::{HostStore, StoreError};
+use gateway_common::shared::{HostStore, SharedData, StoreError};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
@@ -42,6 +43,37 @@ struct Shared {
     cas_exhausted: Metric,
     store_errors: Metric,
     tracked_keys: Metric,
+    local_reply_failed: Metric,
+    /// A failed local reply is logged once per VM (then only counted).
+    reply_failure_logged: std::cell::Cell<bool>,
+}
+
+impl Shared {
+    /// Metrics are named after the filter instance (`plugin`): two instances in one
+    /// chain (per IP, per user) must not share stat names.
+    fn new(host: &impl Host, policy: Policy, plugin: &str) -> Self {
+        let rules = policy
+            .rules
+            .iter()
+            .map(|rule| {
+                let prefix = format!("ratelimit.{plugin}.rule.{}", stat_segment(&rule.name));
+                RuleMetrics {
+                    allowed: Metric::counter_on(host, &format!("{prefix}.allowed")),
+                    denied: Metric::counter_on(host, &format!("{prefix}.denied")),
+                    shadow_denied: Metric::counter_on(host, &format!("{prefix}.shadow_denied")),
+                }
+            })
+            .collect();
+        Self {
+            rules,
+            cas_exhausted: Metric::counter_on(host, &format!("ratelimit.{plugin}.cas_retries_exhausted")),
+            store_errors: Metric::counter_on(host, &format!("ratelimit.{plugin}.shared_data_errors")),
+            tracked_keys: Metric::gauge_on(host, &format!("ratelimit.{plugin}.tracked_keys")),
+            local_reply_failed: Metric::counter_on(host, &format!("ratelimit.{plugin}.local_reply_failed")),
+            reply_failure_logged: std::cell::Cell::new(false),
+            policy,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -61,31 +93,12 @@ impl RootContext for RateLimitRoot {
             host::log(LogLevel::Error, "ratelimit: cannot initialize the bucket table in shared data");
             return false;
         }
-        // Two instances in one chain (per IP, per user) must not share stat names.
         let plugin = host::property(&["plugin_name"])
             .ok()
             .flatten()
             .map(|name| stat_segment(&String::from_utf8_lossy(&name)))
             .unwrap_or_else(|| "ratelimit".to_string());
-        let rules = policy
-            .rules
-            .iter()
-            .map(|rule| {
-                let prefix = format!("ratelimit.{plugin}.rule.{}", stat_segment(&rule.name));
-                RuleMetrics {
-                    allowed: Metric::counter(&format!("{prefix}.allowed")),
-                    denied: Metric::counter(&format!("{prefix}.denied")),
-                    shadow_denied: Metric::counter(&format!("{prefix}.shadow_denied")),
-                }
-            })
-            .collect();
-        self.shared = Some(Rc::new(Shared {
-            rules,
-            cas_exhausted: Metric::counter(&format!("ratelimit.{plugin}.cas_retries_exhausted")),
-            store_errors: Metric::counter(&format!("ratelimit.{plugin}.shared_data_errors")),
-            tracked_keys: Metric::gauge(&format!("ratelimit.{plugin}.tracked_keys")),
-            policy,
-        }));
+        self.shared = Some(Rc::new(Shared::new(&Ffi, policy, &plugin)));
         let _ = host::set_tick_period(Duration::from_secs(1));
         true
     }
@@ -101,7 +114,7 @@ impl RootContext for RateLimitRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(RateLimitStream { shared: self.shared.clone()?, allowed_status: None }))
+        Some(Box::new(RateLimitStream { host: Ffi, shared: self.shared.clone()?, allowed_status: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -109,80 +122,103 @@ impl RootContext for RateLimitRoot {
     }
 }
 
-struct RateLimitStream {
+struct RateLimitStream<H: Host> {
+    host: H,
     shared: Rc<Shared>,
     /// RateLimit headers for the response of an allowed request.
     allowed_status: Option<LimitStatus>,
 }
 
-impl Context for RateLimitStream {}
+impl<H: Host> Context for RateLimitStream<H> {}
 
-impl HttpContext for RateLimitStream {
+impl<H: Host> HttpContext for RateLimitStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
         let policy = &shared.policy;
-        let headers = match read_request() {
+        let headers = match read_request_from(&self.host) {
             Ok(headers) => headers,
             Err(action) => return action,
         };
         let client_ip = if policy.needs_client_ip() {
-            let peer = host::property(&["source", "address"]).ok().flatten();
+            let peer = self.host.property(&["source", "address"]).ok().flatten();
             policy::client_ip(peer.as_deref(), headers.first("x-forwarded-for"), policy.trusted_hops)
         } else {
             None
         };
         let view = RequestView { headers: &headers, client_ip: client_ip.as_deref() };
-        let decision = match policy.decide(&HostStore, &view, host::now_nanos()) {
+        let decision = match policy.decide(&SharedData(&self.host), &view, self.host.now_nanos()) {
             Ok(decision) => decision,
             Err(StoreError) => {
                 // Shared data itself failed: nothing can be counted. Fail open and
                 // say so in a metric (the host is broken, not the client).
-                shared.store_errors.increment();
+                shared.store_errors.increment_on(&self.host);
                 return Action::Continue;
             }
         };
         self.count(&decision);
         match &decision.denial {
             None => {
-                let _ = host::set_property(&[OUTCOME_PROPERTY], b"allowed");
+                let _ = self.host.set_property(&[OUTCOME_PROPERTY], b"allowed");
                 if policy.response_headers {
                     self.allowed_status = decision.tightest;
                 }
                 Action::Continue
             }
             Some(denial) => {
-                let _ = host::set_property(&[OUTCOME_PROPERTY], b"denied");
+                let _ = self.host.set_property(&[OUTCOME_PROPERTY], b"denied");
                 let facts = RequestFacts::of(&headers);
-                let _ = denial_problem(policy, denial).send(&facts);
-                Action::Pause
+                let sent = denial_problem(policy, denial).send_on(&self.host, &facts);
+                self.after_local_reply(sent)
             }
         }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(status) = &self.allowed_status {
-            let _ =
-                host::set_header(MapType::HttpResponseHeaders, "ratelimit-policy", status.policy_header().as_bytes());
-            let _ = host::set_header(MapType::HttpResponseHeaders, "ratelimit", status.limit_header().as_bytes());
+            let _ = self.host.set_header(
+                MapType::HttpResponseHeaders,
+                "ratelimit-policy",
+                status.policy_header().as_bytes(),
+            );
+            let _ = self.host.set_header(MapType::HttpResponseHeaders, "ratelimit", status.limit_header().as_bytes());
         }
         Action::Continue
     }
 }
 
-impl RateLimitStream {
+impl<H: Host> RateLimitStream<H> {
     fn count(&self, decision: &Decision) {
         for (rule, outcome) in &decision.outcomes {
             let Some(metrics) = self.shared.rules.get(*rule) else { continue };
             match outcome {
-                RuleOutcome::Allowed => metrics.allowed.increment(),
-                RuleOutcome::Denied => metrics.denied.increment(),
-                RuleOutcome::ShadowDenied => metrics.shadow_denied.increment(),
+                RuleOutcome::Allowed => metrics.allowed.increment_on(&self.host),
+                RuleOutcome::Denied => metrics.denied.increment_on(&self.host),
+                RuleOutcome::ShadowDenied => metrics.shadow_denied.increment_on(&self.host),
                 RuleOutcome::Skipped => {}
             }
         }
         if decision.contended > 0 {
-            self.shared.cas_exhausted.add(i64::from(decision.contended));
+            self.shared.cas_exhausted.add_on(&self.host, i64::from(decision.contended));
         }
+    }
+
+    /// After a 429: pause (the reply ends the stream). If the host refused the
+    /// reply, the stream stays paused anyway: letting a denied request through
+    /// would break the limit, so it fails closed and ends at Envoy's stream
+    /// timeout; the failure is counted and logged once per VM.
+    fn after_local_reply(&self, sent: HostResult<()>) -> Action {
+        if let Err(error) = sent {
+            self.shared.local_reply_failed.increment_on(&self.host);
+            if !self.shared.reply_failure_logged.replace(true) {
+                self.host.log(
+                    LogLevel::Error,
+                    &format!(
+                        "ratelimit: the host refused a 429 ({error:?}); the request stays held (logged once per VM)"
+                    ),
+                );
+            }
+        }
+        Action::Pause
     }
 }
 
@@ -218,5 +254,89 @@ fn denial_problem(policy: &Policy, denial: &Denial) -> Problem {
             format!("rule {}: too many concurrent updates of one bucket; retry", rule_name(*rule)),
         )
         .with_header("retry-after", "1"),
+    }
+}
+
+/// The glue on `FakeHost`: decisions, answers and the host calls they cost.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod glue_tests {
+    use super::*;
+    use gateway_common::platform::FakeHost;
+
+    const PER_IP: &str = r#"{"slots": 64, "rules": [{"name": "per-ip", "key": [{"client_ip": true}],
+        "limits": [{"name": "l", "requests": 2, "per_seconds": 60}]}]}"#;
+
+    fn stream(host: FakeHost) -> RateLimitStream<FakeHost> {
+        let config: RateLimitConfig = gateway_common::config::parse_json(PER_IP.as_bytes()).unwrap();
+        let policy = config.compile().unwrap();
+        let limits: Vec<_> = policy.limits().cloned().collect();
+        policy.table.initialize(&SharedData(&host), &limits).unwrap();
+        let shared = Rc::new(Shared::new(&host, policy, "rl"));
+        host.reset_calls();
+        RateLimitStream { host, shared, allowed_status: None }
+    }
+
+    fn request(peer: &[u8]) -> FakeHost {
+        FakeHost::new()
+            .with_headers(MapType::HttpRequestHeaders, &[(":method", b"GET"), (":path", b"/")])
+            .with_property(&["source", "address"], peer)
+    }
+
+    #[test]
+    fn budget_an_allowed_request_of_a_known_client_costs_seven_host_calls() {
+        let mut stream = stream(request(b"10.0.0.1:5000"));
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
+        stream.host.reset_calls();
+        stream.allowed_status = None;
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
+        assert_eq!(
+            stream.host.calls(),
+            [
+                "header_pairs",
+                "property", // source.address
+                "now_nanos",
+                "shared_data",     // the client's slot
+                "set_shared_data", // its bucket, by CAS
+                "increment_metric",
+                "set_property", // wasm.ratelimit_outcome
+            ]
+        );
+        stream.host.reset_calls();
+        assert_eq!(stream.on_http_response_headers(0, true), Action::Continue);
+        assert_eq!(stream.host.calls(), ["set_header", "set_header"]);
+        assert_eq!(
+            stream.host.header_values(MapType::HttpResponseHeaders, "ratelimit"),
+            vec![b"\"l\";r=0;t=60".to_vec()]
+        );
+    }
+
+    #[test]
+    fn the_third_request_is_answered_429_with_the_standard_headers() {
+        let mut stream = stream(request(b"10.0.0.2:5000"));
+        for _ in 0..2 {
+            assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
+        }
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        let reply = &stream.host.replies()[0];
+        assert_eq!(reply.status, 429);
+        let header = |name: &str| reply.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        assert_eq!(header("retry-after").as_deref(), Some("30"));
+        assert_eq!(header("content-type").as_deref(), Some("application/problem+json"));
+        assert_eq!(stream.host.metric("ratelimit.rl.rule.per-ip.denied"), 1);
+        assert_eq!(stream.host.property_value(&[OUTCOME_PROPERTY]), Some(b"denied".to_vec()));
+    }
+
+    #[test]
+    fn a_refused_429_keeps_the_request_held_and_is_logged_once() {
+        let mut stream = stream(request(b"10.0.0.3:5000"));
+        for _ in 0..2 {
+            stream.on_http_request_headers(0, true);
+        }
+        stream.host.refuse_local_reply.set(true);
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause, "a denied request never continues");
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(stream.host.metric("ratelimit.rl.local_reply_failed"), 2);
+        assert_eq!(stream.host.logs().len(), 1);
     }
 }

@@ -9,10 +9,11 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use gateway_common::config::load_plugin_config;
-use gateway_common::host::{self, MapType};
+use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
+use gateway_common::platform::{Ffi, Host};
 use gateway_common::problem::{Problem, RequestFacts};
-use gateway_common::request::{escape_bytes, read_request, RequestHeaders};
+use gateway_common::request::{escape_bytes, read_request_from, RequestHeaders};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -31,6 +32,7 @@ struct Metrics {
     per_route: Vec<Metric>,
     default_route: Metric,
     no_route: Metric,
+    local_reply_failed: Metric,
 }
 
 struct Shared {
@@ -38,6 +40,24 @@ struct Shared {
     metrics: Metrics,
     /// SplitMix64 state for non-sticky splits (per VM; no cryptographic needs).
     random_state: Cell<u64>,
+    /// A failed local reply is logged once per VM (then only counted).
+    reply_failure_logged: Cell<bool>,
+}
+
+impl Shared {
+    fn new(host: &impl Host, router: Router, seed: u64) -> Self {
+        let metrics = Metrics {
+            per_route: router
+                .routes
+                .iter()
+                .map(|route| Metric::counter_on(host, &format!("routing.route.{}.requests", stat_segment(&route.name))))
+                .collect(),
+            default_route: Metric::counter_on(host, "routing.default_route.requests"),
+            no_route: Metric::counter_on(host, "routing.no_route.requests"),
+            local_reply_failed: Metric::counter_on(host, "routing.local_reply_failed"),
+        };
+        Self { router, metrics, random_state: Cell::new(seed), reply_failure_logged: Cell::new(false) }
+    }
 }
 
 #[derive(Default)]
@@ -52,25 +72,16 @@ impl RootContext for RoutingRoot {
         let Some(router) = load_plugin_config("routing", RoutingConfig::compile) else {
             return false;
         };
-        let metrics = Metrics {
-            per_route: router
-                .routes
-                .iter()
-                .map(|route| Metric::counter(&format!("routing.route.{}.requests", stat_segment(&route.name))))
-                .collect(),
-            default_route: Metric::counter("routing.default_route.requests"),
-            no_route: Metric::counter("routing.no_route.requests"),
-        };
         // std::process::id() panics on wasi; RandomState is seeded by the host's
         // random_get.
         let seed = host::now_nanos() ^ random_seed();
-        self.shared = Some(Rc::new(Shared { router, metrics, random_state: Cell::new(seed) }));
+        self.shared = Some(Rc::new(Shared::new(&Ffi, router, seed)));
         true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let shared = self.shared.clone()?;
-        Some(Box::new(RoutingStream { shared, response_headers: None }))
+        Some(Box::new(RoutingStream { host: Ffi, shared, response_headers: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -78,25 +89,26 @@ impl RootContext for RoutingRoot {
     }
 }
 
-struct RoutingStream {
+struct RoutingStream<H: Host> {
+    host: H,
     shared: Rc<Shared>,
     /// Route whose response headers (and name header) go on the response.
     response_headers: Option<usize>,
 }
 
-impl Context for RoutingStream {}
+impl<H: Host> Context for RoutingStream<H> {}
 
-impl HttpContext for RoutingStream {
+impl<H: Host> HttpContext for RoutingStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
         let router = &shared.router;
-        let request = match read_request() {
+        let request = match read_request_from(&self.host) {
             Ok(request) => request,
             Err(action) => return action,
         };
         // No client may pick a cluster: drop its copy before anything else.
         if request.count(&router.cluster_header) > 0 {
-            let _ = host::remove_header(MapType::HttpRequestHeaders, &router.cluster_header);
+            let _ = self.host.remove_header(MapType::HttpRequestHeaders, &router.cluster_header);
         }
         let decision = router.decide(&request, || next_random(&shared.random_state));
         match decision {
@@ -105,20 +117,20 @@ impl HttpContext for RoutingStream {
                 Action::Continue
             }
             Decision::Respond(answer) => {
-                self.answer(&request, &answer);
-                Action::Pause
+                let sent = self.answer(&request, &answer);
+                self.after_local_reply(sent)
             }
             Decision::NoRoute => {
-                shared.metrics.no_route.increment();
+                shared.metrics.no_route.increment_on(&self.host);
                 let problem = Problem::new(
                     404,
                     "no-route",
                     "No route",
                     format!("no route matches {} {}", escape_bytes(request.method()), request.path()),
                 );
-                let _ = host::set_property(&[ROUTE_PROPERTY], b"-");
-                let _ = problem.send(&facts(&request));
-                Action::Pause
+                let _ = self.host.set_property(&[ROUTE_PROPERTY], b"-");
+                let sent = problem.send_on(&self.host, &facts(&request));
+                self.after_local_reply(sent)
             }
         }
     }
@@ -130,62 +142,86 @@ impl HttpContext for RoutingStream {
         let router = &self.shared.router;
         if let Some(route) = router.routes.get(index) {
             for (name, value) in &route.response_headers {
-                let _ = host::add_header(MapType::HttpResponseHeaders, name, value.as_bytes());
+                let _ = self.host.add_header(MapType::HttpResponseHeaders, name, value.as_bytes());
             }
             if let Some(name) = &router.route_name_response_header {
-                let _ = host::set_header(MapType::HttpResponseHeaders, name, route.name.as_bytes());
+                let _ = self.host.set_header(MapType::HttpResponseHeaders, name, route.name.as_bytes());
             }
         }
         Action::Continue
     }
 }
 
-impl RoutingStream {
+impl<H: Host> RoutingStream<H> {
     fn forward(&mut self, forward: &Forward) {
         let router = &self.shared.router;
         let route = forward.route.and_then(|index| router.routes.get(index));
         match (forward.route, route) {
             (Some(index), Some(route)) => {
-                self.shared.metrics.per_route.get(index).copied().unwrap_or_default().increment();
-                let _ = host::set_property(&[ROUTE_PROPERTY], route.name.as_bytes());
+                self.shared.metrics.per_route.get(index).copied().unwrap_or_default().increment_on(&self.host);
+                let _ = self.host.set_property(&[ROUTE_PROPERTY], route.name.as_bytes());
                 let edits = &route.request_headers;
                 for name in &edits.remove {
-                    let _ = host::remove_header(MapType::HttpRequestHeaders, name);
+                    let _ = self.host.remove_header(MapType::HttpRequestHeaders, name);
                 }
                 for (name, value) in &edits.set {
-                    let _ = host::set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
+                    let _ = self.host.set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
                 }
                 for (name, value) in &edits.add {
-                    let _ = host::add_header(MapType::HttpRequestHeaders, name, value.as_bytes());
+                    let _ = self.host.add_header(MapType::HttpRequestHeaders, name, value.as_bytes());
                 }
                 if !route.response_headers.is_empty() || router.route_name_response_header.is_some() {
                     self.response_headers = Some(index);
                 }
             }
             _ => {
-                self.shared.metrics.default_route.increment();
-                let _ = host::set_property(&[ROUTE_PROPERTY], b"default");
+                self.shared.metrics.default_route.increment_on(&self.host);
+                let _ = self.host.set_property(&[ROUTE_PROPERTY], b"default");
             }
         }
         if let Some(path) = &forward.path {
-            let _ = host::set_header(MapType::HttpRequestHeaders, ":path", path.as_bytes());
+            let _ = self.host.set_header(MapType::HttpRequestHeaders, ":path", path.as_bytes());
         }
         if let Some(authority) = &forward.authority {
-            let _ = host::set_header(MapType::HttpRequestHeaders, ":authority", authority.as_bytes());
+            let _ = self.host.set_header(MapType::HttpRequestHeaders, ":authority", authority.as_bytes());
         }
-        let _ = host::set_header(MapType::HttpRequestHeaders, &router.cluster_header, forward.cluster.as_bytes());
+        let _ = self.host.set_header(MapType::HttpRequestHeaders, &router.cluster_header, forward.cluster.as_bytes());
         if router.clear_route_cache {
-            clear_route_cache();
+            // Envoy does this by itself for modules of ABI 0.2.1 (ours), so it is
+            // opt-in; hosts without the function answer NotFound, which is fine.
+            let _ = self.host.call_foreign_function("clear_route_cache", b"");
         }
     }
 
-    fn answer(&mut self, request: &RequestHeaders, answer: &LocalAnswer) {
+    /// After a local reply: pause (the reply ends the stream). If the host refused
+    /// the reply, let the request continue instead of leaving it hanging until
+    /// Envoy's timeout: routing set no cluster header for it, so Envoy's
+    /// `cluster_header` route cannot forward it and answers it itself (404).
+    fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
+        match sent {
+            Ok(()) => Action::Pause,
+            Err(error) => {
+                self.shared.metrics.local_reply_failed.increment_on(&self.host);
+                if !self.shared.reply_failure_logged.replace(true) {
+                    self.host.log(
+                        LogLevel::Error,
+                        &format!(
+                            "routing: the host refused a local reply ({error:?}); continuing (logged once per VM)"
+                        ),
+                    );
+                }
+                Action::Continue
+            }
+        }
+    }
+
+    fn answer(&mut self, request: &RequestHeaders, answer: &LocalAnswer) -> gateway_common::host::HostResult<()> {
         let router = &self.shared.router;
         let Some(route) = router.routes.get(answer.route) else {
-            return;
+            return Ok(());
         };
-        self.shared.metrics.per_route.get(answer.route).copied().unwrap_or_default().increment();
-        let _ = host::set_property(&[ROUTE_PROPERTY], route.name.as_bytes());
+        self.shared.metrics.per_route.get(answer.route).copied().unwrap_or_default().increment_on(&self.host);
+        let _ = self.host.set_property(&[ROUTE_PROPERTY], route.name.as_bytes());
         let mut headers: Vec<(&str, &str)> =
             route.response_headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
         if let Some(name) = &router.route_name_response_header {
@@ -194,32 +230,25 @@ impl RoutingStream {
         match &route.action {
             RouteAction::Redirect { location, .. } => {
                 headers.push(("location", location.as_str()));
-                let _ = host::send_local_response(answer.status, &headers, b"", None);
+                self.host.send_local_response(answer.status, &headers, b"", None)
             }
             RouteAction::Respond { body: Some(body), content_type, .. } => {
                 headers.push(("content-type", content_type.as_str()));
-                let _ = host::send_local_response(answer.status, &headers, body.as_bytes(), None);
+                self.host.send_local_response(answer.status, &headers, body.as_bytes(), None)
             }
             RouteAction::Respond { body: None, detail, .. } => {
                 let mut problem =
                     Problem::new(answer.status, "direct-response", "Answered by the gateway", detail.clone());
                 problem.headers = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-                let _ = problem.send(&facts(request));
+                problem.send_on(&self.host, &facts(request))
             }
-            RouteAction::Cluster(_) | RouteAction::Split(_) => {}
+            RouteAction::Cluster(_) | RouteAction::Split(_) => Ok(()),
         }
     }
 }
 
 fn facts(request: &RequestHeaders) -> RequestFacts {
     RequestFacts::of(request)
-}
-
-/// Asks the host to re-select the route after the routing header or path changed.
-/// Envoy does this by itself for modules of ABI 0.2.1 (ours), so it is opt-in;
-/// hosts without the function answer NotFound, which is fine.
-fn clear_route_cache() {
-    let _ = host::call_foreign_function("clear_route_cache", b"");
 }
 
 fn random_seed() -> u64 {
@@ -234,4 +263,102 @@ fn next_random(state: &Cell<u64>) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// The glue on `FakeHost`: what a request makes the module do, and the host calls
+/// it costs (each copies across the VM boundary; a new one must fail a budget).
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod glue_tests {
+    use super::*;
+    use gateway_common::platform::FakeHost;
+
+    const CONFIG: &str = r#"{"routes": [
+        {"name": "users", "match": {"path": {"prefix": "/users"}}, "cluster": "users"},
+        {"name": "gone", "match": {"path": {"prefix": "/v0"}}, "direct_response": {"status": 410}}
+    ]}"#;
+
+    fn stream(request: &[(&str, &[u8])]) -> RoutingStream<FakeHost> {
+        let config: RoutingConfig = gateway_common::config::parse_json(CONFIG.as_bytes()).unwrap();
+        let host = FakeHost::new().with_headers(MapType::HttpRequestHeaders, request);
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), 7));
+        host.reset_calls();
+        RoutingStream { host, shared, response_headers: None }
+    }
+
+    #[test]
+    fn budget_a_forwarded_request_costs_four_host_calls() {
+        let mut stream = stream(&[(":method", b"GET"), (":path", b"/users/7")]);
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
+        assert_eq!(
+            stream.host.header_values(MapType::HttpRequestHeaders, "x-gateway-cluster"),
+            vec![b"users".to_vec()]
+        );
+        assert_eq!(stream.host.property_value(&[ROUTE_PROPERTY]), Some(b"users".to_vec()));
+        // read headers, count the route, record it for access logs, set the cluster.
+        assert_eq!(stream.host.calls(), ["header_pairs", "increment_metric", "set_property", "set_header"]);
+    }
+
+    #[test]
+    fn a_client_supplied_cluster_header_is_removed_first() {
+        let mut stream = stream(&[(":method", b"GET"), (":path", b"/users/7"), ("x-gateway-cluster", b"admin")]);
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
+        assert_eq!(
+            stream.host.header_values(MapType::HttpRequestHeaders, "x-gateway-cluster"),
+            vec![b"users".to_vec()]
+        );
+        assert_eq!(stream.host.calls()[1], "remove_header");
+    }
+
+    #[test]
+    fn no_route_is_answered_with_a_problem_and_counted() {
+        let mut stream = stream(&[(":method", b"GET"), (":path", b"/nowhere")]);
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        let replies = stream.host.replies();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].status, 404);
+        assert_eq!(stream.host.metric("routing.no_route.requests"), 1);
+    }
+
+    #[test]
+    fn a_target_that_is_not_ascii_gets_400_from_the_glue() {
+        let mut stream = stream(&[(":method", b"GET"), (":path", b"/users/\xff")]);
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(stream.host.replies()[0].status, 400);
+        assert!(stream.host.header_values(MapType::HttpRequestHeaders, "x-gateway-cluster").is_empty());
+    }
+
+    #[test]
+    fn a_refused_local_reply_never_leaves_the_stream_paused() {
+        for path in [&b"/v0/x"[..], b"/nowhere"] {
+            let mut stream = stream(&[(":method", b"GET"), (":path", path)]);
+            stream.host.refuse_local_reply.set(true);
+            assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
+            assert!(stream.host.header_values(MapType::HttpRequestHeaders, "x-gateway-cluster").is_empty());
+            assert_eq!(stream.host.metric("routing.local_reply_failed"), 1);
+            assert_eq!(stream.host.logs().len(), 1);
+            // Logged once per VM, counted every time.
+            assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
+            assert_eq!(stream.host.logs().len(), 1);
+            assert_eq!(stream.host.metric("routing.local_reply_failed"), 2);
+        }
+    }
+
+    #[test]
+    fn response_headers_of_the_route_are_added() {
+        let config: RoutingConfig = gateway_common::config::parse_json(
+            br#"{"route_name_response_header": "x-route", "routes": [{"name": "users", "cluster": "users",
+                 "response_headers": {"add": {"x-served-via": "gw"}}}]}"#,
+        )
+        .unwrap();
+        let host = FakeHost::new().with_headers(MapType::HttpRequestHeaders, &[(":path", b"/")]);
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), 7));
+        let mut stream = RoutingStream { host, shared, response_headers: None };
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
+        stream.host.reset_calls();
+        assert_eq!(stream.on_http_response_headers(0, true), Action::Continue);
+        assert_eq!(stream.host.header_values(MapType::HttpResponseHeaders, "x-served-via"), vec![b"gw".to_vec()]);
+        assert_eq!(stream.host.header_values(MapType::HttpResponseHeaders, "x-route"), vec![b"users".to_vec()]);
+        assert_eq!(stream.host.calls(), ["add_header", "set_header"]);
+    }
 }

@@ -1,0 +1,323 @@
+//! The host as the filters see it: one trait, [`Host`], implemented once over the
+//! FFI ([`Ffi`], through `host.rs`) and once in memory ([`FakeHost`]) so that a
+//! filter's glue runs natively in unit tests, with every host call recorded.
+//!
+//! Glue written against `Host` is tested on `FakeHost`: what it reads, writes and
+//! answers, and how many host calls a typical request costs (each call copies
+//! data across the VM boundary; budget tests pin the numbers).
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+
+use crate::field;
+use crate::host::{self, CasWrite, HostError, HostResult, LogLevel, MapType, MetricType, VALUE_REFUSED};
+use crate::request::HeaderPairs;
+
+/// Every host effect the filters use.
+pub trait Host {
+    fn header_pairs(&self, map: MapType) -> HostResult<HeaderPairs>;
+    fn header(&self, map: MapType, name: &str) -> HostResult<Option<Vec<u8>>>;
+    fn set_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()>;
+    fn add_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()>;
+    fn remove_header(&self, map: MapType, name: &str) -> HostResult<()>;
+    fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>>;
+    fn set_property(&self, path: &[&str], value: &[u8]) -> HostResult<()>;
+    fn shared_data(&self, key: &str) -> HostResult<(Option<Vec<u8>>, Option<u32>)>;
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<CasWrite>;
+    fn now_nanos(&self) -> u64;
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    ) -> HostResult<()>;
+    fn define_metric(&self, kind: MetricType, name: &str) -> HostResult<u32>;
+    fn increment_metric(&self, id: u32, by: i64) -> HostResult<()>;
+    fn record_metric(&self, id: u32, value: u64) -> HostResult<()>;
+    fn call_foreign_function(&self, name: &str, arguments: &[u8]) -> HostResult<Option<Vec<u8>>>;
+    fn log(&self, level: LogLevel, message: &str);
+}
+
+/// The real host: proxy-wasm ABI 0.2.1 through `host.rs` (which checks every
+/// value written, see `field.rs`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ffi;
+
+impl Host for Ffi {
+    fn header_pairs(&self, map: MapType) -> HostResult<HeaderPairs> {
+        host::headers(map)
+    }
+    fn header(&self, map: MapType, name: &str) -> HostResult<Option<Vec<u8>>> {
+        host::header(map, name)
+    }
+    fn set_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+        host::set_header(map, name, value)
+    }
+    fn add_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+        host::add_header(map, name, value)
+    }
+    fn remove_header(&self, map: MapType, name: &str) -> HostResult<()> {
+        host::remove_header(map, name)
+    }
+    fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>> {
+        host::property(path)
+    }
+    fn set_property(&self, path: &[&str], value: &[u8]) -> HostResult<()> {
+        host::set_property(path, value)
+    }
+    fn shared_data(&self, key: &str) -> HostResult<(Option<Vec<u8>>, Option<u32>)> {
+        host::shared_data(key)
+    }
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<CasWrite> {
+        host::set_shared_data(key, value, cas)
+    }
+    fn now_nanos(&self) -> u64 {
+        host::now_nanos()
+    }
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    ) -> HostResult<()> {
+        host::send_local_response(status, headers, body, grpc_status)
+    }
+    fn define_metric(&self, kind: MetricType, name: &str) -> HostResult<u32> {
+        host::define_metric(kind, name)
+    }
+    fn increment_metric(&self, id: u32, by: i64) -> HostResult<()> {
+        host::increment_metric(id, by)
+    }
+    fn record_metric(&self, id: u32, value: u64) -> HostResult<()> {
+        host::record_metric(id, value)
+    }
+    fn call_foreign_function(&self, name: &str, arguments: &[u8]) -> HostResult<Option<Vec<u8>>> {
+        host::call_foreign_function(name, arguments)
+    }
+    fn log(&self, level: LogLevel, message: &str) {
+        host::log(level, message)
+    }
+}
+
+/// A local reply as `FakeHost` received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub grpc_status: Option<u32>,
+}
+
+/// An in-memory host for native tests: scripted header maps, properties, shared
+/// data with Envoy's CAS semantics and a clock; every call is recorded by name
+/// (`calls()`), writes are applied (and refused by the same `field.rs` rules the
+/// FFI layer applies), a local reply is captured.
+#[derive(Debug, Default)]
+pub struct FakeHost {
+    calls: RefCell<Vec<String>>,
+    maps: RefCell<BTreeMap<u32, HeaderPairs>>,
+    properties: RefCell<BTreeMap<String, Vec<u8>>>,
+    shared: RefCell<BTreeMap<String, (Vec<u8>, u32)>>,
+    next_cas: Cell<u32>,
+    now: Cell<u64>,
+    metric_names: RefCell<Vec<String>>,
+    metrics: RefCell<Vec<(String, i64)>>,
+    replies: RefCell<Vec<LocalReply>>,
+    logs: RefCell<Vec<String>>,
+    /// Makes the next local reply fail (a host that refuses it).
+    pub refuse_local_reply: Cell<bool>,
+}
+
+impl FakeHost {
+    pub fn new() -> Self {
+        let host = Self::default();
+        host.next_cas.set(1);
+        host.now.set(1_700_000_000_000_000_000);
+        host
+    }
+
+    /// Replaces a header map (e.g. the request headers of the next callback).
+    pub fn with_headers(self, map: MapType, pairs: &[(&str, &[u8])]) -> Self {
+        let pairs = pairs.iter().map(|(name, value)| (name.as_bytes().to_vec(), value.to_vec())).collect();
+        self.maps.borrow_mut().insert(map as u32, pairs);
+        self
+    }
+
+    pub fn with_property(self, path: &[&str], value: &[u8]) -> Self {
+        self.properties.borrow_mut().insert(path.join("."), value.to_vec());
+        self
+    }
+
+    pub fn set_now(&self, nanos: u64) {
+        self.now.set(nanos);
+    }
+
+    /// The host calls made so far, by name (`set_header`, `shared_data`...).
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.borrow().clone()
+    }
+
+    /// Forgets the recorded calls (e.g. after configuration).
+    pub fn reset_calls(&self) {
+        self.calls.borrow_mut().clear();
+    }
+
+    /// Values of a header in a map, as the filter left it.
+    pub fn header_values(&self, map: MapType, name: &str) -> Vec<Vec<u8>> {
+        let maps = self.maps.borrow();
+        let pairs = maps.get(&(map as u32)).map(Vec::as_slice).unwrap_or_default();
+        pairs.iter().filter(|(key, _)| key.as_slice() == name.as_bytes()).map(|(_, value)| value.clone()).collect()
+    }
+
+    pub fn property_value(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.properties.borrow().get(&path.join(".")).cloned()
+    }
+
+    /// The local replies sent, in order.
+    pub fn replies(&self) -> Vec<LocalReply> {
+        self.replies.borrow().clone()
+    }
+
+    /// Sum of increments per metric name.
+    pub fn metric(&self, name: &str) -> i64 {
+        self.metrics.borrow().iter().filter(|(metric, _)| metric == name).map(|(_, by)| by).sum()
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.borrow().clone()
+    }
+
+    fn record(&self, call: &str) {
+        self.calls.borrow_mut().push(call.to_string());
+    }
+
+    fn metric_name(&self, id: u32) -> String {
+        self.metric_names.borrow().get(id as usize).cloned().unwrap_or_default()
+    }
+
+    fn edit(&self, map: MapType, edit: impl FnOnce(&mut HeaderPairs)) {
+        edit(self.maps.borrow_mut().entry(map as u32).or_default());
+    }
+}
+
+/// The same rule `host.rs` applies before a header write reaches the host.
+fn writable(name: &str, value: &[u8]) -> HostResult<()> {
+    if field::is_header_name(name) && field::is_field_value(value) {
+        Ok(())
+    } else {
+        Err(VALUE_REFUSED)
+    }
+}
+
+impl Host for FakeHost {
+    fn header_pairs(&self, map: MapType) -> HostResult<HeaderPairs> {
+        self.record("header_pairs");
+        Ok(self.maps.borrow().get(&(map as u32)).cloned().unwrap_or_default())
+    }
+    fn header(&self, map: MapType, name: &str) -> HostResult<Option<Vec<u8>>> {
+        self.record("header");
+        Ok(self.header_values(map, name).into_iter().next())
+    }
+    fn set_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+        self.record("set_header");
+        writable(name, value)?;
+        self.edit(map, |pairs| {
+            pairs.retain(|(key, _)| key.as_slice() != name.as_bytes());
+            pairs.push((name.as_bytes().to_vec(), value.to_vec()));
+        });
+        Ok(())
+    }
+    fn add_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+        self.record("add_header");
+        writable(name, value)?;
+        self.edit(map, |pairs| pairs.push((name.as_bytes().to_vec(), value.to_vec())));
+        Ok(())
+    }
+    fn remove_header(&self, map: MapType, name: &str) -> HostResult<()> {
+        self.record("remove_header");
+        self.edit(map, |pairs| pairs.retain(|(key, _)| key.as_slice() != name.as_bytes()));
+        Ok(())
+    }
+    fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>> {
+        self.record("property");
+        Ok(self.property_value(path))
+    }
+    fn set_property(&self, path: &[&str], value: &[u8]) -> HostResult<()> {
+        self.record("set_property");
+        if !field::is_field_value(value) {
+            return Err(VALUE_REFUSED);
+        }
+        self.properties.borrow_mut().insert(path.join("."), value.to_vec());
+        Ok(())
+    }
+    fn shared_data(&self, key: &str) -> HostResult<(Option<Vec<u8>>, Option<u32>)> {
+        self.record("shared_data");
+        Ok(match self.shared.borrow().get(key) {
+            Some((value, cas)) => (Some(value.clone()), Some(*cas)),
+            None => (None, None),
+        })
+    }
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<CasWrite> {
+        self.record("set_shared_data");
+        let mut shared = self.shared.borrow_mut();
+        if let (Some(expected), Some((_, current))) = (cas, shared.get(key)) {
+            if expected != *current {
+                return Ok(CasWrite::Conflict);
+            }
+        }
+        let next = self.next_cas.get();
+        self.next_cas.set(next.wrapping_add(1).max(1));
+        shared.insert(key.to_string(), (value.to_vec(), next));
+        Ok(CasWrite::Written)
+    }
+    fn now_nanos(&self) -> u64 {
+        self.record("now_nanos");
+        self.now.get()
+    }
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    ) -> HostResult<()> {
+        self.record("send_local_response");
+        if self.refuse_local_reply.get() {
+            return Err(HostError(2));
+        }
+        let headers = headers
+            .iter()
+            .filter(|(name, value)| writable(name, value.as_bytes()).is_ok())
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        self.replies.borrow_mut().push(LocalReply { status, headers, body: body.to_vec(), grpc_status });
+        Ok(())
+    }
+    fn define_metric(&self, _kind: MetricType, name: &str) -> HostResult<u32> {
+        self.record("define_metric");
+        let mut names = self.metric_names.borrow_mut();
+        names.push(name.to_string());
+        u32::try_from(names.len() - 1).map_err(|_| HostError(1))
+    }
+    fn increment_metric(&self, id: u32, by: i64) -> HostResult<()> {
+        self.record("increment_metric");
+        let name = self.metric_name(id);
+        self.metrics.borrow_mut().push((name, by));
+        Ok(())
+    }
+    fn record_metric(&self, id: u32, _value: u64) -> HostResult<()> {
+        self.record("record_metric");
+        let _ = self.metric_name(id);
+        Ok(())
+    }
+    fn call_foreign_function(&self, name: &str, _arguments: &[u8]) -> HostResult<Option<Vec<u8>>> {
+        self.record(&format!("call_foreign_function {name}"));
+        Err(HostError(host::STATUS_NOT_FOUND))
+    }
+    fn log(&self, _level: LogLevel, message: &str) {
+        self.record("log");
+        self.logs.borrow_mut().push(message.to_string());
+    }
+}
