@@ -11,10 +11,11 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gateway_common::config::load_plugin_config;
-use gateway_common::host::{self, LogLevel, MapType};
+use gateway_common::host::{HostResult, LogLevel, MapType};
 use gateway_common::metrics::Metric;
+use gateway_common::platform::{Ffi, Host};
 use gateway_common::problem::{Problem, RequestFacts};
-use gateway_common::request::read_request;
+use gateway_common::request::read_request_from;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -35,6 +36,7 @@ struct Metrics {
     error: Metric,
     timeout: Metric,
     partial: Metric,
+    local_reply_failed: Metric,
 }
 
 struct Shared {
@@ -42,6 +44,20 @@ struct Shared {
     metrics: Metrics,
     /// Parts (by endpoint and part index) whose cluster call failed, logged once.
     unreachable_clusters: RefCell<BTreeSet<(usize, usize)>>,
+}
+
+impl Shared {
+    fn new(host: &impl Host, endpoints: Vec<Endpoint>) -> Self {
+        let metrics = Metrics {
+            composites: Metric::counter_on(host, "aggregate.requests"),
+            ok: Metric::counter_on(host, "aggregate.parts.ok"),
+            error: Metric::counter_on(host, "aggregate.parts.error"),
+            timeout: Metric::counter_on(host, "aggregate.parts.timeout"),
+            partial: Metric::counter_on(host, "aggregate.partial_responses"),
+            local_reply_failed: Metric::counter_on(host, "aggregate.local_reply_failed"),
+        };
+        Self { endpoints, metrics, unreachable_clusters: RefCell::default() }
+    }
 }
 
 #[derive(Default)]
@@ -56,19 +72,12 @@ impl RootContext for AggregateRoot {
         let Some(endpoints) = load_plugin_config("aggregate", AggregateConfig::compile) else {
             return false;
         };
-        let metrics = Metrics {
-            composites: Metric::counter("aggregate.requests"),
-            ok: Metric::counter("aggregate.parts.ok"),
-            error: Metric::counter("aggregate.parts.error"),
-            timeout: Metric::counter("aggregate.parts.timeout"),
-            partial: Metric::counter("aggregate.partial_responses"),
-        };
-        self.shared = Some(Rc::new(Shared { endpoints, metrics, unreachable_clusters: RefCell::default() }));
+        self.shared = Some(Rc::new(Shared::new(&Ffi, endpoints)));
         true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(AggregateStream { shared: self.shared.clone()?, composite: None }))
+        Some(Box::new(AggregateStream { host: Ffi, shared: self.shared.clone()?, composite: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -86,12 +95,13 @@ struct Composite {
     facts: RequestFacts,
 }
 
-struct AggregateStream {
+struct AggregateStream<H: Host> {
+    host: H,
     shared: Rc<Shared>,
     composite: Option<Composite>,
 }
 
-impl Context for AggregateStream {
+impl<H: Host> Context for AggregateStream<H> {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         let shared = Rc::clone(&self.shared);
         let Some(composite) = self.composite.as_mut() else { return };
@@ -101,21 +111,23 @@ impl Context for AggregateStream {
         };
         // A failed call (reset, timeout, no cluster) arrives with no headers.
         let status = (num_headers > 0)
-            .then(|| host::header(MapType::HttpCallResponseHeaders, ":status").ok().flatten())
+            .then(|| self.host.header(MapType::HttpCallResponseHeaders, ":status").ok().flatten())
             .flatten()
             .and_then(|status| std::str::from_utf8(&status).ok()?.parse::<u16>().ok());
-        let cache_control = host::header(MapType::HttpCallResponseHeaders, "cache-control")
+        let cache_control = self
+            .host
+            .header(MapType::HttpCallResponseHeaders, "cache-control")
             .ok()
             .flatten()
             .map(|value| String::from_utf8_lossy(&value).into_owned());
         let too_large = body_size > part.spec.max_bytes;
         // An oversized body is never copied into the VM.
         let body = if body_size > 0 && !too_large {
-            host::http_call_response_body(body_size).unwrap_or_default()
+            self.host.http_call_response_body(body_size).unwrap_or_default()
         } else {
             Vec::new()
         };
-        let elapsed_ms = host::now_nanos().saturating_sub(started) / 1_000_000;
+        let elapsed_ms = self.host.now_nanos().saturating_sub(started) / 1_000_000;
         // Envoy answers a timed-out call with no headers or its own 504.
         let timed_out = matches!(status, None | Some(504)) && elapsed_ms + 5 >= part.spec.timeout_ms;
         let outcome = match status {
@@ -124,9 +136,9 @@ impl Context for AggregateStream {
             _ => compose::judge(part, status, cache_control, &body, false),
         };
         match &outcome {
-            Outcome::Ok { .. } => shared.metrics.ok.increment(),
-            Outcome::Error(_) => shared.metrics.error.increment(),
-            Outcome::Timeout => shared.metrics.timeout.increment(),
+            Outcome::Ok { .. } => shared.metrics.ok.increment_on(&self.host),
+            Outcome::Error(_) => shared.metrics.error.increment_on(&self.host),
+            Outcome::Timeout => shared.metrics.timeout.increment_on(&self.host),
         }
         if let Some(slot) = composite.outcomes.get_mut(index) {
             *slot = Some(outcome);
@@ -137,10 +149,10 @@ impl Context for AggregateStream {
     }
 }
 
-impl HttpContext for AggregateStream {
+impl<H: Host> HttpContext for AggregateStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
-        let request = match read_request() {
+        let request = match read_request_from(&self.host) {
             Ok(request) => request,
             Err(action) => return action,
         };
@@ -148,7 +160,7 @@ impl HttpContext for AggregateStream {
             return Action::Continue;
         };
         let Some(endpoint) = shared.endpoints.get(index) else { return Action::Continue };
-        shared.metrics.composites.increment();
+        shared.metrics.composites.increment_on(&self.host);
         let mut composite = Composite {
             endpoint: index,
             outcomes: vec![None; endpoint.parts.len()],
@@ -167,8 +179,8 @@ impl HttpContext for AggregateStream {
                         "Bad Request",
                         format!("`{}` must not be `.` or `..` (a dot segment)", refused.placeholder),
                     );
-                    let _ = problem.send(&composite.facts);
-                    return Action::Pause;
+                    let sent = problem.send_on(&self.host, &composite.facts);
+                    return self.after_local_reply(sent, false);
                 }
             }
         }
@@ -186,15 +198,15 @@ impl HttpContext for AggregateStream {
                     // Forwarded as sent or not at all (`field.rs` counts the skip).
                     match std::str::from_utf8(value) {
                         Ok(text) => headers.push((name.clone(), text.to_string())),
-                        Err(_) => gateway_common::field::skipped(),
+                        Err(_) => gateway_common::field::skipped_on(&self.host),
                     }
                 }
             }
             let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
             let timeout = Duration::from_millis(part.spec.timeout_ms);
-            match host::dispatch_http_call(&part.spec.cluster, &pairs, timeout) {
+            match self.host.dispatch_http_call(&part.spec.cluster, &pairs, timeout) {
                 Ok(token) => {
-                    composite.calls.insert(token, (part_index, host::now_nanos()));
+                    composite.calls.insert(token, (part_index, self.host.now_nanos()));
                 }
                 Err(error) => {
                     // Once per cluster and worker: under traffic a log line per request floods.
@@ -203,7 +215,7 @@ impl HttpContext for AggregateStream {
                         .try_borrow_mut()
                         .is_ok_and(|mut set| set.insert((index, part_index)));
                     if first_time {
-                        host::log(
+                        self.host.log(
                             LogLevel::Error,
                             &format!(
                                 "aggregate: endpoint {} part {}: cannot call cluster `{}` ({error:?}): does it exist? \
@@ -212,7 +224,7 @@ impl HttpContext for AggregateStream {
                             ),
                         );
                     }
-                    shared.metrics.error.increment();
+                    shared.metrics.error.increment_on(&self.host);
                     if let Some(slot) = composite.outcomes.get_mut(part_index) {
                         *slot = Some(Outcome::Error(format!("cannot call cluster {}", part.spec.cluster)));
                     }
@@ -228,7 +240,7 @@ impl HttpContext for AggregateStream {
     }
 }
 
-impl AggregateStream {
+impl<H: Host> AggregateStream<H> {
     /// All parts are done: send the composite (or the failure) to the client.
     fn answer(&mut self) {
         let Some(composite) = self.composite.take() else { return };
@@ -243,10 +255,11 @@ impl AggregateStream {
                 let partial_header = partial.join(",");
                 let mut headers = vec![("content-type", "application/json"), ("cache-control", cache_control.as_str())];
                 if !partial.is_empty() {
-                    self.shared.metrics.partial.increment();
+                    self.shared.metrics.partial.increment_on(&self.host);
                     headers.push(("x-aggregate-partial", partial_header.as_str()));
                 }
-                let _ = host::send_local_response(200, &headers, &body, None);
+                let sent = self.host.send_local_response(200, &headers, &body, None);
+                self.after_local_reply(sent, true);
             }
             Answer::Failed { status, part, reason } => {
                 let title = if status == 504 { "Gateway Timeout" } else { "Bad Gateway" };
@@ -257,8 +270,115 @@ impl AggregateStream {
                     format!("required part `{part}` of `{}` failed: {reason}", endpoint.name),
                 )
                 .with_header("cache-control", "no-store");
-                let _ = problem.send(&composite.facts);
+                let sent = problem.send_on(&self.host, &composite.facts);
+                self.after_local_reply(sent, true);
             }
         }
+    }
+
+    /// After a local reply: pause (the reply ends the stream). If the host refused
+    /// it, the request is let through to the rest of the chain and the router
+    /// instead of hanging until Envoy's timeout (aggregate enforces nothing the
+    /// modules behind it do not check again). `resume` when the stream is already
+    /// paused (the answer came from an HTTP call callback).
+    fn after_local_reply(&self, sent: HostResult<()>, resume: bool) -> Action {
+        if sent.is_ok() {
+            return Action::Pause;
+        }
+        self.shared.metrics.local_reply_failed.increment_on(&self.host);
+        if resume {
+            let _ = self.host.resume_request();
+        }
+        Action::Continue
+    }
+}
+
+/// The glue on `FakeHost`: the fan-out, the single answer, and their host calls.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod glue_tests {
+    use super::*;
+    use gateway_common::platform::FakeHost;
+
+    const CONFIG: &str = r#"{"endpoints": [{"name": "dashboard", "path": "/dashboard/{id}", "parts": [
+        {"name": "user", "cluster": "users", "path": "/users/{id}", "key": "user", "forward_headers": ["x-user-id"]},
+        {"name": "orders", "cluster": "orders", "path": "/orders?user={id}", "key": "orders", "required": false}
+    ]}]}"#;
+
+    fn stream(request: &[(&str, &[u8])]) -> AggregateStream<FakeHost> {
+        let config: AggregateConfig = gateway_common::config::parse_json(CONFIG.as_bytes()).unwrap();
+        let host = FakeHost::new().with_headers(MapType::HttpRequestHeaders, request);
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap()));
+        host.reset_calls();
+        AggregateStream { host, shared, composite: None }
+    }
+
+    fn dashboard() -> AggregateStream<FakeHost> {
+        stream(&[(":method", b"GET"), (":path", b"/dashboard/7"), ("x-user-id", b"alice")])
+    }
+
+    #[test]
+    fn budget_a_composite_request_costs_two_host_calls_per_part_plus_two() {
+        let mut stream = dashboard();
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(
+            stream.host.calls(),
+            ["header_pairs", "increment_metric", "dispatch_http_call", "now_nanos", "dispatch_http_call", "now_nanos"]
+        );
+        let calls = stream.host.dispatched();
+        assert_eq!(calls[0].cluster, "users");
+        let header = |call: &gateway_common::platform::DispatchedCall, name: &str| {
+            call.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        };
+        assert_eq!(header(&calls[0], ":path").as_deref(), Some("/users/7"));
+        assert_eq!(header(&calls[0], "x-user-id").as_deref(), Some("alice"));
+        assert_eq!(header(&calls[1], ":path").as_deref(), Some("/orders?user=7"));
+        assert_eq!(header(&calls[1], "x-user-id"), None, "only the configured headers are forwarded");
+    }
+
+    #[test]
+    fn both_answers_make_one_merged_reply() {
+        let mut stream = dashboard();
+        stream.on_http_request_headers(0, true);
+        stream.host.answer_call(&[(":status", b"200"), ("cache-control", b"max-age=60")], br#"{"id":"7"}"#);
+        stream.on_http_call_response(1, 2, 10, 0);
+        assert!(stream.host.replies().is_empty(), "waits for every part");
+        stream.host.reset_calls();
+        stream.host.answer_call(&[(":status", b"200"), ("cache-control", b"max-age=30")], br#"[1,2]"#);
+        stream.on_http_call_response(2, 2, 5, 0);
+        // status, cache-control, body, clock, metric, the reply.
+        assert_eq!(
+            stream.host.calls(),
+            ["header", "header", "http_call_response_body", "now_nanos", "increment_metric", "send_local_response"]
+        );
+        let reply = &stream.host.replies()[0];
+        assert_eq!(reply.status, 200);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["user"]["id"], "7");
+        assert_eq!(body["orders"], serde_json::json!([1, 2]));
+    }
+
+    #[test]
+    fn a_refused_reply_resumes_the_request_instead_of_hanging_it() {
+        let mut stream = dashboard();
+        stream.on_http_request_headers(0, true);
+        stream.host.refuse_local_reply.set(true);
+        stream.host.answer_call(&[(":status", b"200")], br#"{"id":"7"}"#);
+        stream.on_http_call_response(1, 1, 10, 0);
+        stream.on_http_call_response(2, 1, 10, 0);
+        assert_eq!(stream.host.resumed(), 1);
+        assert_eq!(stream.host.metric("aggregate.local_reply_failed"), 1);
+    }
+
+    #[test]
+    fn a_missing_cluster_fails_its_part_and_is_logged_once() {
+        let mut first = dashboard();
+        first.host.unknown_clusters.borrow_mut().push("orders".into());
+        assert_eq!(first.on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(first.host.logs().len(), 1);
+        let mut second = AggregateStream { host: first.host, shared: Rc::clone(&first.shared), composite: None };
+        second.on_http_request_headers(0, true);
+        assert_eq!(second.host.logs().len(), 1, "logged once per VM");
+        assert_eq!(second.host.metric("aggregate.parts.error"), 2);
     }
 }

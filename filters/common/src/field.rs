@@ -61,10 +61,15 @@ pub fn count_skipped_in(metric_id: Option<u32>) {
     SKIPPED_METRIC.with(|cell| cell.set(metric_id));
 }
 
-/// Counts one value that was not written.
+/// Counts one value that was not written (by `host.rs`).
 pub fn skipped() {
+    skipped_on(&crate::platform::Ffi);
+}
+
+/// Counts one value that was not written, on any host.
+pub fn skipped_on(host: &impl crate::platform::Host) {
     if let Some(id) = SKIPPED_METRIC.with(Cell::get) {
-        let _ = crate::host::increment_metric(id, 1);
+        let _ = host.increment_metric(id, 1);
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::field;
 use crate::host::{self, CasWrite, HostError, HostResult, LogLevel, MapType, MetricType, VALUE_REFUSED};
@@ -37,6 +38,13 @@ pub trait Host {
     fn record_metric(&self, id: u32, value: u64) -> HostResult<()>;
     fn call_foreign_function(&self, name: &str, arguments: &[u8]) -> HostResult<Option<Vec<u8>>>;
     fn log(&self, level: LogLevel, message: &str);
+    /// Starts an HTTP call; the answer arrives in the calling context's
+    /// `on_http_call_response` with this token.
+    fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32>;
+    /// The body of the HTTP call response being delivered (at most `size` bytes).
+    fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>>;
+    /// Resumes a request paused by `Action::Pause`.
+    fn resume_request(&self) -> HostResult<()>;
 }
 
 /// The real host: proxy-wasm ABI 0.2.1 through `host.rs` (which checks every
@@ -99,6 +107,24 @@ impl Host for Ffi {
     fn log(&self, level: LogLevel, message: &str) {
         host::log(level, message)
     }
+    fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32> {
+        host::dispatch_http_call(cluster, headers, timeout)
+    }
+    fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        host::http_call_response_body(size)
+    }
+    fn resume_request(&self) -> HostResult<()> {
+        host::resume_request()
+    }
+}
+
+/// An HTTP call as `FakeHost` received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchedCall {
+    pub token: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
 }
 
 /// A local reply as `FakeHost` received it.
@@ -126,8 +152,13 @@ pub struct FakeHost {
     metrics: RefCell<Vec<(String, i64)>>,
     replies: RefCell<Vec<LocalReply>>,
     logs: RefCell<Vec<String>>,
-    /// Makes the next local reply fail (a host that refuses it).
+    dispatched: RefCell<Vec<DispatchedCall>>,
+    call_body: RefCell<Vec<u8>>,
+    resumed: Cell<u32>,
+    /// Makes local replies fail (a host that refuses them).
     pub refuse_local_reply: Cell<bool>,
+    /// Clusters whose calls fail to start (as Envoy refuses an unknown cluster).
+    pub unknown_clusters: RefCell<Vec<String>>,
 }
 
 impl FakeHost {
@@ -187,6 +218,23 @@ impl FakeHost {
 
     pub fn logs(&self) -> Vec<String> {
         self.logs.borrow().clone()
+    }
+
+    /// The HTTP calls started so far.
+    pub fn dispatched(&self) -> Vec<DispatchedCall> {
+        self.dispatched.borrow().clone()
+    }
+
+    /// Scripts the answer the next `on_http_call_response` will read.
+    pub fn answer_call(&self, headers: &[(&str, &[u8])], body: &[u8]) {
+        let pairs = headers.iter().map(|(name, value)| (name.as_bytes().to_vec(), value.to_vec())).collect();
+        self.maps.borrow_mut().insert(MapType::HttpCallResponseHeaders as u32, pairs);
+        *self.call_body.borrow_mut() = body.to_vec();
+    }
+
+    /// How often the filter resumed the request.
+    pub fn resumed(&self) -> u32 {
+        self.resumed.get()
     }
 
     fn record(&self, call: &str) {
@@ -319,5 +367,30 @@ impl Host for FakeHost {
     fn log(&self, _level: LogLevel, message: &str) {
         self.record("log");
         self.logs.borrow_mut().push(message.to_string());
+    }
+    fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32> {
+        self.record("dispatch_http_call");
+        if self.unknown_clusters.borrow().iter().any(|unknown| unknown == cluster) {
+            return Err(HostError(2));
+        }
+        let mut dispatched = self.dispatched.borrow_mut();
+        let token = u32::try_from(dispatched.len() + 1).map_err(|_| HostError(1))?;
+        let headers = headers
+            .iter()
+            .filter(|(name, value)| writable(name, value.as_bytes()).is_ok())
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        dispatched.push(DispatchedCall { token, cluster: cluster.to_string(), headers, timeout });
+        Ok(token)
+    }
+    fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        self.record("http_call_response_body");
+        let body = self.call_body.borrow();
+        Ok(body.get(..size.min(body.len())).unwrap_or_default().to_vec())
+    }
+    fn resume_request(&self) -> HostResult<()> {
+        self.record("resume_request");
+        self.resumed.set(self.resumed.get() + 1);
+        Ok(())
     }
 }
