@@ -16,9 +16,10 @@ use gateway_common::config::load_plugin_config;
 use gateway_common::hash::digests_equal;
 use gateway_common::host::{self, MapType};
 use gateway_common::metrics::Metric;
+use gateway_common::platform::{Ffi, Host};
 use gateway_common::problem::{Problem, RequestFacts};
-use gateway_common::request::{read_request, unescape_bytes, RequestHeaders};
-use gateway_common::shared::{HostStore, Store};
+use gateway_common::request::{read_request_from, unescape_bytes, RequestHeaders};
+use gateway_common::shared::{HostStore, SharedData, Store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use sha2::{Digest, Sha256};
@@ -45,6 +46,7 @@ struct Metrics {
     stale_if_error: Metric,
     invalidations: Metric,
     purges: Metric,
+    local_reply_failed: Metric,
     bytes: Metric,
     evictions: Metric,
 }
@@ -71,11 +73,43 @@ struct Background {
 }
 
 impl Shared {
+    /// The per-VM state; `None` when the shared-data keys cannot be created.
+    fn new(host: &impl Host, cache: Cache) -> Option<Self> {
+        let config = &cache.config;
+        let table = Table {
+            slots: config.slots,
+            max_variants: usize::from(config.max_variants),
+            max_total_bytes: config.max_total_bytes,
+        };
+        table.initialize(&SharedData(host)).ok()?;
+        let metrics = Metrics {
+            hits: Metric::counter_on(host, "cache.hits"),
+            misses: Metric::counter_on(host, "cache.misses"),
+            stores: Metric::counter_on(host, "cache.stores"),
+            revalidated_304: Metric::counter_on(host, "cache.revalidations.not_modified"),
+            revalidated_200: Metric::counter_on(host, "cache.revalidations.replaced"),
+            stale_if_error: Metric::counter_on(host, "cache.stale_if_error"),
+            invalidations: Metric::counter_on(host, "cache.invalidations"),
+            purges: Metric::counter_on(host, "cache.purges"),
+            local_reply_failed: Metric::counter_on(host, "cache.local_reply_failed"),
+            bytes: Metric::gauge_on(host, "cache.bytes_stored"),
+            evictions: Metric::gauge_on(host, "cache.evictions"),
+        };
+        Some(Self {
+            cache,
+            table,
+            metrics,
+            decoded: RefCell::new(HashMap::new()),
+            revalidations: RefCell::new(Vec::new()),
+            in_flight: RefCell::new(HashSet::new()),
+        })
+    }
+
     /// The metadata stored for `key` (with its slot), decoded at most once per
     /// version in this VM.
-    fn lookup(&self, key: &str) -> Option<(u32, Rc<Meta>)> {
+    fn lookup(&self, data: &impl Store, key: &str) -> Option<(u32, Rc<Meta>)> {
         let slot = self.table.slot(key);
-        let (value, cas) = HostStore.get(&store::meta_key(slot)).ok()?;
+        let (value, cas) = data.get(&store::meta_key(slot)).ok()?;
         let mut decoded = self.decoded.borrow_mut();
         let meta = match (cas, decoded.get(&slot)) {
             (Some(cas), Some((cached_cas, meta))) if *cached_cas == cas => Rc::clone(meta),
@@ -144,36 +178,11 @@ impl RootContext for CacheRoot {
         let Some(cache) = load_plugin_config("cache", CacheConfig::compile) else {
             return false;
         };
-        let config = &cache.config;
-        let table = Table {
-            slots: config.slots,
-            max_variants: usize::from(config.max_variants),
-            max_total_bytes: config.max_total_bytes,
-        };
-        if table.initialize(&HostStore).is_err() {
+        let Some(shared) = Shared::new(&Ffi, cache) else {
             host::log(proxy_wasm::types::LogLevel::Error, "cache: cannot initialize shared data");
             return false;
-        }
-        let metrics = Metrics {
-            hits: Metric::counter("cache.hits"),
-            misses: Metric::counter("cache.misses"),
-            stores: Metric::counter("cache.stores"),
-            revalidated_304: Metric::counter("cache.revalidations.not_modified"),
-            revalidated_200: Metric::counter("cache.revalidations.replaced"),
-            stale_if_error: Metric::counter("cache.stale_if_error"),
-            invalidations: Metric::counter("cache.invalidations"),
-            purges: Metric::counter("cache.purges"),
-            bytes: Metric::gauge("cache.bytes_stored"),
-            evictions: Metric::gauge("cache.evictions"),
         };
-        self.shared = Some(Rc::new(Shared {
-            cache,
-            table,
-            metrics,
-            decoded: RefCell::new(HashMap::new()),
-            revalidations: RefCell::new(Vec::new()),
-            in_flight: RefCell::new(HashSet::new()),
-        }));
+        self.shared = Some(Rc::new(shared));
         let _ = host::set_tick_period(Duration::from_secs(1));
         true
     }
@@ -203,7 +212,12 @@ impl RootContext for CacheRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(CacheStream { shared: self.shared.clone()?, pending: Pending::None, collecting: None }))
+        Some(Box::new(CacheStream {
+            host: Ffi,
+            shared: self.shared.clone()?,
+            pending: Pending::None,
+            collecting: None,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -240,17 +254,18 @@ struct Collecting {
     body: Vec<u8>,
 }
 
-struct CacheStream {
+struct CacheStream<H: Host> {
+    host: H,
     shared: Rc<Shared>,
     pending: Pending,
     collecting: Option<Collecting>,
 }
 
-impl Context for CacheStream {}
+impl<H: Host> Context for CacheStream<H> {}
 
-impl HttpContext for CacheStream {
+impl<H: Host> HttpContext for CacheStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let request = match read_request() {
+        let request = match read_request_from(&self.host) {
             Ok(request) => request,
             Err(action) => return action,
         };
@@ -270,7 +285,9 @@ impl HttpContext for CacheStream {
         if matches!(pending, Pending::None) {
             return Action::Continue;
         }
-        let headers: Vec<(String, Vec<u8>)> = host::headers(MapType::HttpResponseHeaders)
+        let headers: Vec<(String, Vec<u8>)> = self
+            .host
+            .header_pairs(MapType::HttpResponseHeaders)
             .unwrap_or_default()
             .into_iter()
             .map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value))
@@ -297,7 +314,7 @@ impl HttpContext for CacheStream {
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some(collecting) = self.collecting.as_mut() else { return Action::Continue };
         if body_size > 0 {
-            let chunk = host::response_body_chunk(body_size).unwrap_or_default();
+            let chunk = self.host.response_body_chunk(body_size).unwrap_or_default();
             collecting.body.extend_from_slice(&chunk);
         }
         if collecting.body.len() as u64 > self.shared.cache.config.max_entry_bytes {
@@ -309,16 +326,16 @@ impl HttpContext for CacheStream {
             if let Some(collecting) = self.collecting.take() {
                 let shared = &self.shared;
                 let stored = shared.table.store(
-                    &HostStore,
+                    &SharedData(&self.host),
                     &collecting.key,
                     collecting.variant,
                     &collecting.body,
-                    now_seconds(),
+                    self.now_seconds(),
                 );
                 if stored == Ok(true) {
-                    shared.metrics.stores.increment();
-                    if let Ok(bytes) = shared.table.bytes(&HostStore) {
-                        shared.metrics.bytes.record(bytes);
+                    shared.metrics.stores.increment_on(&self.host);
+                    if let Ok(bytes) = shared.table.bytes(&SharedData(&self.host)) {
+                        shared.metrics.bytes.record_on(&self.host, bytes);
                     }
                 }
             }
@@ -327,7 +344,11 @@ impl HttpContext for CacheStream {
     }
 }
 
-impl CacheStream {
+impl<H: Host> CacheStream<H> {
+    fn now_seconds(&self) -> u64 {
+        self.host.now_nanos() / 1_000_000_000
+    }
+
     fn status_header(&self, detail: &str) -> String {
         format!("{}; {detail}", self.shared.cache.config.cache_status_name)
     }
@@ -335,7 +356,7 @@ impl CacheStream {
     fn lookup(&mut self, request: RequestHeaders) -> Action {
         let shared = Rc::clone(&self.shared);
         let config = &shared.cache.config;
-        let now = now_seconds();
+        let now = self.now_seconds();
         let head = request.method() == b"HEAD";
         let request_cc = if config.ignore_request_cache_control {
             CacheControl::default()
@@ -353,44 +374,42 @@ impl CacheStream {
             request_time: now,
         };
         if request_cc.no_store {
-            shared.metrics.misses.increment();
+            shared.metrics.misses.increment_on(&self.host);
             self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=request" };
             return Action::Continue;
         }
-        let found = shared.lookup(&key);
+        let found = shared.lookup(&SharedData(&self.host), &key);
         let variant = found.as_ref().and_then(|(_, meta)| policy::select(meta, &request, &config.upstream_header));
         let Some(((slot, _), variant)) = found.as_ref().zip(variant) else {
             if request_cc.only_if_cached {
                 return self.gateway_timeout(&request);
             }
-            shared.metrics.misses.increment();
+            shared.metrics.misses.increment_on(&self.host);
             let forward = if found.is_some() { "fwd=vary-miss" } else { "fwd=uri-miss" };
             self.pending = Pending::Miss { exchange: exchange(&request), head, forward };
             return Action::Continue;
         };
         match policy::usability(variant, &request_cc, now) {
             Use::Fresh | Use::StaleAccepted => {
-                if let Ok(Some(body)) = shared.table.body(&HostStore, *slot, variant) {
-                    shared.metrics.hits.increment();
+                if let Ok(Some(body)) = shared.table.body(&SharedData(&self.host), *slot, variant) {
+                    shared.metrics.hits.increment_on(&self.host);
                     let detail = format!("hit; ttl={}", variant.ttl(now));
-                    self.serve(variant, &body, &request, head, &detail, now);
-                    return Action::Pause;
+                    return self.serve(variant, &body, &request, head, &detail, now);
                 }
                 // The body is being replaced: treat as a miss.
-                shared.metrics.misses.increment();
+                shared.metrics.misses.increment_on(&self.host);
                 self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
                 Action::Continue
             }
             Use::Revalidate if self.within_stale_while_revalidate(variant, &request_cc, now) => {
-                let Ok(Some(body)) = shared.table.body(&HostStore, *slot, variant) else {
+                let Ok(Some(body)) = shared.table.body(&SharedData(&self.host), *slot, variant) else {
                     self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
                     return Action::Continue;
                 };
-                shared.metrics.hits.increment();
+                shared.metrics.hits.increment_on(&self.host);
                 self.queue_background_revalidation(exchange(&request), variant, &request);
                 let detail = format!("hit; ttl={}; detail=stale-while-revalidate", variant.ttl(now));
-                self.serve(variant, &body, &request, head, &detail, now);
-                Action::Pause
+                self.serve(variant, &body, &request, head, &detail, now)
             }
             Use::Revalidate => {
                 if request_cc.only_if_cached {
@@ -398,13 +417,13 @@ impl CacheStream {
                 }
                 // Our validators replace the client's; the client's conditions are
                 // evaluated against the (re)validated entry afterwards.
-                let _ = host::remove_header(MapType::HttpRequestHeaders, "if-none-match");
-                let _ = host::remove_header(MapType::HttpRequestHeaders, "if-modified-since");
+                let _ = self.host.remove_header(MapType::HttpRequestHeaders, "if-none-match");
+                let _ = self.host.remove_header(MapType::HttpRequestHeaders, "if-modified-since");
                 if let Some(etag) = &variant.etag {
-                    let _ = host::set_header(MapType::HttpRequestHeaders, "if-none-match", etag.as_bytes());
+                    let _ = self.host.set_header(MapType::HttpRequestHeaders, "if-none-match", etag.as_bytes());
                 }
                 if let Some(modified) = &variant.last_modified {
-                    let _ = host::set_header(MapType::HttpRequestHeaders, "if-modified-since", modified.as_bytes());
+                    let _ = self.host.set_header(MapType::HttpRequestHeaders, "if-modified-since", modified.as_bytes());
                 }
                 self.pending = Pending::Revalidate {
                     exchange: exchange(&request),
@@ -438,7 +457,8 @@ impl CacheStream {
             .first(&config.upstream_header)
             .map(|value| String::from_utf8_lossy(value).into_owned())
             .or_else(|| {
-                host::property(&["xds", "cluster_name"])
+                self.host
+                    .property(&["xds", "cluster_name"])
                     .ok()
                     .flatten()
                     .map(|v| String::from_utf8_lossy(&v).into_owned())
@@ -475,10 +495,45 @@ impl CacheStream {
     }
 
     /// Answers from a stored variant: 304 when the client's conditions match.
-    fn serve(&self, variant: &Variant, body: &[u8], client: &RequestHeaders, head: bool, detail: &str, now: u64) {
+    /// Answers from the stored variant. `Action::Pause` once the answer is sent;
+    /// if the host refused it, `Action::Continue`: the request goes to the origin
+    /// (or the origin's response passes through) instead of hanging until Envoy's
+    /// timeout. The cache enforces nothing, so forwarding is always safe.
+    fn serve(
+        &self,
+        variant: &Variant,
+        body: &[u8],
+        client: &RequestHeaders,
+        head: bool,
+        detail: &str,
+        now: u64,
+    ) -> Action {
+        let sent = self.send_stored(variant, body, client, head, detail, now);
+        self.after_local_reply(sent)
+    }
+
+    fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
+        match sent {
+            Ok(()) => Action::Pause,
+            Err(_) => {
+                self.shared.metrics.local_reply_failed.increment_on(&self.host);
+                Action::Continue
+            }
+        }
+    }
+
+    fn send_stored(
+        &self,
+        variant: &Variant,
+        body: &[u8],
+        client: &RequestHeaders,
+        head: bool,
+        detail: &str,
+        now: u64,
+    ) -> gateway_common::host::HostResult<()> {
         let age = variant.current_age(now).to_string();
         let status_value = self.status_header(detail);
-        let _ = host::set_property(&[STATUS_PROPERTY], status_value.as_bytes());
+        let _ = self.host.set_property(&[STATUS_PROPERTY], status_value.as_bytes());
         if policy::not_modified(variant, client) {
             const KEPT_ON_304: &[&str] = &["etag", "cache-control", "content-location", "date", "expires", "vary"];
             let mut headers: Vec<(&str, &str)> = variant
@@ -489,14 +544,13 @@ impl CacheStream {
                 .collect();
             headers.push(("age", &age));
             headers.push(("cache-status", &status_value));
-            let _ = host::send_local_response(304, &headers, b"", None);
-            return;
+            return self.host.send_local_response(304, &headers, b"", None);
         }
         let mut headers: Vec<(&str, &str)> =
             variant.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
         headers.push(("age", &age));
         headers.push(("cache-status", &status_value));
-        let _ = host::send_local_response(u32::from(variant.status), &headers, if head { b"" } else { body }, None);
+        self.host.send_local_response(u32::from(variant.status), &headers, if head { b"" } else { body }, None)
     }
 
     fn gateway_timeout(&self, request: &RequestHeaders) -> Action {
@@ -505,8 +559,8 @@ impl CacheStream {
             Problem::new(504, "not-cached", "Gateway Timeout", "only-if-cached: no stored response is usable")
                 .with_header("cache-status", status_value);
         let facts = RequestFacts::of(request);
-        let _ = problem.send(&facts);
-        Action::Pause
+        let sent = problem.send_on(&self.host, &facts);
+        self.after_local_reply(sent)
     }
 
     fn revalidated(
@@ -519,31 +573,33 @@ impl CacheStream {
         headers: &[(String, Vec<u8>)],
     ) -> Action {
         let shared = Rc::clone(&self.shared);
-        let now = now_seconds();
+        let now = self.now_seconds();
         if status == 304 {
             let updated = policy::refreshed(&shared.cache.config, &variant, headers, exchange.request_time, now);
-            let _ = shared.table.refresh(&HostStore, &exchange.key, &updated);
-            let found = shared.table.lookup(&HostStore, &exchange.key).ok().flatten();
-            if let Some(Ok(Some(body))) = found.map(|found| shared.table.body(&HostStore, found.slot, &updated)) {
-                shared.metrics.revalidated_304.increment();
-                self.serve(&updated, &body, &client, head, "fwd=stale; fwd-status=304", now);
-                return Action::Pause;
+            let _ = shared.table.refresh(&SharedData(&self.host), &exchange.key, &updated);
+            let found = shared.table.lookup(&SharedData(&self.host), &exchange.key).ok().flatten();
+            if let Some(Ok(Some(body))) =
+                found.map(|found| shared.table.body(&SharedData(&self.host), found.slot, &updated))
+            {
+                shared.metrics.revalidated_304.increment_on(&self.host);
+                return self.serve(&updated, &body, &client, head, "fwd=stale; fwd-status=304", now);
             }
         }
         if status >= 500 {
             let staleness = u64::try_from(-variant.ttl(now)).unwrap_or(0);
             if variant.stale_if_error.is_some_and(|window| staleness <= window) {
-                let found = shared.table.lookup(&HostStore, &exchange.key).ok().flatten();
-                if let Some(Ok(Some(body))) = found.map(|found| shared.table.body(&HostStore, found.slot, &variant)) {
-                    shared.metrics.stale_if_error.increment();
+                let found = shared.table.lookup(&SharedData(&self.host), &exchange.key).ok().flatten();
+                if let Some(Ok(Some(body))) =
+                    found.map(|found| shared.table.body(&SharedData(&self.host), found.slot, &variant))
+                {
+                    shared.metrics.stale_if_error.increment_on(&self.host);
                     let detail = format!("hit; fwd=stale; fwd-status={status}");
-                    self.serve(&variant, &body, &client, head, &detail, now);
-                    return Action::Pause;
+                    return self.serve(&variant, &body, &client, head, &detail, now);
                 }
             }
         }
         if status != 304 {
-            shared.metrics.revalidated_200.increment();
+            shared.metrics.revalidated_200.increment_on(&self.host);
         }
         // A new response (or an unusable 304): store it like a miss.
         self.consider_storing(exchange, head, status, headers, "fwd=stale");
@@ -566,7 +622,7 @@ impl CacheStream {
         let mut detail = format!("{forward}; fwd-status={status}");
         // HEAD responses have no body to store.
         if !head && content_length.is_none_or(|length| length <= config.max_entry_bytes) {
-            if let Ok(variant) = policy::storable(config, &exchange, status, headers, now_seconds()) {
+            if let Ok(variant) = policy::storable(config, &exchange, status, headers, self.now_seconds()) {
                 if content_length.is_some() {
                     detail.push_str("; stored");
                 }
@@ -574,8 +630,8 @@ impl CacheStream {
             }
         }
         let value = self.status_header(&detail);
-        let _ = host::set_property(&[STATUS_PROPERTY], value.as_bytes());
-        let _ = host::set_header(MapType::HttpResponseHeaders, "cache-status", value.as_bytes());
+        let _ = self.host.set_property(&[STATUS_PROPERTY], value.as_bytes());
+        let _ = self.host.set_header(MapType::HttpResponseHeaders, "cache-status", value.as_bytes());
     }
 
     /// RFC 9111 4.4: a successful unsafe request invalidates its URI and the
@@ -606,8 +662,8 @@ impl CacheStream {
             }
         }
         for key in keys {
-            if shared.table.remove(&HostStore, &key) == Ok(true) {
-                shared.metrics.invalidations.increment();
+            if shared.table.remove(&SharedData(&self.host), &key) == Ok(true) {
+                shared.metrics.invalidations.increment_on(&self.host);
             }
         }
     }
@@ -622,16 +678,114 @@ impl CacheStream {
         });
         if presented != Some(true) {
             let problem = Problem::new(403, "purge-forbidden", "Forbidden", "PURGE needs the configured secret header");
-            let _ = problem.send(&facts);
-            return Action::Pause;
+            let sent = problem.send_on(&self.host, &facts);
+            return self.after_local_reply(sent);
         }
         let key = policy::primary_key(&shared.cache.config, request);
-        let removed = shared.table.remove(&HostStore, &key) == Ok(true);
+        let removed = shared.table.remove(&SharedData(&self.host), &key) == Ok(true);
         if removed {
-            shared.metrics.purges.increment();
+            shared.metrics.purges.increment_on(&self.host);
         }
         let body = format!("{{\"purged\":{removed}}}");
-        let _ = host::send_local_response(200, &[("content-type", "application/json")], body.as_bytes(), None);
-        Action::Pause
+        let sent = self.host.send_local_response(200, &[("content-type", "application/json")], body.as_bytes(), None);
+        self.after_local_reply(sent)
+    }
+}
+
+/// The glue on `FakeHost`: a miss that stores, a hit served from shared data, and
+/// the host calls each costs.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod glue_tests {
+    use super::*;
+    use gateway_common::platform::FakeHost;
+
+    fn shared(host: &FakeHost) -> Rc<Shared> {
+        let config: CacheConfig = gateway_common::config::parse_json(br#"{"slots": 64}"#).unwrap();
+        Rc::new(Shared::new(host, config.compile().unwrap()).unwrap())
+    }
+
+    fn get(host: &FakeHost, path: &[u8]) {
+        host.replace_headers(
+            MapType::HttpRequestHeaders,
+            &[(":method", b"GET"), (":path", path), (":authority", b"api.test"), ("x-forwarded-proto", b"https")],
+        );
+    }
+
+    fn stream<'h>(host: &'h FakeHost, shared: &Rc<Shared>) -> CacheStream<&'h FakeHost> {
+        CacheStream { host, shared: Rc::clone(shared), pending: Pending::None, collecting: None }
+    }
+
+    fn store_once(host: &FakeHost, shared: &Rc<Shared>, path: &[u8]) {
+        get(host, path);
+        let mut miss = stream(host, shared);
+        assert_eq!(miss.on_http_request_headers(0, true), Action::Continue);
+        host.replace_headers(
+            MapType::HttpResponseHeaders,
+            &[(":status", b"200"), ("cache-control", b"max-age=60"), ("content-length", b"5")],
+        );
+        assert_eq!(miss.on_http_response_headers(0, false), Action::Continue);
+        host.set_response_body(b"hello");
+        assert_eq!(miss.on_http_response_body(5, true), Action::Continue);
+    }
+
+    #[test]
+    fn budget_a_store_and_a_hit() {
+        let host = FakeHost::new();
+        let shared = shared(&host);
+        host.reset_calls();
+        store_once(&host, &shared, b"/a");
+        let store_calls = host.calls().len();
+        assert_eq!(host.metric("cache.stores"), 1);
+        // Request side (read, clock, metadata, metric) + response side (headers,
+        // clock, Cache-Status as header and property) + body (chunk, clock, table
+        // writes: meta read, byte reservation, body, meta CAS; metric, gauge).
+        assert_eq!(store_calls, 18, "{:?}", host.calls());
+
+        host.reset_calls();
+        get(&host, b"/a");
+        let mut hit = stream(&host, &shared);
+        assert_eq!(hit.on_http_request_headers(0, true), Action::Pause);
+        let reply = &host.replies()[0];
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body, b"hello");
+        assert!(reply.headers.iter().any(|(n, v)| n == "cache-status" && v.contains("hit")));
+        assert_eq!(
+            host.calls(),
+            [
+                "header_pairs",
+                "now_nanos",
+                "shared_data", // metadata
+                "shared_data", // body
+                "increment_metric",
+                "set_property",
+                "send_local_response",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_scheme_separates_entries() {
+        let host = FakeHost::new();
+        let shared = shared(&host);
+        store_once(&host, &shared, b"/s");
+        host.replace_headers(
+            MapType::HttpRequestHeaders,
+            &[(":method", b"GET"), (":path", b"/s"), (":authority", b"api.test"), ("x-forwarded-proto", b"http")],
+        );
+        let mut plain = stream(&host, &shared);
+        assert_eq!(plain.on_http_request_headers(0, true), Action::Continue, "an https entry is no http hit");
+    }
+
+    #[test]
+    fn a_refused_hit_reply_forwards_the_request_instead_of_hanging() {
+        let host = FakeHost::new();
+        let shared = shared(&host);
+        store_once(&host, &shared, b"/r");
+        get(&host, b"/r");
+        host.refuse_local_reply.set(true);
+        let mut hit = stream(&host, &shared);
+        assert_eq!(hit.on_http_request_headers(0, true), Action::Continue);
+        assert_eq!(host.metric("cache.local_reply_failed"), 1);
     }
 }

@@ -45,6 +45,78 @@ pub trait Host {
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>>;
     /// Resumes a request paused by `Action::Pause`.
     fn resume_request(&self) -> HostResult<()>;
+    /// The response body chunk being delivered to `on_http_response_body`.
+    fn response_body_chunk(&self, size: usize) -> HostResult<Vec<u8>>;
+}
+
+/// A borrowed host is a host: several streams of a test can share one `FakeHost`.
+impl<H: Host + ?Sized> Host for &H {
+    fn header_pairs(&self, map: MapType) -> HostResult<HeaderPairs> {
+        (**self).header_pairs(map)
+    }
+    fn header(&self, map: MapType, name: &str) -> HostResult<Option<Vec<u8>>> {
+        (**self).header(map, name)
+    }
+    fn set_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+        (**self).set_header(map, name, value)
+    }
+    fn add_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
+        (**self).add_header(map, name, value)
+    }
+    fn remove_header(&self, map: MapType, name: &str) -> HostResult<()> {
+        (**self).remove_header(map, name)
+    }
+    fn property(&self, path: &[&str]) -> HostResult<Option<Vec<u8>>> {
+        (**self).property(path)
+    }
+    fn set_property(&self, path: &[&str], value: &[u8]) -> HostResult<()> {
+        (**self).set_property(path, value)
+    }
+    fn shared_data(&self, key: &str) -> HostResult<(Option<Vec<u8>>, Option<u32>)> {
+        (**self).shared_data(key)
+    }
+    fn set_shared_data(&self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<CasWrite> {
+        (**self).set_shared_data(key, value, cas)
+    }
+    fn now_nanos(&self) -> u64 {
+        (**self).now_nanos()
+    }
+    fn send_local_response(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    ) -> HostResult<()> {
+        (**self).send_local_response(status, headers, body, grpc_status)
+    }
+    fn define_metric(&self, kind: MetricType, name: &str) -> HostResult<u32> {
+        (**self).define_metric(kind, name)
+    }
+    fn increment_metric(&self, id: u32, by: i64) -> HostResult<()> {
+        (**self).increment_metric(id, by)
+    }
+    fn record_metric(&self, id: u32, value: u64) -> HostResult<()> {
+        (**self).record_metric(id, value)
+    }
+    fn call_foreign_function(&self, name: &str, arguments: &[u8]) -> HostResult<Option<Vec<u8>>> {
+        (**self).call_foreign_function(name, arguments)
+    }
+    fn log(&self, level: LogLevel, message: &str) {
+        (**self).log(level, message)
+    }
+    fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32> {
+        (**self).dispatch_http_call(cluster, headers, timeout)
+    }
+    fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        (**self).http_call_response_body(size)
+    }
+    fn resume_request(&self) -> HostResult<()> {
+        (**self).resume_request()
+    }
+    fn response_body_chunk(&self, size: usize) -> HostResult<Vec<u8>> {
+        (**self).response_body_chunk(size)
+    }
 }
 
 /// The real host: proxy-wasm ABI 0.2.1 through `host.rs` (which checks every
@@ -116,6 +188,9 @@ impl Host for Ffi {
     fn resume_request(&self) -> HostResult<()> {
         host::resume_request()
     }
+    fn response_body_chunk(&self, size: usize) -> HostResult<Vec<u8>> {
+        host::response_body_chunk(size)
+    }
 }
 
 /// An HTTP call as `FakeHost` received it.
@@ -154,6 +229,7 @@ pub struct FakeHost {
     logs: RefCell<Vec<String>>,
     dispatched: RefCell<Vec<DispatchedCall>>,
     call_body: RefCell<Vec<u8>>,
+    response_body: RefCell<Vec<u8>>,
     resumed: Cell<u32>,
     /// Makes local replies fail (a host that refuses them).
     pub refuse_local_reply: Cell<bool>,
@@ -174,6 +250,12 @@ impl FakeHost {
         let pairs = pairs.iter().map(|(name, value)| (name.as_bytes().to_vec(), value.to_vec())).collect();
         self.maps.borrow_mut().insert(map as u32, pairs);
         self
+    }
+
+    /// Replaces a header map in place (for a host shared by several streams).
+    pub fn replace_headers(&self, map: MapType, pairs: &[(&str, &[u8])]) {
+        let pairs = pairs.iter().map(|(name, value)| (name.as_bytes().to_vec(), value.to_vec())).collect();
+        self.maps.borrow_mut().insert(map as u32, pairs);
     }
 
     pub fn with_property(self, path: &[&str], value: &[u8]) -> Self {
@@ -230,6 +312,11 @@ impl FakeHost {
         let pairs = headers.iter().map(|(name, value)| (name.as_bytes().to_vec(), value.to_vec())).collect();
         self.maps.borrow_mut().insert(MapType::HttpCallResponseHeaders as u32, pairs);
         *self.call_body.borrow_mut() = body.to_vec();
+    }
+
+    /// Scripts the response body chunk the next `on_http_response_body` reads.
+    pub fn set_response_body(&self, body: &[u8]) {
+        *self.response_body.borrow_mut() = body.to_vec();
     }
 
     /// How often the filter resumed the request.
@@ -392,5 +479,10 @@ impl Host for FakeHost {
         self.record("resume_request");
         self.resumed.set(self.resumed.get() + 1);
         Ok(())
+    }
+    fn response_body_chunk(&self, size: usize) -> HostResult<Vec<u8>> {
+        self.record("response_body_chunk");
+        let body = self.response_body.borrow();
+        Ok(body.get(..size.min(body.len())).unwrap_or_default().to_vec())
     }
 }
