@@ -19,9 +19,10 @@ use base64::Engine as _;
 use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
+use gateway_common::platform::{Ffi, Host};
 use gateway_common::problem::RequestFacts;
 use gateway_common::request::{percent_decode, ReadError, RequestHeaders};
-use gateway_common::shared::{HostStore, Store};
+use gateway_common::shared::{HostStore, SharedData, Store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use serde_json::Value;
@@ -49,6 +50,7 @@ struct Metrics {
     cache_hits: Metric,
     cache_misses: Metric,
     basic_hashes: Metric,
+    local_reply_failed: Metric,
 }
 
 const DENIAL_REASONS: &[&str] = &[
@@ -72,22 +74,23 @@ const DENIAL_REASONS: &[&str] = &[
 ];
 
 impl Metrics {
-    fn new() -> Self {
+    fn new(host: &impl Host) -> Self {
         Self {
-            allowed: Metric::counter("auth.allowed"),
+            allowed: Metric::counter_on(host, "auth.allowed"),
             denied: DENIAL_REASONS
                 .iter()
-                .map(|reason| (*reason, Metric::counter(&format!("auth.denied.{reason}"))))
+                .map(|reason| (*reason, Metric::counter_on(host, &format!("auth.denied.{reason}"))))
                 .collect(),
-            jwks_fetch_ok: Metric::counter("auth.jwks.fetch_ok"),
-            jwks_fetch_failed: Metric::counter("auth.jwks.fetch_failed"),
-            cache_hits: Metric::counter("auth.token_cache.hits"),
-            cache_misses: Metric::counter("auth.token_cache.misses"),
-            basic_hashes: Metric::counter("auth.basic.hash_computations"),
+            jwks_fetch_ok: Metric::counter_on(host, "auth.jwks.fetch_ok"),
+            jwks_fetch_failed: Metric::counter_on(host, "auth.jwks.fetch_failed"),
+            cache_hits: Metric::counter_on(host, "auth.token_cache.hits"),
+            cache_misses: Metric::counter_on(host, "auth.token_cache.misses"),
+            basic_hashes: Metric::counter_on(host, "auth.basic.hash_computations"),
+            local_reply_failed: Metric::counter_on(host, "auth.local_reply_failed"),
         }
     }
 
-    fn denied(&self, denial: &Denial) {
+    fn denied(&self, host: &impl Host, denial: &Denial) {
         let reason = match denial {
             Denial::MultipleAuthorization => "multiple_authorization",
             Denial::Missing(_) => "missing",
@@ -98,7 +101,7 @@ impl Metrics {
             Denial::NoRule => "no_rule",
         };
         if let Some(metric) = self.denied.get(reason) {
-            metric.increment();
+            metric.increment_on(host);
         }
     }
 }
@@ -119,6 +122,25 @@ struct Shared {
     identity_headers: Vec<String>,
     metrics: Metrics,
     state: RefCell<VmState>,
+}
+
+impl Shared {
+    /// The per-VM state; `None` when the shared-data keys cannot be created.
+    fn new(host: &impl Host, auth: Auth, basic_cache_key: [u8; 16]) -> Option<Self> {
+        let store = SharedData(host);
+        let remote_names = auth.providers.iter().filter(|p| remote_spec(p).is_some()).map(|p| p.name.as_str());
+        let users = auth.basic.as_ref().map_or(0, |basic| basic.users.len());
+        (0..users).try_for_each(|index| store.ensure(&credentials::failure_key(index))).ok()?;
+        jwks::initialize(&store, remote_names).ok()?;
+        let state = VmState {
+            token_cache: TokenCache::new(auth.token_cache.entries, auth.token_cache.max_ttl_seconds),
+            basic: BasicChecker::new(basic_cache_key),
+            remote: vec![RemoteKeys::default(); auth.providers.len()],
+            warned: vec![false; auth.providers.len()],
+        };
+        let identity_headers = auth.identity_headers();
+        Some(Shared { auth, identity_headers, metrics: Metrics::new(host), state: RefCell::new(state) })
+    }
 }
 
 #[derive(Default)]
@@ -150,7 +172,7 @@ fn remote_spec(provider: &Provider) -> Option<&RemoteJwksSpec> {
 }
 
 /// Starts a JWKS fetch; logs (once) and counts a failure to start.
-fn start_fetch(shared: &Shared, index: usize) -> Option<u32> {
+fn start_fetch(host: &impl Host, shared: &Shared, index: usize) -> Option<u32> {
     let provider = shared.auth.providers.get(index)?;
     let spec = remote_spec(provider)?;
     let authority = spec.authority.clone().unwrap_or_else(|| spec.cluster.clone());
@@ -160,15 +182,15 @@ fn start_fetch(shared: &Shared, index: usize) -> Option<u32> {
         (":authority", authority.as_str()),
         ("accept", "application/json"),
     ];
-    match host::dispatch_http_call(&spec.cluster, &headers, Duration::from_millis(spec.timeout_ms)) {
+    match host.dispatch_http_call(&spec.cluster, &headers, Duration::from_millis(spec.timeout_ms)) {
         Ok(token) => Some(token),
         Err(error) => {
-            shared.metrics.jwks_fetch_failed.increment();
-            let mut state = shared.state.borrow_mut();
+            shared.metrics.jwks_fetch_failed.increment_on(host);
+            let Ok(mut state) = shared.state.try_borrow_mut() else { return None };
             if let Some(warned) = state.warned.get_mut(index) {
                 if !*warned {
                     *warned = true;
-                    host::log(
+                    host.log(
                         LogLevel::Error,
                         &format!(
                             "auth: provider {}: cannot fetch the JWKS from cluster `{}` ({error:?}): does the cluster exist?",
@@ -183,26 +205,29 @@ fn start_fetch(shared: &Shared, index: usize) -> Option<u32> {
 }
 
 /// Reads the fetch answer being delivered, validates it, and publishes it.
-fn finish_fetch(shared: &Shared, index: usize, body_size: usize) {
+fn finish_fetch(host: &impl Host, shared: &Shared, index: usize, body_size: usize) {
     let Some(provider) = shared.auth.providers.get(index) else { return };
-    let status = host::header(MapType::HttpCallResponseHeaders, ":status")
+    let status = host
+        .header(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
         .and_then(|status| std::str::from_utf8(&status).ok().and_then(|s| s.parse::<u16>().ok()));
-    let body = if body_size > 0 { host::http_call_response_body(body_size).unwrap_or_default() } else { Vec::new() };
-    let now = now_seconds();
+    let body = if body_size > 0 { host.http_call_response_body(body_size).unwrap_or_default() } else { Vec::new() };
+    let version = host.now_nanos();
+    let now = version / 1_000_000_000;
     match jwks::validate_response(status, &body) {
         Ok(keys) => {
-            shared.metrics.jwks_fetch_ok.increment();
-            let version = host::now_nanos();
-            let _ = jwks::publish(&HostStore, &provider.name, &body, now, version);
-            if let Some(remote) = shared.state.borrow_mut().remote.get_mut(index) {
-                remote.adopt(keys, now, version);
+            shared.metrics.jwks_fetch_ok.increment_on(host);
+            let _ = jwks::publish(&SharedData(host), &provider.name, &body, now, version);
+            if let Ok(mut state) = shared.state.try_borrow_mut() {
+                if let Some(remote) = state.remote.get_mut(index) {
+                    remote.adopt(keys, now, version);
+                }
             }
         }
         Err(reason) => {
-            shared.metrics.jwks_fetch_failed.increment();
-            host::log(
+            shared.metrics.jwks_fetch_failed.increment_on(host);
+            host.log(
                 LogLevel::Warn,
                 &format!("auth: provider {}: JWKS fetch failed: {reason}; keeping the last good keys", provider.name),
             );
@@ -213,7 +238,7 @@ fn finish_fetch(shared: &Shared, index: usize, body_size: usize) {
 impl Context for AuthRoot {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         if let (Some(index), Some(shared)) = (self.fetches.remove(&token_id), self.shared.as_ref()) {
-            finish_fetch(shared, index, body_size);
+            finish_fetch(&Ffi, shared, index, body_size);
         }
     }
 }
@@ -223,23 +248,12 @@ impl RootContext for AuthRoot {
         let Some(auth) = load_plugin_config("auth", AuthConfig::compile) else {
             return false;
         };
-        let remote_names = auth.providers.iter().filter(|p| remote_spec(p).is_some()).map(|p| p.name.as_str());
-        let users = auth.basic.as_ref().map_or(0, |basic| basic.users.len());
-        let failure_keys = (0..users).try_for_each(|index| HostStore.ensure(&credentials::failure_key(index)));
-        if jwks::initialize(&HostStore, remote_names).is_err() || failure_keys.is_err() {
+        let has_remote = auth.providers.iter().any(|provider| remote_spec(provider).is_some());
+        let Some(shared) = Shared::new(&Ffi, auth, random_key()) else {
             host::log(LogLevel::Error, "auth: cannot initialize shared data for remote JWKS");
             return false;
-        }
-        let has_remote = auth.providers.iter().any(|provider| remote_spec(provider).is_some());
-        let state = VmState {
-            token_cache: TokenCache::new(auth.token_cache.entries, auth.token_cache.max_ttl_seconds),
-            basic: BasicChecker::new(random_key()),
-            remote: vec![RemoteKeys::default(); auth.providers.len()],
-            warned: vec![false; auth.providers.len()],
         };
-        let identity_headers = auth.identity_headers();
-        self.shared =
-            Some(Rc::new(Shared { auth, identity_headers, metrics: Metrics::new(), state: RefCell::new(state) }));
+        self.shared = Some(Rc::new(shared));
         if has_remote {
             let _ = host::set_tick_period(Duration::from_secs(1));
         }
@@ -253,7 +267,7 @@ impl RootContext for AuthRoot {
         for (index, provider) in shared.auth.providers.iter().enumerate() {
             let Some(spec) = remote_spec(provider) else { continue };
             let due = {
-                let mut state = shared.state.borrow_mut();
+                let Ok(mut state) = shared.state.try_borrow_mut() else { continue };
                 let Some(remote) = state.remote.get_mut(index) else { continue };
                 let _ = remote.sync(&HostStore, &provider.name, now);
                 remote.refresh_due(now, spec.refresh_seconds)
@@ -261,7 +275,7 @@ impl RootContext for AuthRoot {
             if due && self.fetches.values().all(|in_flight| *in_flight != index) {
                 let claimed = jwks::try_claim(&HostStore, &jwks::attempt_key(&provider.name), now, jwks::RETRY_SECONDS);
                 if claimed == Ok(true) {
-                    if let Some(token) = start_fetch(&shared, index) {
+                    if let Some(token) = start_fetch(&Ffi, &shared, index) {
                         self.fetches.insert(token, index);
                     }
                 }
@@ -272,7 +286,7 @@ impl RootContext for AuthRoot {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let shared = self.shared.clone()?;
         let providers = shared.auth.providers.len();
-        Some(Box::new(AuthStream { shared, request: None, fetched: vec![false; providers], pending: None }))
+        Some(Box::new(AuthStream { host: Ffi, shared, request: None, fetched: vec![false; providers], pending: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -280,7 +294,8 @@ impl RootContext for AuthRoot {
     }
 }
 
-struct AuthStream {
+struct AuthStream<H: Host> {
+    host: H,
     shared: Rc<Shared>,
     request: Option<RequestHeaders>,
     /// Providers whose keys this request already fetched (never twice).
@@ -290,21 +305,22 @@ struct AuthStream {
 }
 
 /// Credential checks backed by this worker's state and the shared JWKS.
-struct StateVerifier<'a> {
+struct StateVerifier<'a, H: Host> {
+    host: &'a H,
     state: &'a mut VmState,
     metrics: &'a Metrics,
     fetched: &'a [bool],
     now: u64,
 }
 
-impl Verifier for StateVerifier<'_> {
+impl<H: Host> Verifier for StateVerifier<'_, H> {
     fn verify_jwt(&mut self, index: usize, provider: &Provider, token: &str) -> JwtCheck {
         let digest = sha256(token.as_bytes());
         if let Some(claims) = self.state.token_cache.get(&digest, index, self.now) {
-            self.metrics.cache_hits.increment();
+            self.metrics.cache_hits.increment_on(self.host);
             return JwtCheck::Valid(claims);
         }
-        self.metrics.cache_misses.increment();
+        self.metrics.cache_misses.increment_on(self.host);
         let already_fetched = self.fetched.get(index).copied().unwrap_or(true);
         let remote_keys: Rc<KeySet>;
         let keys: &KeySet = match &provider.keys {
@@ -313,7 +329,7 @@ impl Verifier for StateVerifier<'_> {
                 let Some(remote) = self.state.remote.get_mut(index) else {
                     return JwtCheck::Invalid(JwtError::UnknownKey(None));
                 };
-                let _ = remote.sync(&HostStore, &provider.name, self.now);
+                let _ = remote.sync(&SharedData(self.host), &provider.name, self.now);
                 match &remote.keys {
                     Some(keys) => remote_keys = Rc::clone(keys),
                     // No key set yet: this request waits for its own fetch.
@@ -334,7 +350,7 @@ impl Verifier for StateVerifier<'_> {
                 // A rotated key another worker already fetched?
                 if let Some(remote) = self.state.remote.get_mut(index).filter(|_| remote_spec(provider).is_some()) {
                     let known = remote.version;
-                    let _ = remote.sync_now(&HostStore, &provider.name, self.now);
+                    let _ = remote.sync_now(&SharedData(self.host), &provider.name, self.now);
                     if let (Some(keys), true) = (remote.keys.clone(), remote.version != known) {
                         if let Ok(claims) = jwt::verify(token, &keys, &provider.algorithms, &provider.rules, self.now) {
                             return JwtCheck::Valid(Rc::new(claims));
@@ -344,7 +360,8 @@ impl Verifier for StateVerifier<'_> {
                 // Otherwise refetch once, rate limited across all workers.
                 if let (Some(spec), false) = (remote_spec(provider), already_fetched) {
                     let key = jwks::refetch_key(&provider.name);
-                    if jwks::try_claim(&HostStore, &key, self.now, spec.refetch_cooldown_seconds) == Ok(true) {
+                    let store = SharedData(self.host);
+                    if jwks::try_claim(&store, &key, self.now, spec.refetch_cooldown_seconds) == Ok(true) {
                         return JwtCheck::NeedKeys;
                     }
                 }
@@ -356,10 +373,10 @@ impl Verifier for StateVerifier<'_> {
 
     fn check_basic(&mut self, basic: &Basic, user: &str, password: &str) -> Result<String, BasicFailure> {
         let before = self.state.basic.hashes_computed;
-        let result = self.state.basic.check(&HostStore, basic, user, password, self.now);
+        let result = self.state.basic.check(&SharedData(self.host), basic, user, password, self.now);
         let computed = self.state.basic.hashes_computed.saturating_sub(before);
         if computed > 0 {
-            self.metrics.basic_hashes.add(i64::try_from(computed).unwrap_or(i64::MAX));
+            self.metrics.basic_hashes.add_on(self.host, i64::try_from(computed).unwrap_or(i64::MAX));
         }
         result
     }
@@ -369,42 +386,42 @@ fn unknown_key(token: &str) -> JwtError {
     JwtError::UnknownKey(jwt::parse_header(token).ok().and_then(|header| header.kid))
 }
 
-impl Context for AuthStream {
+impl<H: Host> Context for AuthStream<H> {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Some((token, index)) = self.pending.take() else { return };
         if token != token_id {
             return;
         }
-        finish_fetch(&self.shared, index, body_size);
+        finish_fetch(&self.host, &self.shared, index, body_size);
         if let Some(fetched) = self.fetched.get_mut(index) {
             *fetched = true;
         }
         if let Action::Continue = self.evaluate() {
-            let _ = host::resume_request();
+            let _ = self.host.resume_request();
         }
     }
 }
 
-impl HttpContext for AuthStream {
+impl<H: Host> HttpContext for AuthStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let request = match RequestHeaders::read() {
+        let request = match RequestHeaders::read_from(&self.host) {
             Ok(request) => request,
             Err(ReadError::Bad { reason, facts }) => {
                 // A target no rule can judge is never matched against a default.
-                let _ = gateway_common::problem::bad_request(reason).send(&facts);
-                return Action::Pause;
+                let sent = gateway_common::problem::bad_request(reason).send_on(&self.host, &facts);
+                return self.after_local_reply(sent);
             }
             Err(ReadError::Host(_)) => {
                 // Without the headers nothing can be checked: fail closed.
                 let problem = policy::problem(&Denial::NoRule, &self.shared.auth.realm);
-                let _ = problem.send(&RequestFacts::default());
-                return Action::Pause;
+                let sent = problem.send_on(&self.host, &RequestFacts::default());
+                return self.after_local_reply(sent);
             }
         };
         // Anti-spoofing: identity headers only ever come from this module.
         for name in &self.shared.identity_headers {
             if request.count(name) > 0 {
-                let _ = host::remove_header(MapType::HttpRequestHeaders, name);
+                let _ = self.host.remove_header(MapType::HttpRequestHeaders, name);
             }
         }
         self.request = Some(request);
@@ -412,24 +429,42 @@ impl HttpContext for AuthStream {
     }
 }
 
-impl AuthStream {
+impl<H: Host> AuthStream<H> {
+    /// After a denial: pause (the reply ends the stream). If the host refused the
+    /// reply, the request stays held anyway: letting an unauthenticated request
+    /// through is the one thing auth must never do, so it fails closed and ends at
+    /// Envoy's stream timeout; counted in `auth.local_reply_failed`.
+    fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
+        if sent.is_err() {
+            self.shared.metrics.local_reply_failed.increment_on(&self.host);
+        }
+        Action::Pause
+    }
+
     /// Runs the decision and applies it. `Pause` while a JWKS fetch is pending or
     /// after answering; `Continue` when the request may go on.
     fn evaluate(&mut self) -> Action {
         let shared = Rc::clone(&self.shared);
         let Some(request) = self.request.take() else { return Action::Continue };
         let outcome = {
-            let mut state = shared.state.borrow_mut();
+            // One VM runs one callback at a time, so the state is never borrowed
+            // here already; if it were, deny rather than panic.
+            let Ok(mut state) = shared.state.try_borrow_mut() else {
+                let sent = policy::problem(&Denial::NoRule, &shared.auth.realm)
+                    .send_on(&self.host, &RequestFacts::of(&request));
+                return self.after_local_reply(sent);
+            };
             let mut verifier = StateVerifier {
+                host: &self.host,
                 state: &mut state,
                 metrics: &shared.metrics,
                 fetched: &self.fetched,
-                now: now_seconds(),
+                now: self.host.now_nanos() / 1_000_000_000,
             };
             decide(&shared.auth, &request, &mut verifier)
         };
         let action = match outcome {
-            Outcome::NeedKeys(index) => match start_fetch(&shared, index) {
+            Outcome::NeedKeys(index) => match start_fetch(&self.host, &shared, index) {
                 Some(token) => {
                     self.pending = Some((token, index));
                     self.request = Some(request);
@@ -445,16 +480,16 @@ impl AuthStream {
                 }
             },
             Outcome::Allow { identities, .. } => {
-                shared.metrics.allowed.increment();
-                apply_identities(&shared.auth, &request, &identities);
+                shared.metrics.allowed.increment_on(&self.host);
+                apply_identities(&self.host, &shared.auth, &request, &identities);
                 Action::Continue
             }
             Outcome::Deny(denial) => {
-                shared.metrics.denied(&denial);
-                let _ = host::set_property(&[DECISION_PROPERTY], b"denied");
+                shared.metrics.denied(&self.host, &denial);
+                let _ = self.host.set_property(&[DECISION_PROPERTY], b"denied");
                 let facts = RequestFacts::of(&request);
-                let _ = policy::problem(&denial, &shared.auth.realm).send(&facts);
-                Action::Pause
+                let sent = policy::problem(&denial, &shared.auth.realm).send_on(&self.host, &facts);
+                self.after_local_reply(sent)
             }
         };
         self.request = Some(request);
@@ -463,13 +498,13 @@ impl AuthStream {
 }
 
 /// Sets the identity headers, strips forwarded credentials, records filter state.
-fn apply_identities(auth: &Auth, request: &RequestHeaders, identities: &[Identity]) {
-    let _ = host::set_property(&[DECISION_PROPERTY], b"allowed");
+fn apply_identities(host: &impl Host, auth: &Auth, request: &RequestHeaders, identities: &[Identity]) {
+    let _ = host.set_property(&[DECISION_PROPERTY], b"allowed");
     let name = identities.iter().find_map(|identity| identity.name.clone());
     if let Some(name) = &name {
-        let _ = host::set_property(&[IDENTITY_PROPERTY], name.as_bytes());
+        let _ = host.set_property(&[IDENTITY_PROPERTY], name.as_bytes());
         if let Some(header) = &auth.consumer_header {
-            set_request_header(header, name);
+            set_request_header(host, header, name);
         }
     }
     for identity in identities {
@@ -479,17 +514,17 @@ fn apply_identities(auth: &Auth, request: &RequestHeaders, identities: &[Identit
                     if let Some(value) =
                         jwt::claim_at(claims, &mapping.claim).and_then(|v| claim_header_value(v, mapping.array))
                     {
-                        set_request_header(&mapping.header, &value);
+                        set_request_header(host, &mapping.header, &value);
                     }
                 }
                 if let Some(header) = &provider.payload_header {
                     let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
-                    set_request_header(header, &payload);
+                    set_request_header(host, header, &payload);
                 }
             }
         }
         if let Some(source) = &identity.strip {
-            strip_credential(request, source);
+            strip_credential(host, request, source);
         }
     }
 }
@@ -511,14 +546,14 @@ fn claim_header_value(value: &Value, arrays: ArrayFormat) -> Option<String> {
     (!text.bytes().any(|b| b.is_ascii_control() && b != b'\t')).then_some(text)
 }
 
-fn set_request_header(name: &str, value: &str) {
-    let _ = host::set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
+fn set_request_header(host: &impl Host, name: &str, value: &str) {
+    let _ = host.set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
 }
 
-fn strip_credential(request: &RequestHeaders, source: &TokenSource) {
+fn strip_credential(host: &impl Host, request: &RequestHeaders, source: &TokenSource) {
     match source {
         TokenSource::Header { name, .. } => {
-            let _ = host::remove_header(MapType::HttpRequestHeaders, name);
+            let _ = host.remove_header(MapType::HttpRequestHeaders, name);
         }
         TokenSource::Query(name) => {
             let Some(path) = request.first(":path") else { return };
@@ -536,7 +571,7 @@ fn strip_credential(request: &RequestHeaders, source: &TokenSource) {
                 new_path.push(b'?');
                 new_path.extend_from_slice(&kept.join(&b'&'));
             }
-            let _ = host::set_header(MapType::HttpRequestHeaders, ":path", &new_path);
+            let _ = host.set_header(MapType::HttpRequestHeaders, ":path", &new_path);
         }
         TokenSource::Cookie(name) => {
             let crumbs: Vec<Vec<u8>> = request
@@ -545,10 +580,118 @@ fn strip_credential(request: &RequestHeaders, source: &TokenSource) {
                 .map(|crumb| crumb.trim_ascii().to_vec())
                 .filter(|crumb| !crumb.is_empty() && crumb.split(|byte| *byte == b'=').next() != Some(name.as_bytes()))
                 .collect();
-            let _ = host::remove_header(MapType::HttpRequestHeaders, "cookie");
+            let _ = host.remove_header(MapType::HttpRequestHeaders, "cookie");
             if !crumbs.is_empty() {
-                let _ = host::set_header(MapType::HttpRequestHeaders, "cookie", &crumbs.join(&b"; "[..]));
+                let _ = host.set_header(MapType::HttpRequestHeaders, "cookie", &crumbs.join(&b"; "[..]));
             }
         }
+    }
+}
+
+/// The glue on `FakeHost`: a warm JWT, a denial, and the host calls they cost.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod glue_tests {
+    use super::*;
+    use gateway_common::platform::FakeHost;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const NOW: u64 = 1_700_000_000;
+    const CONFIG: &str = r#"{
+        "providers": [{"name": "idp", "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0", "alg": "HS256"}]},
+                       "claims_to_headers": [{"claim": "sub", "header": "x-user-id"}]}],
+        "rules": [{"name": "api", "require": {"any": ["idp"]}}]
+    }"#;
+
+    fn token(sub: &str) -> String {
+        let claims = serde_json::json!({"sub": sub, "iat": NOW - 5, "exp": NOW + 600});
+        encode(&Header::default(), &claims, &EncodingKey::from_secret(b"secret").unwrap()).unwrap()
+    }
+
+    fn shared(host: &FakeHost) -> Rc<Shared> {
+        let config: AuthConfig = gateway_common::config::parse_json(CONFIG.as_bytes()).unwrap();
+        Rc::new(Shared::new(host, config.compile().unwrap(), [7; 16]).unwrap())
+    }
+
+    fn stream<'h>(host: &'h FakeHost, shared: &Rc<Shared>) -> AuthStream<&'h FakeHost> {
+        let providers = shared.auth.providers.len();
+        AuthStream { host, shared: Rc::clone(shared), request: None, fetched: vec![false; providers], pending: None }
+    }
+
+    fn request(host: &FakeHost, authorization: &[u8]) {
+        host.replace_headers(
+            MapType::HttpRequestHeaders,
+            &[(":method", b"GET"), (":path", b"/orders"), ("authorization", authorization), ("x-user-id", b"spoof")],
+        );
+    }
+
+    #[test]
+    fn budget_a_warm_jwt_costs_ten_host_calls() {
+        let host = FakeHost::new();
+        host.set_now(NOW * 1_000_000_000);
+        let shared = shared(&host);
+        let bearer = format!("Bearer {}", token("alice"));
+        request(&host, bearer.as_bytes());
+        assert_eq!(stream(&host, &shared).on_http_request_headers(0, true), Action::Continue);
+        assert_eq!(host.metric("auth.token_cache.misses"), 1);
+        request(&host, bearer.as_bytes());
+        host.reset_calls();
+        assert_eq!(stream(&host, &shared).on_http_request_headers(0, true), Action::Continue);
+        assert_eq!(host.metric("auth.token_cache.hits"), 1);
+        assert_eq!(
+            host.calls(),
+            [
+                "header_pairs",
+                "remove_header", // the client's x-user-id (anti-spoofing)
+                "now_nanos",
+                "increment_metric", // token cache hit
+                "increment_metric", // allowed
+                "set_property",     // wasm.auth_decision
+                "set_property",     // wasm.auth_identity
+                "set_header",       // x-consumer
+                "set_header",       // x-user-id from the claim
+                "remove_header",    // the credential is not forwarded
+            ]
+        );
+        assert_eq!(host.header_values(MapType::HttpRequestHeaders, "x-user-id"), vec![b"alice".to_vec()]);
+        assert!(host.header_values(MapType::HttpRequestHeaders, "authorization").is_empty());
+    }
+
+    #[test]
+    fn a_bad_token_is_answered_401_with_a_clean_challenge() {
+        let host = FakeHost::new();
+        host.set_now(NOW * 1_000_000_000);
+        let shared = shared(&host);
+        request(&host, b"Bearer not.a.token");
+        assert_eq!(stream(&host, &shared).on_http_request_headers(0, true), Action::Pause);
+        let reply = &host.replies()[0];
+        assert_eq!(reply.status, 401);
+        let challenge = reply.headers.iter().find(|(n, _)| n == "www-authenticate").map(|(_, v)| v.clone()).unwrap();
+        assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+        assert_eq!(host.metric("auth.denied.malformed"), 1);
+        assert!(host.header_values(MapType::HttpRequestHeaders, "x-user-id").is_empty(), "the spoofed copy is gone");
+    }
+
+    #[test]
+    fn a_subject_that_is_no_header_value_is_left_out_not_a_failure() {
+        let host = FakeHost::new();
+        host.set_now(NOW * 1_000_000_000);
+        let shared = shared(&host);
+        let bearer = format!("Bearer {}", token("bob\r\nx-admin: 1"));
+        request(&host, bearer.as_bytes());
+        assert_eq!(stream(&host, &shared).on_http_request_headers(0, true), Action::Continue);
+        assert!(host.header_values(MapType::HttpRequestHeaders, "x-consumer").is_empty());
+        assert!(host.header_values(MapType::HttpRequestHeaders, "x-user-id").is_empty());
+        assert_eq!(host.property_value(&[IDENTITY_PROPERTY]), None);
+    }
+
+    #[test]
+    fn a_refused_denial_keeps_the_request_held() {
+        let host = FakeHost::new();
+        let shared = shared(&host);
+        request(&host, b"Bearer x");
+        host.refuse_local_reply.set(true);
+        assert_eq!(stream(&host, &shared).on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(host.metric("auth.local_reply_failed"), 1);
     }
 }
