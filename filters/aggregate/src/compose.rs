@@ -227,7 +227,6 @@ pub fn merge_cache_control(parts: &[Option<String>], credentials_forwarded: bool
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use crate::config::AggregateConfig;

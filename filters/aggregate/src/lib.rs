@@ -295,7 +295,6 @@ impl<H: Host> AggregateStream<H> {
 
 /// The glue on `FakeHost`: the fan-out, the single answer, and their host calls.
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod glue_tests {
     use super::*;
     use gateway_common::platform::FakeHost;

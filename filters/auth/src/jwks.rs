@@ -163,7 +163,6 @@ pub fn validate_response(status: Option<u16>, body: &[u8]) -> Result<KeySet, Str
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use gateway_common::shared::MemoryStore;

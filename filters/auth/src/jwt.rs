@@ -377,7 +377,6 @@ pub fn expiry(claims: &Value) -> Option<u64> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};

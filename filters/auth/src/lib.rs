@@ -590,7 +590,6 @@ fn strip_credential(host: &impl Host, request: &RequestHeaders, source: &TokenSo
 
 /// The glue on `FakeHost`: a warm JWT, a denial, and the host calls they cost.
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod glue_tests {
     use super::*;
     use gateway_common::platform::FakeHost;

@@ -344,7 +344,6 @@ pub fn problem(denial: &Denial, realm: &str) -> Problem {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use crate::config::AuthConfig;

@@ -174,7 +174,6 @@ pub fn if_none_match(header: &[u8], etag: Option<&str>) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

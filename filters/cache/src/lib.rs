@@ -695,7 +695,6 @@ impl<H: Host> CacheStream<H> {
 /// The glue on `FakeHost`: a miss that stores, a hit served from shared data, and
 /// the host calls each costs.
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod glue_tests {
     use super::*;
     use gateway_common::platform::FakeHost;

@@ -276,7 +276,6 @@ pub fn refreshed(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use crate::http::format_http_date;

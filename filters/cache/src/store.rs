@@ -300,7 +300,6 @@ fn clear_bodies(store: &impl Store, slot: u32, variants: &[Variant], except: &st
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use gateway_common::shared::MemoryStore;

@@ -136,7 +136,6 @@ pub fn load_plugin_config<C: DeserializeOwned, T>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use serde::Deserialize;

@@ -74,7 +74,6 @@ pub fn skipped_on(host: &impl crate::platform::Host) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -430,7 +430,6 @@ pub fn call_foreign_function(name: &str, arguments: &[u8]) -> HostResult<Option<
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

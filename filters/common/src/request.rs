@@ -274,7 +274,6 @@ pub fn cookie_values<'h, 'n>(header: &'h [u8], name: &'n str) -> impl Iterator<I
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -259,7 +259,6 @@ fn denial_problem(policy: &Policy, denial: &Denial) -> Problem {
 
 /// The glue on `FakeHost`: decisions, answers and the host calls they cost.
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod glue_tests {
     use super::*;
     use gateway_common::platform::FakeHost;

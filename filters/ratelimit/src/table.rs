@@ -268,7 +268,6 @@ impl Table {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use gateway_common::shared::MemoryStore;

@@ -268,7 +268,6 @@ fn next_random(state: &Cell<u64>) -> u64 {
 /// The glue on `FakeHost`: what a request makes the module do, and the host calls
 /// it costs (each copies across the VM boundary; a new one must fail a budget).
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod glue_tests {
     use super::*;
     use gateway_common::platform::FakeHost;

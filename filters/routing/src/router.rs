@@ -123,7 +123,6 @@ fn rewrite_path(route: &Route, request: &RequestHeaders) -> Option<String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
     use crate::config::RoutingConfig;
