@@ -209,9 +209,7 @@ impl EndpointSpec {
 }
 
 fn check_method(method: &str, field: &str, errors: &mut ConfigErrors) {
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        errors.add(field, "must be an upper-case method");
-    }
+    errors.check_method(field, method);
 }
 
 /// Parses `/users/{userId}?tenant={header.x-tenant}` against the endpoint's parameters.

@@ -67,6 +67,45 @@ impl ConfigErrors {
         ok
     }
 
+    /// Exactly one of the named options is given; the error lists them.
+    pub fn check_exactly_one(&mut self, field: impl AsRef<str>, options: &[(&str, bool)]) -> bool {
+        let ok = options.iter().filter(|(_, given)| *given).count() == 1;
+        if !ok {
+            let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+            self.add(field, format!("needs exactly one of {}", names.join(", ")));
+        }
+        ok
+    }
+
+    /// A name that is non-empty and not used before in `seen` (`what` names the kind).
+    pub fn check_unique_name(
+        &mut self,
+        field: impl AsRef<str>,
+        name: &str,
+        what: &str,
+        seen: &mut std::collections::BTreeSet<String>,
+    ) -> bool {
+        if name.is_empty() {
+            self.add(field, "must not be empty");
+            false
+        } else if !seen.insert(name.to_string()) {
+            self.add(field, format!("duplicate {what} `{name}`"));
+            false
+        } else {
+            true
+        }
+    }
+
+    /// An HTTP method as matched on the wire: upper-case letters and `-` (every
+    /// standard and WebDAV method; RFC 9110 methods are case-sensitive tokens).
+    pub fn check_method(&mut self, field: impl AsRef<str>, method: &str) -> bool {
+        let ok = !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-');
+        if !ok {
+            self.add(field, "must be an upper-case method name");
+        }
+        ok
+    }
+
     /// A request target: printable ASCII starting with `/`.
     pub fn check_path(&mut self, field: impl AsRef<str>, value: &str) -> bool {
         let ok = crate::request::check_target(value.as_bytes()).is_ok() && value.starts_with('/');

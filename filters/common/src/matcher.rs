@@ -183,9 +183,9 @@ pub enum PathMatcher {
 
 impl PathMatchSpec {
     pub fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<PathMatcher> {
-        let given = [self.exact.is_some(), self.prefix.is_some(), self.regex.is_some()];
-        if given.iter().filter(|set| **set).count() != 1 {
-            errors.add(field, "needs exactly one of exact, prefix, regex");
+        let given =
+            [("exact", self.exact.is_some()), ("prefix", self.prefix.is_some()), ("regex", self.regex.is_some())];
+        if !errors.check_exactly_one(field, &given) {
             return None;
         }
         let must_be_absolute = |value: &str, errors: &mut ConfigErrors, which: &str| {

@@ -56,9 +56,7 @@ impl MatchSpec {
                 errors.add(format!("{field}.methods"), "must list at least one method");
             }
             for (index, method) in methods.iter().enumerate() {
-                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') {
-                    errors.add(format!("{field}.methods[{index}]"), "must be an upper-case method name");
-                }
+                errors.check_method(format!("{field}.methods[{index}]"), method);
             }
             conditions.methods = methods.clone();
         }

@@ -214,13 +214,9 @@ impl RoutingConfig {
         let mut routes = Vec::with_capacity(self.routes.len());
         for (index, spec) in self.routes.iter().enumerate() {
             let field = format!("routes[{index}]");
-            if spec.name.is_empty() {
-                errors.add(format!("{field}.name"), "must not be empty");
-            } else if !is_header_value(&spec.name) {
+            if errors.check_unique_name(format!("{field}.name"), &spec.name, "route name", &mut seen_names) {
                 // The name goes into `route_name_response_header` and the access log.
-                errors.add(format!("{field}.name"), "must be visible ASCII without control characters");
-            } else if !seen_names.insert(spec.name.as_str()) {
-                errors.add(format!("{field}.name"), format!("duplicate route name `{}`", spec.name));
+                errors.check_header_value(format!("{field}.name"), &spec.name);
             }
             if let Some(route) = spec.compile(&field, &mut errors) {
                 routes.push(route);
@@ -382,8 +378,12 @@ impl SplitSpec {
                 .into_iter()
                 .flatten()
                 .collect();
-                if keys.len() != 1 {
-                    errors.add(format!("{field}.sticky"), "needs exactly one of header, cookie, query");
+                let given = [
+                    ("header", spec.header.is_some()),
+                    ("cookie", spec.cookie.is_some()),
+                    ("query", spec.query.is_some()),
+                ];
+                if !errors.check_exactly_one(format!("{field}.sticky"), &given) {
                     return None;
                 }
                 if let Some(StickyKey::Header(name)) = keys.first() {

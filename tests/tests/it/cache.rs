@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use gateway_tests::client::{send_all, RequestBuilder, Response};
-use gateway_tests::envoy::{Envoy, EnvoyConfig, WasmFilter};
+use gateway_tests::envoy::{assert_config_refused, Envoy, EnvoyConfig, WasmFilter};
 use gateway_tests::upstream::{EchoUpstream, Reply};
 use gateway_tests::wait_until;
 use serde_json::{json, Value};
@@ -332,13 +332,6 @@ fn invalid_configuration_is_refused_with_the_field_named() {
         (json!({"ignore_query": true, "query_include": ["a"]}), "ignore_query"),
         (json!({"max_entry": 10}), "unknown field `max_entry`"),
     ] {
-        match Envoy::try_start(&EnvoyConfig::new(&upstream).filter(WasmFilter::new("cache", config.clone()))) {
-            Ok(_) => panic!("Envoy accepted an invalid cache config: {config}"),
-            Err(failure) => {
-                let line = failure.log.lines().find(|line| line.contains("cache: invalid configuration"));
-                let line = line.unwrap_or_else(|| panic!("no config error logged for {config}:\n{}", failure.log));
-                assert!(line.contains(field), "log line does not name {field}: {line}");
-            }
-        }
+        assert_config_refused(&upstream, "cache", &config.to_string(), field);
     }
 }

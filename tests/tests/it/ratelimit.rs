@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use gateway_tests::client::{send_all, Response};
-use gateway_tests::envoy::{Envoy, EnvoyConfig, WasmFilter};
+use gateway_tests::envoy::{assert_config_refused, Envoy, EnvoyConfig, WasmFilter};
 use gateway_tests::upstream::EchoUpstream;
 use gateway_tests::wait_until;
 use serde_json::{json, Value};
@@ -255,13 +255,6 @@ fn invalid_configuration_is_refused_with_the_field_named() {
             "rules[0].match.path.regex",
         ),
     ] {
-        match Envoy::try_start(&EnvoyConfig::new(&upstream).filter(WasmFilter::raw("ratelimit", config))) {
-            Ok(_) => panic!("Envoy accepted an invalid ratelimit config: {config}"),
-            Err(failure) => {
-                let line = failure.log.lines().find(|line| line.contains("ratelimit: invalid configuration"));
-                let line = line.unwrap_or_else(|| panic!("no config error logged for {config}:\n{}", failure.log));
-                assert!(line.contains(field), "log line does not name {field}: {line}");
-            }
-        }
+        assert_config_refused(&upstream, "ratelimit", config, field);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use gateway_tests::client::send_all;
-use gateway_tests::envoy::{Envoy, EnvoyConfig, Routes, WasmFilter};
+use gateway_tests::envoy::{assert_config_refused, Envoy, EnvoyConfig, Routes, WasmFilter};
 use gateway_tests::upstream::EchoUpstream;
 use gateway_tests::wait_until;
 use serde_json::{json, Value};
@@ -305,15 +305,7 @@ fn invalid_configuration_is_refused_with_the_field_named() {
         (r#"{"routes":[{"name":"a","match":{"path":{"prefix":"/"}}}]}"#, "routes[0]: needs exactly one action"),
         (r#"{"routes":[{"name":"a","clustr":"users"}]}"#, "unknown field `clustr`"),
     ] {
-        let envoy_config = EnvoyConfig::new(&upstream).filter(WasmFilter::raw("routing", config));
-        match Envoy::try_start(&envoy_config) {
-            Ok(_) => panic!("Envoy accepted an invalid routing config: {config}"),
-            Err(failure) => {
-                let line = failure.log.lines().find(|line| line.contains("routing: invalid configuration"));
-                let line = line.unwrap_or_else(|| panic!("no config error logged for {config}:\n{}", failure.log));
-                assert!(line.contains(field), "log line does not name {field}: {line}");
-            }
-        }
+        assert_config_refused(&upstream, "routing", config, field);
     }
 }
 
