@@ -7,12 +7,12 @@ use std::rc::Rc;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use gateway_common::hash::digests_equal;
-use gateway_common::request::RequestHeaders;
+use gateway_common::request::{percent_decode, RequestHeaders};
 use gateway_common::shared::{Store, StoreError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::{ApiKeys, Basic, TokenSource};
+use crate::config::{ApiKeys, ArrayFormat, Basic, TokenSource};
 
 /// A credential found in the request, and where (for stripping it later).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +255,47 @@ impl TokenCache {
     }
 }
 
+/// A header value for a claim; `None` for values a header cannot carry.
+pub fn claim_header_value(value: &Value, arrays: ArrayFormat) -> Option<String> {
+    let text = match value {
+        Value::String(text) => text.clone(),
+        Value::Number(number) => number.to_string(),
+        Value::Bool(flag) => flag.to_string(),
+        Value::Array(items) if arrays == ArrayFormat::Join => items
+            .iter()
+            .map(|item| item.as_str().map_or_else(|| item.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(","),
+        Value::Null => return None,
+        other => other.to_string(),
+    };
+    (!text.bytes().any(|b| b.is_ascii_control() && b != b'\t')).then_some(text)
+}
+
+/// The request target without the query parameter `name` (the credential is not
+/// forwarded); `None` when the target has no query.
+pub fn target_without_query_parameter(target: &str, name: &str) -> Option<String> {
+    let (base, query) = target.split_once('?')?;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            percent_decode(key.as_bytes()) != name.as_bytes()
+        })
+        .collect();
+    Some(if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) })
+}
+
+/// One `cookie` header with every cookie but `name`; `None` when none is left.
+pub fn cookies_without<'h>(headers: impl Iterator<Item = &'h [u8]>, name: &str) -> Option<Vec<u8>> {
+    let crumbs: Vec<&[u8]> = headers
+        .flat_map(|header| header.split(|byte| *byte == b';'))
+        .map(<[u8]>::trim_ascii)
+        .filter(|crumb| !crumb.is_empty() && crumb.split(|byte| *byte == b'=').next() != Some(name.as_bytes()))
+        .collect();
+    (!crumbs.is_empty()).then(|| crumbs.join(&b"; "[..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +400,29 @@ mod tests {
         cache.insert([3; 32], 0, Rc::clone(&claims), None, 100);
         assert_eq!(cache.len(), 2);
         assert!(cache.get(&[1; 32], 0, 120).is_none(), "the entry closest to expiry was evicted");
+    }
+
+    #[test]
+    fn forwarded_credentials_are_removed_and_nothing_else() {
+        assert_eq!(
+            target_without_query_parameter("/a?x=1&access_token=t&y=%41", "access_token").as_deref(),
+            Some("/a?x=1&y=%41")
+        );
+        assert_eq!(target_without_query_parameter("/a?access%5Ftoken=t", "access_token").as_deref(), Some("/a"));
+        assert_eq!(target_without_query_parameter("/a", "access_token"), None);
+        let headers: [&[u8]; 2] = [b"a=1; session=s", b"session=t;b=2"];
+        assert_eq!(cookies_without(headers.into_iter(), "session"), Some(b"a=1; b=2".to_vec()));
+        assert_eq!(cookies_without([&b"session=s"[..]].into_iter(), "session"), None);
+    }
+
+    #[test]
+    fn claims_render_as_header_text_or_not_at_all() {
+        use serde_json::json;
+        assert_eq!(claim_header_value(&json!("alice"), ArrayFormat::Join).as_deref(), Some("alice"));
+        assert_eq!(claim_header_value(&json!(["a", 1]), ArrayFormat::Join).as_deref(), Some("a,1"));
+        assert_eq!(claim_header_value(&json!(["a"]), ArrayFormat::Json).as_deref(), Some("[\"a\"]"));
+        assert_eq!(claim_header_value(&json!({"id": 4}), ArrayFormat::Join).as_deref(), Some("{\"id\":4}"));
+        assert_eq!(claim_header_value(&json!(null), ArrayFormat::Join), None);
+        assert_eq!(claim_header_value(&json!("a\r\nb"), ArrayFormat::Join), None);
     }
 }

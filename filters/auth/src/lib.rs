@@ -21,13 +21,12 @@ use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::platform::{Ffi, Host};
 use gateway_common::problem::RequestFacts;
-use gateway_common::request::{percent_decode, ReadError, RequestHeaders};
+use gateway_common::request::{ReadError, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
-use serde_json::Value;
 
-use crate::config::{ArrayFormat, Auth, AuthConfig, Basic, Keys, Provider, RemoteJwksSpec, TokenSource};
+use crate::config::{Auth, AuthConfig, Basic, Keys, Provider, RemoteJwksSpec, TokenSource};
 use crate::credentials::{sha256, BasicChecker, BasicFailure, TokenCache};
 use crate::jwks::RemoteKeys;
 use crate::jwt::{JwtError, KeySet};
@@ -511,8 +510,8 @@ fn apply_identities(host: &impl Host, auth: &Auth, request: &RequestHeaders, ide
         if let (Some(index), Some(claims)) = (identity.provider, identity.claims.as_deref()) {
             if let Some(provider) = auth.providers.get(index) {
                 for mapping in &provider.claims_to_headers {
-                    if let Some(value) =
-                        jwt::claim_at(claims, &mapping.claim).and_then(|v| claim_header_value(v, mapping.array))
+                    if let Some(value) = jwt::claim_at(claims, &mapping.claim)
+                        .and_then(|v| credentials::claim_header_value(v, mapping.array))
                     {
                         set_request_header(host, &mapping.header, &value);
                     }
@@ -529,23 +528,6 @@ fn apply_identities(host: &impl Host, auth: &Auth, request: &RequestHeaders, ide
     }
 }
 
-/// A header value for a claim; `None` for values a header cannot carry.
-fn claim_header_value(value: &Value, arrays: ArrayFormat) -> Option<String> {
-    let text = match value {
-        Value::String(text) => text.clone(),
-        Value::Number(number) => number.to_string(),
-        Value::Bool(flag) => flag.to_string(),
-        Value::Array(items) if arrays == ArrayFormat::Join => items
-            .iter()
-            .map(|item| item.as_str().map_or_else(|| item.to_string(), str::to_owned))
-            .collect::<Vec<_>>()
-            .join(","),
-        Value::Null => return None,
-        other => other.to_string(),
-    };
-    (!text.bytes().any(|b| b.is_ascii_control() && b != b'\t')).then_some(text)
-}
-
 fn set_request_header(host: &impl Host, name: &str, value: &str) {
     let _ = host.set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
 }
@@ -556,33 +538,14 @@ fn strip_credential(host: &impl Host, request: &RequestHeaders, source: &TokenSo
             let _ = host.remove_header(MapType::HttpRequestHeaders, name);
         }
         TokenSource::Query(name) => {
-            let Some(path) = request.first(":path") else { return };
-            let Some(at) = path.iter().position(|byte| *byte == b'?') else { return };
-            let (base, query) = (path.get(..at).unwrap_or_default(), path.get(at + 1..).unwrap_or_default());
-            let kept: Vec<&[u8]> = query
-                .split(|byte| *byte == b'&')
-                .filter(|pair| {
-                    let key = pair.split(|byte| *byte == b'=').next().unwrap_or_default();
-                    percent_decode(key) != name.as_bytes()
-                })
-                .collect();
-            let mut new_path = base.to_vec();
-            if !kept.is_empty() {
-                new_path.push(b'?');
-                new_path.extend_from_slice(&kept.join(&b'&'));
+            if let Some(target) = credentials::target_without_query_parameter(request.target(), name) {
+                let _ = host.set_header(MapType::HttpRequestHeaders, ":path", target.as_bytes());
             }
-            let _ = host.set_header(MapType::HttpRequestHeaders, ":path", &new_path);
         }
         TokenSource::Cookie(name) => {
-            let crumbs: Vec<Vec<u8>> = request
-                .values("cookie")
-                .flat_map(|header| header.split(|byte| *byte == b';'))
-                .map(|crumb| crumb.trim_ascii().to_vec())
-                .filter(|crumb| !crumb.is_empty() && crumb.split(|byte| *byte == b'=').next() != Some(name.as_bytes()))
-                .collect();
             let _ = host.remove_header(MapType::HttpRequestHeaders, "cookie");
-            if !crumbs.is_empty() {
-                let _ = host.set_header(MapType::HttpRequestHeaders, "cookie", &crumbs.join(&b"; "[..]));
+            if let Some(cookies) = credentials::cookies_without(request.values("cookie"), name) {
+                let _ = host.set_header(MapType::HttpRequestHeaders, "cookie", &cookies);
             }
         }
     }
@@ -682,6 +645,61 @@ mod glue_tests {
         assert!(host.header_values(MapType::HttpRequestHeaders, "x-consumer").is_empty());
         assert!(host.header_values(MapType::HttpRequestHeaders, "x-user-id").is_empty());
         assert_eq!(host.property_value(&[IDENTITY_PROPERTY]), None);
+    }
+
+    /// A denial whose reason is not in DENIAL_REASONS would be counted nowhere.
+    #[test]
+    fn every_denial_reason_has_its_counter() {
+        let jwt_errors = [
+            JwtError::Malformed("x"),
+            JwtError::TooLarge,
+            JwtError::AlgorithmNotAllowed("x".into()),
+            JwtError::CriticalHeader,
+            JwtError::UnknownKey(None),
+            JwtError::BadSignature,
+            JwtError::Expired,
+            JwtError::NotYetValid,
+            JwtError::WrongIssuer,
+            JwtError::WrongAudience,
+            JwtError::MissingClaim("x".into()),
+            JwtError::LifetimeTooLong,
+        ];
+        // Exhaustive on purpose: a new variant must be added above (and counted).
+        for error in &jwt_errors {
+            match error {
+                JwtError::Malformed(_)
+                | JwtError::TooLarge
+                | JwtError::AlgorithmNotAllowed(_)
+                | JwtError::CriticalHeader
+                | JwtError::UnknownKey(_)
+                | JwtError::BadSignature
+                | JwtError::Expired
+                | JwtError::NotYetValid
+                | JwtError::WrongIssuer
+                | JwtError::WrongAudience
+                | JwtError::MissingClaim(_)
+                | JwtError::LifetimeTooLong => {}
+            }
+        }
+        let credential_codes = ["malformed", "unknown_key", "bad_password"];
+        for code in jwt_errors.iter().map(JwtError::code).chain(credential_codes) {
+            assert!(DENIAL_REASONS.contains(&code), "`{code}` has no auth.denied.* counter");
+        }
+        let host = FakeHost::new();
+        let metrics = Metrics::new(&host);
+        let schemes = policy::Schemes { bearer: true, basic: false, api_key: false };
+        for denial in [
+            Denial::MultipleAuthorization,
+            Denial::Missing(schemes),
+            Denial::Locked { retry_after_seconds: 1 },
+            Denial::InsufficientScope { required: vec![] },
+            Denial::ClaimMismatch { claim: "x".into() },
+            Denial::NoRule,
+        ] {
+            let before = host.calls().len();
+            metrics.denied(&host, &denial);
+            assert_eq!(host.calls().len(), before + 1, "{denial:?} was counted nowhere");
+        }
     }
 
     #[test]

@@ -401,7 +401,7 @@ impl<H: Host> CacheStream<H> {
                 self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
                 Action::Continue
             }
-            Use::Revalidate if self.within_stale_while_revalidate(variant, &request_cc, now) => {
+            Use::Revalidate if policy::within_stale_while_revalidate(variant, &request_cc, now) => {
                 let Ok(Some(body)) = shared.table.body(&SharedData(&self.host), *slot, variant) else {
                     self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
                     return Action::Continue;
@@ -434,15 +434,6 @@ impl<H: Host> CacheStream<H> {
                 Action::Continue
             }
         }
-    }
-
-    fn within_stale_while_revalidate(&self, variant: &Variant, request_cc: &CacheControl, now: u64) -> bool {
-        let staleness = u64::try_from(-variant.ttl(now)).unwrap_or(0);
-        !variant.no_cache
-            && !request_cc.no_cache
-            && request_cc.max_age.is_none()
-            && request_cc.min_fresh.is_none()
-            && variant.stale_while_revalidate.is_some_and(|window| staleness <= window)
     }
 
     /// Queues one background revalidation per key for the root's next tick. The
@@ -638,30 +629,7 @@ impl<H: Host> CacheStream<H> {
     /// same-origin URIs in `Location` and `Content-Location`.
     fn invalidate(&self, request: &RequestHeaders, headers: &[(String, Vec<u8>)]) {
         let shared = &self.shared;
-        let config = &shared.cache.config;
-        let mut keys = vec![policy::primary_key(config, request)];
-        let authority = String::from_utf8_lossy(request.authority()).to_ascii_lowercase();
-        for name in ["location", "content-location"] {
-            let Some((_, value)) = headers.iter().find(|(header, _)| header == name) else { continue };
-            // Bytes that are not text name no URI we could have stored.
-            let Ok(target) = std::str::from_utf8(value) else { continue };
-            let target = target.trim().to_string();
-            let path = if target.starts_with('/') {
-                Some(target)
-            } else {
-                // Absolute URI: same origin only.
-                target
-                    .split_once("://")
-                    .and_then(|(_, rest)| rest.split_once('/').map(|(host, path)| (host.to_ascii_lowercase(), path)))
-                    .filter(|(host, _)| *host == authority)
-                    .map(|(_, path)| format!("/{path}"))
-            };
-            // Same scheme, authority and key headers, the target's path.
-            if let Some(target) = path.and_then(|path| request.with_target(path.as_bytes())) {
-                keys.push(policy::primary_key(config, &target));
-            }
-        }
-        for key in keys {
+        for key in policy::invalidated_keys(&shared.cache.config, request, headers) {
             if shared.table.remove(&SharedData(&self.host), &key) == Ok(true) {
                 shared.metrics.invalidations.increment_on(&self.host);
             }

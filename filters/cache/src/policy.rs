@@ -126,6 +126,55 @@ pub fn usability(variant: &Variant, request_cc: &CacheControl, now: u64) -> Use 
     }
 }
 
+/// Whether a stale variant may be served at once while it is revalidated in the
+/// background (RFC 5861 `stale-while-revalidate`): within the window, and never
+/// when the variant or the request asks for a check first.
+pub fn within_stale_while_revalidate(variant: &Variant, request_cc: &CacheControl, now: u64) -> bool {
+    let staleness = u64::try_from(-variant.ttl(now)).unwrap_or(0);
+    !variant.no_cache
+        && !request_cc.no_cache
+        && request_cc.max_age.is_none()
+        && request_cc.min_fresh.is_none()
+        && variant.stale_while_revalidate.is_some_and(|window| staleness <= window)
+}
+
+/// The keys a successful unsafe request invalidates (RFC 9111 4.4): its own URI
+/// and the URIs in `Location` and `Content-Location` when they have the same
+/// origin (scheme and authority); relative references share the request's.
+pub fn invalidated_keys(config: &CacheConfig, request: &RequestHeaders, headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut keys = vec![primary_key(config, request)];
+    let origin = format!(
+        "{}://{}",
+        String::from_utf8_lossy(scheme(request)).to_ascii_lowercase(),
+        String::from_utf8_lossy(request.authority()).to_ascii_lowercase()
+    );
+    for name in ["location", "content-location"] {
+        let Some(value) = header_values(headers, name).next() else { continue };
+        // Bytes that are not text name no URI we could have stored.
+        let Ok(target) = std::str::from_utf8(value) else { continue };
+        let target = target.trim();
+        let path = if target.starts_with('/') && !target.starts_with("//") {
+            Some(target.to_string())
+        } else {
+            same_origin_path(target, &origin)
+        };
+        // Same scheme, authority and key headers, the target's path.
+        if let Some(target) = path.and_then(|path| request.with_target(path.as_bytes())) {
+            keys.push(primary_key(config, &target));
+        }
+    }
+    keys
+}
+
+/// The path (and query) of an absolute URI whose origin is `origin`
+/// (`scheme://authority`, lower-case); `None` for another origin.
+fn same_origin_path(target: &str, origin: &str) -> Option<String> {
+    let (scheme, rest) = target.split_once("://")?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let candidate = format!("{}://{}", scheme.to_ascii_lowercase(), authority.to_ascii_lowercase());
+    (candidate == origin).then(|| format!("/{path}"))
+}
+
 /// Whether a client's conditional request is satisfied by the stored variant
 /// (answer 304). `If-None-Match` takes precedence over `If-Modified-Since`.
 pub fn not_modified(variant: &Variant, request: &RequestHeaders) -> bool {
@@ -375,6 +424,57 @@ mod tests {
                 proptest::prop_assert_eq!(primary_key(&c, &a) == primary_key(&c, &b), same_input);
             }
         }
+    }
+
+    #[test]
+    fn unsafe_requests_invalidate_same_origin_locations_only() {
+        let c = config("{}");
+        let post = request(&[
+            (":method", "POST"),
+            (":path", "/orders"),
+            (":authority", "Api.test"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let key = |path: &str| primary_key(&c, &post.with_target(path.as_bytes()).unwrap());
+        let keys = |location: &str, content_location: &str| {
+            invalidated_keys(&c, &post, &response(&[("location", location), ("content-location", content_location)]))
+        };
+        assert_eq!(
+            keys("/orders/7", "https://api.test/orders/7/summary"),
+            vec![key("/orders"), key("/orders/7"), key("/orders/7/summary")]
+        );
+        // Another scheme, host or port is another origin; so is a scheme-relative reference.
+        assert_eq!(keys("http://api.test/orders/7", "https://api.test:8443/x"), vec![key("/orders")]);
+        assert_eq!(keys("https://evil.test/orders/7", "//api.test/x"), vec![key("/orders")]);
+        assert_eq!(keys("https://API.test", "/a b"), vec![key("/orders"), key("/")]);
+    }
+
+    #[test]
+    fn stale_while_revalidate_only_within_its_window_and_without_request_checks() {
+        let mut stale = Variant {
+            selectors: vec![],
+            status: 200,
+            headers: vec![],
+            stored_at: 1000,
+            initial_age: 0,
+            lifetime: 10,
+            no_cache: false,
+            no_stale: false,
+            stale_while_revalidate: Some(30),
+            stale_if_error: None,
+            etag: None,
+            last_modified: None,
+            generation: 1,
+            body_len: 0,
+            position: 0,
+        };
+        let plain = CacheControl::default();
+        assert!(within_stale_while_revalidate(&stale, &plain, 1020));
+        assert!(!within_stale_while_revalidate(&stale, &plain, 1041), "past the window");
+        let no_cache = CacheControl::parse([&b"no-cache"[..]]);
+        assert!(!within_stale_while_revalidate(&stale, &no_cache, 1020));
+        stale.no_cache = true;
+        assert!(!within_stale_while_revalidate(&stale, &plain, 1020));
     }
 
     #[test]
