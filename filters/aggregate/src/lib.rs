@@ -13,7 +13,7 @@ use std::time::Duration;
 use gateway_common::config::load_plugin_config;
 use gateway_common::host::{HostResult, LogLevel, MapType};
 use gateway_common::metrics::Metric;
-use gateway_common::platform::{Ffi, Host};
+use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::read_request_from;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -36,7 +36,7 @@ struct Metrics {
     error: Metric,
     timeout: Metric,
     partial: Metric,
-    local_reply_failed: Metric,
+    reply_failures: ReplyFailures,
 }
 
 struct Shared {
@@ -54,7 +54,7 @@ impl Shared {
             error: Metric::counter_on(host, "aggregate.parts.error"),
             timeout: Metric::counter_on(host, "aggregate.parts.timeout"),
             partial: Metric::counter_on(host, "aggregate.partial_responses"),
-            local_reply_failed: Metric::counter_on(host, "aggregate.local_reply_failed"),
+            reply_failures: ReplyFailures::new(host, "aggregate"),
         };
         Self { endpoints, metrics, unreachable_clusters: RefCell::default() }
     }
@@ -282,14 +282,8 @@ impl<H: Host> AggregateStream<H> {
     /// modules behind it do not check again). `resume` when the stream is already
     /// paused (the answer came from an HTTP call callback).
     fn after_local_reply(&self, sent: HostResult<()>, resume: bool) -> Action {
-        if sent.is_ok() {
-            return Action::Pause;
-        }
-        self.shared.metrics.local_reply_failed.increment_on(&self.host);
-        if resume {
-            let _ = self.host.resume_request();
-        }
-        Action::Continue
+        let policy = if resume { OnRefusedReply::Resume } else { OnRefusedReply::Continue };
+        self.shared.metrics.reply_failures.after(&self.host, sent, policy)
     }
 }
 

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
-use gateway_common::platform::{Ffi, Host};
+use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::RequestFacts;
 use gateway_common::request::{ReadError, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
@@ -49,7 +49,7 @@ struct Metrics {
     cache_hits: Metric,
     cache_misses: Metric,
     basic_hashes: Metric,
-    local_reply_failed: Metric,
+    reply_failures: ReplyFailures,
 }
 
 const DENIAL_REASONS: &[&str] = &[
@@ -85,7 +85,7 @@ impl Metrics {
             cache_hits: Metric::counter_on(host, "auth.token_cache.hits"),
             cache_misses: Metric::counter_on(host, "auth.token_cache.misses"),
             basic_hashes: Metric::counter_on(host, "auth.basic.hash_computations"),
-            local_reply_failed: Metric::counter_on(host, "auth.local_reply_failed"),
+            reply_failures: ReplyFailures::new(host, "auth"),
         }
     }
 
@@ -434,10 +434,7 @@ impl<H: Host> AuthStream<H> {
     /// through is the one thing auth must never do, so it fails closed and ends at
     /// Envoy's stream timeout; counted in `auth.local_reply_failed`.
     fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
-        if sent.is_err() {
-            self.shared.metrics.local_reply_failed.increment_on(&self.host);
-        }
-        Action::Pause
+        self.shared.metrics.reply_failures.after(&self.host, sent, OnRefusedReply::Hold)
     }
 
     /// Runs the decision and applies it. `Pause` while a JWKS fetch is pending or

@@ -16,7 +16,7 @@ use gateway_common::config::load_plugin_config;
 use gateway_common::hash::digests_equal;
 use gateway_common::host::{self, MapType};
 use gateway_common::metrics::Metric;
-use gateway_common::platform::{Ffi, Host};
+use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{read_request_from, unescape_bytes, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
@@ -46,7 +46,7 @@ struct Metrics {
     stale_if_error: Metric,
     invalidations: Metric,
     purges: Metric,
-    local_reply_failed: Metric,
+    reply_failures: ReplyFailures,
     bytes: Metric,
     evictions: Metric,
 }
@@ -91,7 +91,7 @@ impl Shared {
             stale_if_error: Metric::counter_on(host, "cache.stale_if_error"),
             invalidations: Metric::counter_on(host, "cache.invalidations"),
             purges: Metric::counter_on(host, "cache.purges"),
-            local_reply_failed: Metric::counter_on(host, "cache.local_reply_failed"),
+            reply_failures: ReplyFailures::new(host, "cache"),
             bytes: Metric::gauge_on(host, "cache.bytes_stored"),
             evictions: Metric::gauge_on(host, "cache.evictions"),
         };
@@ -504,13 +504,7 @@ impl<H: Host> CacheStream<H> {
     }
 
     fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
-        match sent {
-            Ok(()) => Action::Pause,
-            Err(_) => {
-                self.shared.metrics.local_reply_failed.increment_on(&self.host);
-                Action::Continue
-            }
-        }
+        self.shared.metrics.reply_failures.after(&self.host, sent, OnRefusedReply::Continue)
     }
 
     fn send_stored(

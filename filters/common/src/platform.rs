@@ -486,3 +486,61 @@ impl Host for FakeHost {
         Ok(body.get(..size.min(body.len())).unwrap_or_default().to_vec())
     }
 }
+
+/// What a stream does when the host refuses its local reply (each module chooses
+/// and documents it; none may leave the stream paused without saying so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRefusedReply {
+    /// Let the request go on (the reply was sent from the request headers callback).
+    Continue,
+    /// Resume a request paused earlier (the reply was sent from a later callback).
+    Resume,
+    /// Keep the request held until Envoy's stream timeout: enforcement modules
+    /// never let a denied request through.
+    Hold,
+}
+
+/// Counts refused local replies (`<prefix>.local_reply_failed`) and logs the
+/// first one per VM.
+#[derive(Debug, Default)]
+pub struct ReplyFailures {
+    module: String,
+    metric: crate::metrics::Metric,
+    logged: Cell<bool>,
+}
+
+impl ReplyFailures {
+    /// `prefix` names the metric (`routing`, `ratelimit.<plugin>`).
+    pub fn new(host: &impl Host, prefix: &str) -> Self {
+        Self {
+            module: prefix.to_string(),
+            metric: crate::metrics::Metric::counter_on(host, &format!("{prefix}.local_reply_failed")),
+            logged: Cell::new(false),
+        }
+    }
+
+    /// The action after a local reply: `Pause` when it was sent, else what
+    /// `policy` says (resuming the request for `Resume`).
+    pub fn after(&self, host: &impl Host, sent: HostResult<()>, policy: OnRefusedReply) -> proxy_wasm::types::Action {
+        use proxy_wasm::types::Action;
+        let Err(error) = sent else { return Action::Pause };
+        self.metric.increment_on(host);
+        if !self.logged.replace(true) {
+            host.log(
+                LogLevel::Error,
+                &format!(
+                    "{}: the host refused a local reply ({error:?}); {policy:?} (logged once per VM)",
+                    self.module
+                ),
+            );
+        }
+        match policy {
+            OnRefusedReply::Continue => Action::Continue,
+            OnRefusedReply::Resume => {
+                let _ = host.resume_request();
+                Action::Continue
+            }
+            OnRefusedReply::Hold => Action::Pause,
+        }
+    }
+}

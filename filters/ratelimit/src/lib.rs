@@ -13,7 +13,7 @@ use std::time::Duration;
 use gateway_common::config::load_plugin_config;
 use gateway_common::host::{self, HostResult, LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
-use gateway_common::platform::{Ffi, Host};
+use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::read_request_from;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -43,9 +43,7 @@ struct Shared {
     cas_exhausted: Metric,
     store_errors: Metric,
     tracked_keys: Metric,
-    local_reply_failed: Metric,
-    /// A failed local reply is logged once per VM (then only counted).
-    reply_failure_logged: std::cell::Cell<bool>,
+    reply_failures: ReplyFailures,
 }
 
 impl Shared {
@@ -69,8 +67,7 @@ impl Shared {
             cas_exhausted: Metric::counter_on(host, &format!("ratelimit.{plugin}.cas_retries_exhausted")),
             store_errors: Metric::counter_on(host, &format!("ratelimit.{plugin}.shared_data_errors")),
             tracked_keys: Metric::gauge_on(host, &format!("ratelimit.{plugin}.tracked_keys")),
-            local_reply_failed: Metric::counter_on(host, &format!("ratelimit.{plugin}.local_reply_failed")),
-            reply_failure_logged: std::cell::Cell::new(false),
+            reply_failures: ReplyFailures::new(host, &format!("ratelimit.{plugin}")),
             policy,
         }
     }
@@ -202,23 +199,11 @@ impl<H: Host> RateLimitStream<H> {
         }
     }
 
-    /// After a 429: pause (the reply ends the stream). If the host refused the
-    /// reply, the stream stays paused anyway: letting a denied request through
-    /// would break the limit, so it fails closed and ends at Envoy's stream
-    /// timeout; the failure is counted and logged once per VM.
+    /// After a 429. If the host refused the reply, the request stays held anyway:
+    /// letting a denied request through would break the limit, so it fails closed
+    /// and ends at Envoy's stream timeout.
     fn after_local_reply(&self, sent: HostResult<()>) -> Action {
-        if let Err(error) = sent {
-            self.shared.local_reply_failed.increment_on(&self.host);
-            if !self.shared.reply_failure_logged.replace(true) {
-                self.host.log(
-                    LogLevel::Error,
-                    &format!(
-                        "ratelimit: the host refused a 429 ({error:?}); the request stays held (logged once per VM)"
-                    ),
-                );
-            }
-        }
-        Action::Pause
+        self.shared.reply_failures.after(&self.host, sent, OnRefusedReply::Hold)
     }
 }
 

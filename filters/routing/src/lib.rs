@@ -9,9 +9,9 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use gateway_common::config::load_plugin_config;
-use gateway_common::host::{self, LogLevel, MapType};
+use gateway_common::host::{self, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
-use gateway_common::platform::{Ffi, Host};
+use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{escape_bytes, read_request_from, RequestHeaders};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -32,7 +32,6 @@ struct Metrics {
     per_route: Vec<Metric>,
     default_route: Metric,
     no_route: Metric,
-    local_reply_failed: Metric,
 }
 
 struct Shared {
@@ -40,8 +39,7 @@ struct Shared {
     metrics: Metrics,
     /// SplitMix64 state for non-sticky splits (per VM; no cryptographic needs).
     random_state: Cell<u64>,
-    /// A failed local reply is logged once per VM (then only counted).
-    reply_failure_logged: Cell<bool>,
+    reply_failures: ReplyFailures,
 }
 
 impl Shared {
@@ -54,9 +52,9 @@ impl Shared {
                 .collect(),
             default_route: Metric::counter_on(host, "routing.default_route.requests"),
             no_route: Metric::counter_on(host, "routing.no_route.requests"),
-            local_reply_failed: Metric::counter_on(host, "routing.local_reply_failed"),
         };
-        Self { router, metrics, random_state: Cell::new(seed), reply_failure_logged: Cell::new(false) }
+        let reply_failures = ReplyFailures::new(host, "routing");
+        Self { router, metrics, random_state: Cell::new(seed), reply_failures }
     }
 }
 
@@ -193,26 +191,11 @@ impl<H: Host> RoutingStream<H> {
         }
     }
 
-    /// After a local reply: pause (the reply ends the stream). If the host refused
-    /// the reply, let the request continue instead of leaving it hanging until
-    /// Envoy's timeout: routing set no cluster header for it, so Envoy's
-    /// `cluster_header` route cannot forward it and answers it itself (404).
+    /// After a local reply. If the host refused it, the request continues instead
+    /// of hanging until Envoy's timeout: routing set no cluster header for it, so
+    /// Envoy's `cluster_header` route cannot forward it and answers it itself.
     fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
-        match sent {
-            Ok(()) => Action::Pause,
-            Err(error) => {
-                self.shared.metrics.local_reply_failed.increment_on(&self.host);
-                if !self.shared.reply_failure_logged.replace(true) {
-                    self.host.log(
-                        LogLevel::Error,
-                        &format!(
-                            "routing: the host refused a local reply ({error:?}); continuing (logged once per VM)"
-                        ),
-                    );
-                }
-                Action::Continue
-            }
-        }
+        self.shared.reply_failures.after(&self.host, sent, OnRefusedReply::Continue)
     }
 
     fn answer(&mut self, request: &RequestHeaders, answer: &LocalAnswer) -> gateway_common::host::HostResult<()> {
