@@ -10,21 +10,21 @@ use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
-use gateway_common::config::load_plugin_config;
+use gateway_common::config::ConfigErrors;
 use gateway_common::host::{HostResult, LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::read_request_from;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use gateway_common::skeleton::Module;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
 
 use crate::compose::{Answer, Outcome};
 use crate::config::{AggregateConfig, Endpoint};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(AggregateRoot::default()) });
+    gateway_common::skeleton::install::<Aggregate>();
 }}
 
 /// Headers whose forwarding makes the composite personal (at most `private`).
@@ -60,28 +60,26 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
-struct AggregateRoot {
-    shared: Option<Rc<Shared>>,
-}
+/// aggregate.wasm as a module of the shared root (`gateway_common::skeleton`).
+struct Aggregate;
 
-impl Context for AggregateRoot {}
+impl Module for Aggregate {
+    const NAME: &'static str = "aggregate";
+    type Config = AggregateConfig;
+    type Compiled = Vec<Endpoint>;
+    type Shared = Shared;
+    type RootCall = ();
 
-impl RootContext for AggregateRoot {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let Some(endpoints) = load_plugin_config("aggregate", AggregateConfig::compile) else {
-            return false;
-        };
-        self.shared = Some(Rc::new(Shared::new(&Ffi, endpoints)));
-        true
+    fn compile(config: &AggregateConfig) -> Result<Vec<Endpoint>, ConfigErrors> {
+        config.compile()
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(AggregateStream { host: Ffi, shared: self.shared.clone()?, composite: None }))
+    fn start(host: &Ffi, endpoints: Vec<Endpoint>, _instance: &str) -> Option<Shared> {
+        Some(Shared::new(host, endpoints))
     }
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+        Box::new(AggregateStream { host: Ffi, shared: Rc::clone(shared), composite: None })
     }
 }
 

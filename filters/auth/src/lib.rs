@@ -16,15 +16,16 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use gateway_common::config::load_plugin_config;
+use gateway_common::config::ConfigErrors;
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::RequestFacts;
 use gateway_common::request::{ReadError, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use gateway_common::skeleton::{Module, RootCalls};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
 
 use crate::config::{Auth, AuthConfig, Basic, Keys, Provider, RemoteJwksSpec, TokenSource};
 use crate::credentials::{sha256, BasicChecker, BasicFailure, TokenCache};
@@ -33,8 +34,7 @@ use crate::jwt::{JwtError, KeySet};
 use crate::policy::{decide, Denial, Identity, JwtCheck, Outcome, Verifier};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(AuthRoot::default()) });
+    gateway_common::skeleton::install::<AuthModule>();
 }}
 
 /// Filter-state properties (Envoy: `wasm.auth_identity`, `wasm.auth_decision`).
@@ -142,13 +142,6 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
-struct AuthRoot {
-    shared: Option<Rc<Shared>>,
-    /// Background fetches in flight: token -> provider index.
-    fetches: HashMap<u32, usize>,
-}
-
 fn now_seconds() -> u64 {
     host::now_nanos() / 1_000_000_000
 }
@@ -234,34 +227,48 @@ fn finish_fetch(host: &impl Host, shared: &Shared, index: usize, body_size: usiz
     }
 }
 
-impl Context for AuthRoot {
-    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        if let (Some(index), Some(shared)) = (self.fetches.remove(&token_id), self.shared.as_ref()) {
-            finish_fetch(&Ffi, shared, index, body_size);
-        }
-    }
-}
+/// auth.wasm as a module of the shared root (`gateway_common::skeleton`). The
+/// root refreshes remote JWKS in the background.
+struct AuthModule;
 
-impl RootContext for AuthRoot {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let Some(auth) = load_plugin_config("auth", AuthConfig::compile) else {
-            return false;
-        };
-        let has_remote = auth.providers.iter().any(|provider| remote_spec(provider).is_some());
-        let Some(shared) = Shared::new(&Ffi, auth, random_key()) else {
-            host::log(LogLevel::Error, "auth: cannot initialize shared data for remote JWKS");
-            return false;
-        };
-        self.shared = Some(Rc::new(shared));
-        if has_remote {
-            let _ = host::set_tick_period(Duration::from_secs(1));
+impl Module for AuthModule {
+    const NAME: &'static str = "auth";
+    type Config = AuthConfig;
+    type Compiled = Auth;
+    type Shared = Shared;
+    /// A background JWKS fetch in flight: the provider's index.
+    type RootCall = usize;
+
+    fn compile(config: &AuthConfig) -> Result<Auth, ConfigErrors> {
+        config.compile()
+    }
+
+    fn start(host: &Ffi, auth: Auth, _instance: &str) -> Option<Shared> {
+        let shared = Shared::new(host, auth, random_key());
+        if shared.is_none() {
+            host.log(LogLevel::Error, "auth: cannot initialize shared data for remote JWKS");
         }
-        true
+        shared
+    }
+
+    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+        let providers = shared.auth.providers.len();
+        Box::new(AuthStream {
+            host: Ffi,
+            shared: Rc::clone(shared),
+            request: None,
+            fetched: vec![false; providers],
+            pending: None,
+        })
+    }
+
+    fn tick_period(shared: &Shared) -> Option<Duration> {
+        let has_remote = shared.auth.providers.iter().any(|provider| remote_spec(provider).is_some());
+        has_remote.then_some(Duration::from_secs(1))
     }
 
     /// Background refresh: every VM checks, one wins each provider's lease.
-    fn on_tick(&mut self) {
-        let Some(shared) = self.shared.clone() else { return };
+    fn on_tick(shared: &Rc<Shared>, calls: &mut RootCalls<usize>) {
         let now = now_seconds();
         for (index, provider) in shared.auth.providers.iter().enumerate() {
             let Some(spec) = remote_spec(provider) else { continue };
@@ -271,25 +278,19 @@ impl RootContext for AuthRoot {
                 let _ = remote.sync(&HostStore, &provider.name, now);
                 remote.refresh_due(now, spec.refresh_seconds)
             };
-            if due && self.fetches.values().all(|in_flight| *in_flight != index) {
+            if due && calls.pending().all(|in_flight| *in_flight != index) {
                 let claimed = jwks::try_claim(&HostStore, &jwks::attempt_key(&provider.name), now, jwks::RETRY_SECONDS);
                 if claimed == Ok(true) {
-                    if let Some(token) = start_fetch(&Ffi, &shared, index) {
-                        self.fetches.insert(token, index);
+                    if let Some(token) = start_fetch(&Ffi, shared, index) {
+                        calls.insert(token, index);
                     }
                 }
             }
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        let providers = shared.auth.providers.len();
-        Some(Box::new(AuthStream { host: Ffi, shared, request: None, fetched: vec![false; providers], pending: None }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+    fn on_call_response(shared: &Rc<Shared>, index: usize, body_size: usize) {
+        finish_fetch(&Ffi, shared, index, body_size);
     }
 }
 

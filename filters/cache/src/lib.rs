@@ -12,16 +12,17 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
-use gateway_common::config::load_plugin_config;
+use gateway_common::config::ConfigErrors;
 use gateway_common::hash::digests_equal;
-use gateway_common::host::{self, MapType};
+use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{read_request_from, unescape_bytes, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use gateway_common::skeleton::{Module, RootCalls};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Cache, CacheConfig};
@@ -30,8 +31,7 @@ use crate::policy::{Exchange, Use};
 use crate::store::{Meta, Table, Variant};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(CacheRoot::default()) });
+    gateway_common::skeleton::install::<CacheModule>();
 }}
 
 /// Filter-state property (Envoy: `wasm.cache_status`) for access logs.
@@ -125,20 +125,60 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
-struct CacheRoot {
-    shared: Option<Rc<Shared>>,
-    /// Background revalidations in flight, by HTTP call token.
-    fetches: HashMap<u32, Background>,
-}
+/// cache.wasm as a module of the shared root (`gateway_common::skeleton`). The
+/// root publishes the gauges and runs stale-while-revalidate refreshes.
+struct CacheModule;
 
-fn now_seconds() -> u64 {
-    host::now_nanos() / 1_000_000_000
-}
+impl Module for CacheModule {
+    const NAME: &'static str = "cache";
+    type Config = CacheConfig;
+    type Compiled = Cache;
+    type Shared = Shared;
+    /// A background revalidation in flight.
+    type RootCall = Background;
 
-impl Context for CacheRoot {
-    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let (Some(job), Some(shared)) = (self.fetches.remove(&token_id), self.shared.clone()) else { return };
+    fn compile(config: &CacheConfig) -> Result<Cache, ConfigErrors> {
+        config.compile()
+    }
+
+    fn start(host: &Ffi, cache: Cache, _instance: &str) -> Option<Shared> {
+        let shared = Shared::new(host, cache);
+        if shared.is_none() {
+            host.log(LogLevel::Error, "cache: cannot initialize shared data");
+        }
+        shared
+    }
+
+    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+        Box::new(CacheStream { host: Ffi, shared: Rc::clone(shared), pending: Pending::None, collecting: None })
+    }
+
+    fn tick_period(_shared: &Shared) -> Option<Duration> {
+        Some(Duration::from_secs(1))
+    }
+
+    /// Publishes the bytes gauge (every VM writes the same value, read from the
+    /// shared counter) and starts queued stale-while-revalidate refreshes.
+    fn on_tick(shared: &Rc<Shared>, calls: &mut RootCalls<Background>) {
+        if let Ok(bytes) = shared.table.bytes(&HostStore) {
+            shared.metrics.bytes.record(bytes);
+        }
+        if let Ok(evictions) = shared.table.evictions(&HostStore) {
+            shared.metrics.evictions.record(evictions);
+        }
+        let jobs: Vec<Background> = shared.revalidations.borrow_mut().drain(..).collect();
+        for job in jobs {
+            let headers: Vec<(&str, &str)> = job.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            match host::dispatch_http_call(&job.cluster, &headers, Duration::from_secs(10)) {
+                Ok(token) => calls.insert(token, job),
+                Err(_) => {
+                    shared.in_flight.borrow_mut().remove(&job.exchange.key);
+                }
+            }
+        }
+    }
+
+    fn on_call_response(shared: &Rc<Shared>, job: Background, body_size: usize) {
         shared.in_flight.borrow_mut().remove(&job.exchange.key);
         let headers: Vec<(String, Vec<u8>)> = host::headers(MapType::HttpCallResponseHeaders)
             .unwrap_or_default()
@@ -146,7 +186,7 @@ impl Context for CacheRoot {
             .map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value))
             .collect();
         let status = status_of(&headers);
-        let now = now_seconds();
+        let now = host::now_nanos() / 1_000_000_000;
         let config = &shared.cache.config;
         if status == 304 {
             let updated = policy::refreshed(config, &job.variant, &headers, job.exchange.request_time, now);
@@ -171,58 +211,6 @@ fn status_of(headers: &[(String, Vec<u8>)]) -> u16 {
         .find(|(name, _)| name == ":status")
         .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u16>().ok())
         .unwrap_or(0)
-}
-
-impl RootContext for CacheRoot {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let Some(cache) = load_plugin_config("cache", CacheConfig::compile) else {
-            return false;
-        };
-        let Some(shared) = Shared::new(&Ffi, cache) else {
-            host::log(proxy_wasm::types::LogLevel::Error, "cache: cannot initialize shared data");
-            return false;
-        };
-        self.shared = Some(Rc::new(shared));
-        let _ = host::set_tick_period(Duration::from_secs(1));
-        true
-    }
-
-    /// Publishes the bytes gauge (every VM writes the same value, read from the
-    /// shared counter) and starts queued stale-while-revalidate refreshes.
-    fn on_tick(&mut self) {
-        let Some(shared) = self.shared.clone() else { return };
-        if let Ok(bytes) = shared.table.bytes(&HostStore) {
-            shared.metrics.bytes.record(bytes);
-        }
-        if let Ok(evictions) = shared.table.evictions(&HostStore) {
-            shared.metrics.evictions.record(evictions);
-        }
-        let jobs: Vec<Background> = shared.revalidations.borrow_mut().drain(..).collect();
-        for job in jobs {
-            let headers: Vec<(&str, &str)> = job.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            match host::dispatch_http_call(&job.cluster, &headers, Duration::from_secs(10)) {
-                Ok(token) => {
-                    self.fetches.insert(token, job);
-                }
-                Err(_) => {
-                    shared.in_flight.borrow_mut().remove(&job.exchange.key);
-                }
-            }
-        }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(CacheStream {
-            host: Ffi,
-            shared: self.shared.clone()?,
-            pending: Pending::None,
-            collecting: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
 }
 
 /// What the request side decided, for the response side.

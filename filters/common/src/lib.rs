@@ -12,3 +12,4 @@ pub mod problem;
 pub mod request;
 pub mod request_match;
 pub mod shared;
+pub mod skeleton;

@@ -10,22 +10,22 @@ pub mod table;
 use std::rc::Rc;
 use std::time::Duration;
 
-use gateway_common::config::load_plugin_config;
-use gateway_common::host::{self, HostResult, LogLevel, MapType};
+use gateway_common::config::ConfigErrors;
+use gateway_common::host::{HostResult, LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::read_request_from;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use gateway_common::skeleton::{Module, RootCalls};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
 
 use crate::config::{Policy, RateLimitConfig};
 use crate::policy::{Decision, Denial, LimitStatus, RequestView, RuleOutcome};
 use gateway_common::shared::{HostStore, SharedData, StoreError};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(RateLimitRoot::default()) });
+    gateway_common::skeleton::install::<RateLimit>();
 }}
 
 /// Filter-state property (Envoy: `wasm.ratelimit_outcome`) for access logs.
@@ -73,49 +73,45 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
-struct RateLimitRoot {
-    shared: Option<Rc<Shared>>,
-}
+/// ratelimit.wasm as a module of the shared root (`gateway_common::skeleton`).
+struct RateLimit;
 
-impl Context for RateLimitRoot {}
+impl Module for RateLimit {
+    const NAME: &'static str = "ratelimit";
+    type Config = RateLimitConfig;
+    type Compiled = Policy;
+    type Shared = Shared;
+    type RootCall = ();
 
-impl RootContext for RateLimitRoot {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let Some(policy) = load_plugin_config("ratelimit", RateLimitConfig::compile) else {
-            return false;
-        };
+    fn compile(config: &RateLimitConfig) -> Result<Policy, ConfigErrors> {
+        config.compile()
+    }
+
+    /// Creates every bucket key before traffic; metrics are named after the
+    /// instance (two instances in one chain must not share stat names).
+    fn start(host: &Ffi, policy: Policy, instance: &str) -> Option<Shared> {
         let limits: Vec<_> = policy.limits().cloned().collect();
-        if policy.table.initialize(&HostStore, &limits).is_err() {
-            host::log(LogLevel::Error, "ratelimit: cannot initialize the bucket table in shared data");
-            return false;
+        if policy.table.initialize(&SharedData(host), &limits).is_err() {
+            host.log(LogLevel::Error, "ratelimit: cannot initialize the bucket table in shared data");
+            return None;
         }
-        let plugin = host::property(&["plugin_name"])
-            .ok()
-            .flatten()
-            .map(|name| stat_segment(&String::from_utf8_lossy(&name)))
-            .unwrap_or_else(|| "ratelimit".to_string());
-        self.shared = Some(Rc::new(Shared::new(&Ffi, policy, &plugin)));
-        let _ = host::set_tick_period(Duration::from_secs(1));
-        true
+        Some(Shared::new(host, policy, instance))
+    }
+
+    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+        Box::new(RateLimitStream { host: Ffi, shared: Rc::clone(shared), allowed_status: None })
+    }
+
+    fn tick_period(_shared: &Shared) -> Option<Duration> {
+        Some(Duration::from_secs(1))
     }
 
     /// Every VM publishes the same gauge, read from the shared table (not from its
     /// own view of it).
-    fn on_tick(&mut self) {
-        if let Some(shared) = &self.shared {
-            if let Ok(tracked) = shared.policy.table.tracked(&HostStore) {
-                shared.tracked_keys.record(tracked);
-            }
+    fn on_tick(shared: &Rc<Shared>, _calls: &mut RootCalls<()>) {
+        if let Ok(tracked) = shared.policy.table.tracked(&HostStore) {
+            shared.tracked_keys.record(tracked);
         }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(RateLimitStream { host: Ffi, shared: self.shared.clone()?, allowed_status: None }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 }
 

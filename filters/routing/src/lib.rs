@@ -8,21 +8,21 @@ pub mod router;
 use std::cell::Cell;
 use std::rc::Rc;
 
-use gateway_common::config::load_plugin_config;
-use gateway_common::host::{self, MapType};
+use gateway_common::config::ConfigErrors;
+use gateway_common::host::MapType;
 use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{escape_bytes, read_request_from, RequestHeaders};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use gateway_common::skeleton::Module;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
 
 use crate::config::{Action as RouteAction, Router, RoutingConfig};
 use crate::router::{Decision, Forward, LocalAnswer};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(RoutingRoot::default()) });
+    gateway_common::skeleton::install::<Routing>();
 }}
 
 /// Filter-state property (Envoy: `wasm.routing_route`) naming the chosen route.
@@ -58,32 +58,29 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
-struct RoutingRoot {
-    shared: Option<Rc<Shared>>,
-}
+/// routing.wasm as a module of the shared root (`gateway_common::skeleton`).
+struct Routing;
 
-impl Context for RoutingRoot {}
+impl Module for Routing {
+    const NAME: &'static str = "routing";
+    type Config = RoutingConfig;
+    type Compiled = Router;
+    type Shared = Shared;
+    type RootCall = ();
 
-impl RootContext for RoutingRoot {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let Some(router) = load_plugin_config("routing", RoutingConfig::compile) else {
-            return false;
-        };
+    fn compile(config: &RoutingConfig) -> Result<Router, ConfigErrors> {
+        config.compile()
+    }
+
+    fn start(host: &Ffi, router: Router, _instance: &str) -> Option<Shared> {
         // std::process::id() panics on wasi; RandomState is seeded by the host's
         // random_get.
-        let seed = host::now_nanos() ^ random_seed();
-        self.shared = Some(Rc::new(Shared::new(&Ffi, router, seed)));
-        true
+        let seed = host.now_nanos() ^ random_seed();
+        Some(Shared::new(host, router, seed))
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        Some(Box::new(RoutingStream { host: Ffi, shared, response_headers: None }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+        Box::new(RoutingStream { host: Ffi, shared: Rc::clone(shared), response_headers: None })
     }
 }
 

@@ -123,5 +123,6 @@ fn every_filter_crate_is_built_checked_wired_and_documented() {
         assert!(architecture.contains(&format!("filters/{module}/")), "ARCHITECTURE.md does not map filters/{module}/");
         let glue = read(&format!("filters/{module}/src/lib.rs"));
         assert!(glue.contains("mod glue_tests") && glue.contains("FakeHost"), "{module}: no glue tests on FakeHost");
+        assert!(glue.contains("skeleton::install::<"), "{module}: its root is not the shared skeleton::ModuleRoot");
     }
 }

@@ -1,0 +1,141 @@
+//! The root context every filter shares. A filter describes itself as a
+//! [`Module`]: how to compile its configuration, build its per-VM state and open
+//! a stream, and, if it needs them, what its root does on a tick and when an HTTP
+//! call the root started is answered. [`ModuleRoot`] does the rest once for all:
+//! configuration loading (one log line per problem, the config refused), the
+//! instance name for metrics, the tick period, and the registry of the root's
+//! HTTP calls in flight (token -> what to continue with).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+use serde::de::DeserializeOwned;
+
+use crate::config::{load_plugin_config, ConfigErrors};
+use crate::host;
+use crate::metrics::stat_segment;
+use crate::platform::Ffi;
+
+/// One filter module, as the shared root sees it.
+pub trait Module: 'static {
+    /// The module name: log prefix, metric prefix, default instance name.
+    const NAME: &'static str;
+    /// The configuration as users write it.
+    type Config: DeserializeOwned;
+    /// The validated, compiled configuration.
+    type Compiled;
+    /// Per-VM state shared by the root and every stream of this VM.
+    type Shared: 'static;
+    /// What the root continues with when an HTTP call it started is answered.
+    type RootCall: 'static;
+
+    fn compile(config: &Self::Config) -> Result<Self::Compiled, ConfigErrors>;
+
+    /// Builds the per-VM state; `None` refuses the configuration (log why first).
+    /// `instance` is the filter's name in the host config (Envoy: the `name` of the
+    /// Wasm config), a stat-safe segment, for modules that run twice in a chain.
+    fn start(host: &Ffi, compiled: Self::Compiled, instance: &str) -> Option<Self::Shared>;
+
+    /// A new stream context for one request.
+    fn stream(shared: &Rc<Self::Shared>) -> Box<dyn HttpContext>;
+
+    /// How often the root's [`Module::on_tick`] runs; `None`: never.
+    fn tick_period(_shared: &Self::Shared) -> Option<Duration> {
+        None
+    }
+
+    /// Periodic work of the root; HTTP calls it starts go into `calls`.
+    fn on_tick(_shared: &Rc<Self::Shared>, _calls: &mut RootCalls<Self::RootCall>) {}
+
+    /// An HTTP call the root started was answered (or failed: no headers).
+    fn on_call_response(_shared: &Rc<Self::Shared>, _call: Self::RootCall, _body_size: usize) {}
+}
+
+/// The root's HTTP calls in flight, by token.
+pub struct RootCalls<C> {
+    in_flight: HashMap<u32, C>,
+}
+
+impl<C> Default for RootCalls<C> {
+    fn default() -> Self {
+        Self { in_flight: HashMap::new() }
+    }
+}
+
+impl<C> RootCalls<C> {
+    pub fn insert(&mut self, token: u32, call: C) {
+        self.in_flight.insert(token, call);
+    }
+
+    pub fn take(&mut self, token: u32) -> Option<C> {
+        self.in_flight.remove(&token)
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = &C> {
+        self.in_flight.values()
+    }
+}
+
+/// The root context of every filter module.
+pub struct ModuleRoot<M: Module> {
+    shared: Option<Rc<M::Shared>>,
+    calls: RootCalls<M::RootCall>,
+}
+
+impl<M: Module> Default for ModuleRoot<M> {
+    fn default() -> Self {
+        Self { shared: None, calls: RootCalls::default() }
+    }
+}
+
+/// Registers `M` as the module of this VM (call from `proxy_wasm::main!`).
+pub fn install<M: Module>() {
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(ModuleRoot::<M>::default()) });
+}
+
+impl<M: Module> Context for ModuleRoot<M> {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if let (Some(call), Some(shared)) = (self.calls.take(token_id), self.shared.as_ref()) {
+            M::on_call_response(shared, call, body_size);
+        }
+    }
+}
+
+impl<M: Module> RootContext for ModuleRoot<M> {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let Some(compiled) = load_plugin_config(M::NAME, M::compile) else {
+            return false;
+        };
+        let instance = host::property(&["plugin_name"])
+            .ok()
+            .flatten()
+            .map(|name| stat_segment(&String::from_utf8_lossy(&name)))
+            .unwrap_or_else(|| M::NAME.to_string());
+        let Some(shared) = M::start(&Ffi, compiled, &instance) else {
+            return false;
+        };
+        if let Some(period) = M::tick_period(&shared) {
+            let _ = host::set_tick_period(period);
+        }
+        self.shared = Some(Rc::new(shared));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(shared) = self.shared.clone() {
+            M::on_tick(&shared, &mut self.calls);
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(M::stream(self.shared.as_ref()?))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
