@@ -382,7 +382,7 @@ impl<H: Host> CacheStream<H> {
                 if let Ok(Some(body)) = shared.table.body(&SharedData(&self.host), *slot, variant) {
                     shared.metrics.hits.increment_on(&self.host);
                     let detail = format!("hit; ttl={}", variant.ttl(now));
-                    return self.serve(variant, &body, &request, head, &detail, now);
+                    return self.after_local_reply(self.serve(variant, &body, &request, head, &detail, now));
                 }
                 // The body is being replaced: treat as a miss.
                 shared.metrics.misses.increment_on(&self.host);
@@ -397,7 +397,7 @@ impl<H: Host> CacheStream<H> {
                 shared.metrics.hits.increment_on(&self.host);
                 self.queue_background_revalidation(exchange(&request), variant, &request);
                 let detail = format!("hit; ttl={}; detail=stale-while-revalidate", variant.ttl(now));
-                self.serve(variant, &body, &request, head, &detail, now)
+                self.after_local_reply(self.serve(variant, &body, &request, head, &detail, now))
             }
             Use::Revalidate => {
                 if request_cc.only_if_cached {
@@ -474,28 +474,15 @@ impl<H: Host> CacheStream<H> {
     }
 
     /// Answers from a stored variant: 304 when the client's conditions match.
-    /// Answers from the stored variant. `Action::Pause` once the answer is sent;
-    /// if the host refused it, `Action::Continue`: the request goes to the origin
-    /// (or the origin's response passes through) instead of hanging until Envoy's
-    /// timeout. The cache enforces nothing, so forwarding is always safe.
-    fn serve(
-        &self,
-        variant: &Variant,
-        body: &[u8],
-        client: &RequestHeaders,
-        head: bool,
-        detail: &str,
-        now: u64,
-    ) -> Action {
-        let sent = self.send_stored(variant, body, client, head, detail, now);
-        self.after_local_reply(sent)
-    }
-
     fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
         self.shared.metrics.reply_failures.after(&self.host, sent, OnRefusedReply::Continue)
     }
 
-    fn send_stored(
+    /// Answers from the stored variant. If the host refuses the answer,
+    /// `after_local_reply` lets the request go to the origin (or the origin's
+    /// response pass through) instead of hanging until Envoy's timeout: the cache
+    /// enforces nothing, so forwarding is always safe.
+    fn serve(
         &self,
         variant: &Variant,
         body: &[u8],
@@ -555,7 +542,14 @@ impl<H: Host> CacheStream<H> {
                 found.map(|found| shared.table.body(&SharedData(&self.host), found.slot, &updated))
             {
                 shared.metrics.revalidated_304.increment_on(&self.host);
-                return self.serve(&updated, &body, &client, head, "fwd=stale; fwd-status=304", now);
+                return self.after_local_reply(self.serve(
+                    &updated,
+                    &body,
+                    &client,
+                    head,
+                    "fwd=stale; fwd-status=304",
+                    now,
+                ));
             }
         }
         if status >= 500 {
@@ -567,7 +561,7 @@ impl<H: Host> CacheStream<H> {
                 {
                     shared.metrics.stale_if_error.increment_on(&self.host);
                     let detail = format!("hit; fwd=stale; fwd-status={status}");
-                    return self.serve(&variant, &body, &client, head, &detail, now);
+                    return self.after_local_reply(self.serve(&variant, &body, &client, head, &detail, now));
                 }
             }
         }
