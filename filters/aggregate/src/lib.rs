@@ -16,7 +16,7 @@ use gateway_common::metrics::Metric;
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::read_request_from;
-use gateway_common::skeleton::Module;
+use gateway_common::skeleton::{metric_prefix, Module};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -47,14 +47,15 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(host: &impl Host, endpoints: Vec<Endpoint>) -> Self {
+    /// Metrics are named `<prefix>.*` (see `skeleton::metric_prefix`).
+    fn new(host: &impl Host, endpoints: Vec<Endpoint>, prefix: &str) -> Self {
         let metrics = Metrics {
-            composites: Metric::counter_on(host, "aggregate.requests"),
-            ok: Metric::counter_on(host, "aggregate.parts.ok"),
-            error: Metric::counter_on(host, "aggregate.parts.error"),
-            timeout: Metric::counter_on(host, "aggregate.parts.timeout"),
-            partial: Metric::counter_on(host, "aggregate.partial_responses"),
-            reply_failures: ReplyFailures::new(host, "aggregate"),
+            composites: Metric::counter_on(host, &format!("{prefix}.requests")),
+            ok: Metric::counter_on(host, &format!("{prefix}.parts.ok")),
+            error: Metric::counter_on(host, &format!("{prefix}.parts.error")),
+            timeout: Metric::counter_on(host, &format!("{prefix}.parts.timeout")),
+            partial: Metric::counter_on(host, &format!("{prefix}.partial_responses")),
+            reply_failures: ReplyFailures::new(host, prefix),
         };
         Self { endpoints, metrics, unreachable_clusters: RefCell::default() }
     }
@@ -74,8 +75,8 @@ impl Module for Aggregate {
         config.compile()
     }
 
-    fn start(host: &Ffi, endpoints: Vec<Endpoint>, _instance: &str) -> Option<Shared> {
-        Some(Shared::new(host, endpoints))
+    fn start(host: &Ffi, endpoints: Vec<Endpoint>, instance: &str) -> Option<Shared> {
+        Some(Shared::new(host, endpoints, &metric_prefix(Self::NAME, instance)))
     }
 
     fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
@@ -299,7 +300,7 @@ mod glue_tests {
     fn stream(request: &[(&str, &[u8])]) -> AggregateStream<FakeHost> {
         let config: AggregateConfig = gateway_common::config::parse_json(CONFIG.as_bytes()).unwrap();
         let host = FakeHost::new().with_headers(MapType::HttpRequestHeaders, request);
-        let shared = Rc::new(Shared::new(&host, config.compile().unwrap()));
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), "aggregate"));
         host.reset_calls();
         AggregateStream { host, shared, composite: None }
     }

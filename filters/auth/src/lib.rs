@@ -23,7 +23,7 @@ use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::RequestFacts;
 use gateway_common::request::{ReadError, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
-use gateway_common::skeleton::{Module, RootCalls};
+use gateway_common::skeleton::{metric_prefix, Module, RootCalls};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -73,19 +73,19 @@ const DENIAL_REASONS: &[&str] = &[
 ];
 
 impl Metrics {
-    fn new(host: &impl Host) -> Self {
+    fn new(host: &impl Host, prefix: &str) -> Self {
         Self {
-            allowed: Metric::counter_on(host, "auth.allowed"),
+            allowed: Metric::counter_on(host, &format!("{prefix}.allowed")),
             denied: DENIAL_REASONS
                 .iter()
-                .map(|reason| (*reason, Metric::counter_on(host, &format!("auth.denied.{reason}"))))
+                .map(|reason| (*reason, Metric::counter_on(host, &format!("{prefix}.denied.{reason}"))))
                 .collect(),
-            jwks_fetch_ok: Metric::counter_on(host, "auth.jwks.fetch_ok"),
-            jwks_fetch_failed: Metric::counter_on(host, "auth.jwks.fetch_failed"),
-            cache_hits: Metric::counter_on(host, "auth.token_cache.hits"),
-            cache_misses: Metric::counter_on(host, "auth.token_cache.misses"),
-            basic_hashes: Metric::counter_on(host, "auth.basic.hash_computations"),
-            reply_failures: ReplyFailures::new(host, "auth"),
+            jwks_fetch_ok: Metric::counter_on(host, &format!("{prefix}.jwks.fetch_ok")),
+            jwks_fetch_failed: Metric::counter_on(host, &format!("{prefix}.jwks.fetch_failed")),
+            cache_hits: Metric::counter_on(host, &format!("{prefix}.token_cache.hits")),
+            cache_misses: Metric::counter_on(host, &format!("{prefix}.token_cache.misses")),
+            basic_hashes: Metric::counter_on(host, &format!("{prefix}.basic.hash_computations")),
+            reply_failures: ReplyFailures::new(host, prefix),
         }
     }
 
@@ -125,7 +125,8 @@ struct Shared {
 
 impl Shared {
     /// The per-VM state; `None` when the shared-data keys cannot be created.
-    fn new(host: &impl Host, auth: Auth, basic_cache_key: [u8; 16]) -> Option<Self> {
+    /// Metrics are named `<prefix>.*` (see `skeleton::metric_prefix`).
+    fn new(host: &impl Host, auth: Auth, basic_cache_key: [u8; 16], prefix: &str) -> Option<Self> {
         let store = SharedData(host);
         let remote_names = auth.providers.iter().filter(|p| remote_spec(p).is_some()).map(|p| p.name.as_str());
         let users = auth.basic.as_ref().map_or(0, |basic| basic.users.len());
@@ -138,7 +139,7 @@ impl Shared {
             warned: vec![false; auth.providers.len()],
         };
         let identity_headers = auth.identity_headers();
-        Some(Shared { auth, identity_headers, metrics: Metrics::new(host), state: RefCell::new(state) })
+        Some(Shared { auth, identity_headers, metrics: Metrics::new(host, prefix), state: RefCell::new(state) })
     }
 }
 
@@ -243,8 +244,8 @@ impl Module for AuthModule {
         config.compile()
     }
 
-    fn start(host: &Ffi, auth: Auth, _instance: &str) -> Option<Shared> {
-        let shared = Shared::new(host, auth, random_key());
+    fn start(host: &Ffi, auth: Auth, instance: &str) -> Option<Shared> {
+        let shared = Shared::new(host, auth, random_key(), &metric_prefix(Self::NAME, instance));
         if shared.is_none() {
             host.log(LogLevel::Error, "auth: cannot initialize shared data for remote JWKS");
         }
@@ -570,7 +571,7 @@ mod glue_tests {
 
     fn shared(host: &FakeHost) -> Rc<Shared> {
         let config: AuthConfig = gateway_common::config::parse_json(CONFIG.as_bytes()).unwrap();
-        Rc::new(Shared::new(host, config.compile().unwrap(), [7; 16]).unwrap())
+        Rc::new(Shared::new(host, config.compile().unwrap(), [7; 16], "auth").unwrap())
     }
 
     fn stream<'h>(host: &'h FakeHost, shared: &Rc<Shared>) -> AuthStream<&'h FakeHost> {
@@ -684,7 +685,7 @@ mod glue_tests {
             assert!(DENIAL_REASONS.contains(&code), "`{code}` has no auth.denied.* counter");
         }
         let host = FakeHost::new();
-        let metrics = Metrics::new(&host);
+        let metrics = Metrics::new(&host, "auth");
         let schemes = policy::Schemes { bearer: true, basic: false, api_key: false };
         for denial in [
             Denial::MultipleAuthorization,

@@ -20,7 +20,7 @@ use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{read_request_from, unescape_bytes, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
-use gateway_common::skeleton::{Module, RootCalls};
+use gateway_common::skeleton::{metric_prefix, Module, RootCalls};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use sha2::{Digest, Sha256};
@@ -74,7 +74,8 @@ struct Background {
 
 impl Shared {
     /// The per-VM state; `None` when the shared-data keys cannot be created.
-    fn new(host: &impl Host, cache: Cache) -> Option<Self> {
+    /// Metrics are named `<prefix>.*` (see `skeleton::metric_prefix`).
+    fn new(host: &impl Host, cache: Cache, prefix: &str) -> Option<Self> {
         let config = &cache.config;
         let table = Table {
             slots: config.slots,
@@ -83,17 +84,17 @@ impl Shared {
         };
         table.initialize(&SharedData(host)).ok()?;
         let metrics = Metrics {
-            hits: Metric::counter_on(host, "cache.hits"),
-            misses: Metric::counter_on(host, "cache.misses"),
-            stores: Metric::counter_on(host, "cache.stores"),
-            revalidated_304: Metric::counter_on(host, "cache.revalidations.not_modified"),
-            revalidated_200: Metric::counter_on(host, "cache.revalidations.replaced"),
-            stale_if_error: Metric::counter_on(host, "cache.stale_if_error"),
-            invalidations: Metric::counter_on(host, "cache.invalidations"),
-            purges: Metric::counter_on(host, "cache.purges"),
-            reply_failures: ReplyFailures::new(host, "cache"),
-            bytes: Metric::gauge_on(host, "cache.bytes_stored"),
-            evictions: Metric::gauge_on(host, "cache.evictions"),
+            hits: Metric::counter_on(host, &format!("{prefix}.hits")),
+            misses: Metric::counter_on(host, &format!("{prefix}.misses")),
+            stores: Metric::counter_on(host, &format!("{prefix}.stores")),
+            revalidated_304: Metric::counter_on(host, &format!("{prefix}.revalidations.not_modified")),
+            revalidated_200: Metric::counter_on(host, &format!("{prefix}.revalidations.replaced")),
+            stale_if_error: Metric::counter_on(host, &format!("{prefix}.stale_if_error")),
+            invalidations: Metric::counter_on(host, &format!("{prefix}.invalidations")),
+            purges: Metric::counter_on(host, &format!("{prefix}.purges")),
+            reply_failures: ReplyFailures::new(host, prefix),
+            bytes: Metric::gauge_on(host, &format!("{prefix}.bytes_stored")),
+            evictions: Metric::gauge_on(host, &format!("{prefix}.evictions")),
         };
         Some(Self {
             cache,
@@ -141,8 +142,8 @@ impl Module for CacheModule {
         config.compile()
     }
 
-    fn start(host: &Ffi, cache: Cache, _instance: &str) -> Option<Shared> {
-        let shared = Shared::new(host, cache);
+    fn start(host: &Ffi, cache: Cache, instance: &str) -> Option<Shared> {
+        let shared = Shared::new(host, cache, &metric_prefix(Self::NAME, instance));
         if shared.is_none() {
             host.log(LogLevel::Error, "cache: cannot initialize shared data");
         }
@@ -645,7 +646,7 @@ mod glue_tests {
 
     fn shared(host: &FakeHost) -> Rc<Shared> {
         let config: CacheConfig = gateway_common::config::parse_json(br#"{"slots": 64}"#).unwrap();
-        Rc::new(Shared::new(host, config.compile().unwrap()).unwrap())
+        Rc::new(Shared::new(host, config.compile().unwrap(), "cache").unwrap())
     }
 
     fn get(host: &FakeHost, path: &[u8]) {

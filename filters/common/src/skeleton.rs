@@ -54,6 +54,18 @@ pub trait Module: 'static {
     fn on_call_response(_shared: &Rc<Self::Shared>, _call: Self::RootCall, _body_size: usize) {}
 }
 
+/// The prefix of a module instance's metric names: the module name for the
+/// instance named after it (`auth.allowed`), `<module>.<instance>` for any other
+/// (`auth.internal-api.allowed`), so two instances in one Envoy never merge their
+/// counters. (ratelimit always includes the instance: `ratelimit.<instance>.*`.)
+pub fn metric_prefix(module: &str, instance: &str) -> String {
+    if instance == module {
+        module.to_string()
+    } else {
+        format!("{module}.{instance}")
+    }
+}
+
 /// The root's HTTP calls in flight, by token.
 pub struct RootCalls<C> {
     in_flight: HashMap<u32, C>,
@@ -137,5 +149,16 @@ impl<M: Module> RootContext for ModuleRoot<M> {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_other_than_the_default_get_their_own_metric_prefix() {
+        assert_eq!(metric_prefix("auth", "auth"), "auth");
+        assert_eq!(metric_prefix("auth", "internal-api"), "auth.internal-api");
     }
 }

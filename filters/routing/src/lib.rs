@@ -14,7 +14,7 @@ use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{escape_bytes, read_request_from, RequestHeaders};
-use gateway_common::skeleton::Module;
+use gateway_common::skeleton::{metric_prefix, Module};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -43,17 +43,20 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(host: &impl Host, router: Router, seed: u64) -> Self {
+    /// Metrics are named `<prefix>.*` (see `skeleton::metric_prefix`).
+    fn new(host: &impl Host, router: Router, seed: u64, prefix: &str) -> Self {
         let metrics = Metrics {
             per_route: router
                 .routes
                 .iter()
-                .map(|route| Metric::counter_on(host, &format!("routing.route.{}.requests", stat_segment(&route.name))))
+                .map(|route| {
+                    Metric::counter_on(host, &format!("{prefix}.route.{}.requests", stat_segment(&route.name)))
+                })
                 .collect(),
-            default_route: Metric::counter_on(host, "routing.default_route.requests"),
-            no_route: Metric::counter_on(host, "routing.no_route.requests"),
+            default_route: Metric::counter_on(host, &format!("{prefix}.default_route.requests")),
+            no_route: Metric::counter_on(host, &format!("{prefix}.no_route.requests")),
         };
-        let reply_failures = ReplyFailures::new(host, "routing");
+        let reply_failures = ReplyFailures::new(host, prefix);
         Self { router, metrics, random_state: Cell::new(seed), reply_failures }
     }
 }
@@ -72,11 +75,11 @@ impl Module for Routing {
         config.compile()
     }
 
-    fn start(host: &Ffi, router: Router, _instance: &str) -> Option<Shared> {
+    fn start(host: &Ffi, router: Router, instance: &str) -> Option<Shared> {
         // std::process::id() panics on wasi; RandomState is seeded by the host's
         // random_get.
         let seed = host.now_nanos() ^ random_seed();
-        Some(Shared::new(host, router, seed))
+        Some(Shared::new(host, router, seed, &metric_prefix(Self::NAME, instance)))
     }
 
     fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
@@ -260,7 +263,7 @@ mod glue_tests {
     fn stream(request: &[(&str, &[u8])]) -> RoutingStream<FakeHost> {
         let config: RoutingConfig = gateway_common::config::parse_json(CONFIG.as_bytes()).unwrap();
         let host = FakeHost::new().with_headers(MapType::HttpRequestHeaders, request);
-        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), 7));
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), 7, "routing"));
         host.reset_calls();
         RoutingStream { host, shared, response_headers: None }
     }
@@ -331,7 +334,7 @@ mod glue_tests {
         )
         .unwrap();
         let host = FakeHost::new().with_headers(MapType::HttpRequestHeaders, &[(":path", b"/")]);
-        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), 7));
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), 7, "routing"));
         let mut stream = RoutingStream { host, shared, response_headers: None };
         assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
         stream.host.reset_calls();

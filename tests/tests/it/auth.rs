@@ -419,3 +419,18 @@ fn invalid_configuration_is_refused_with_the_field_named() {
         assert_config_refused(&upstream, "auth", &config.to_string(), field);
     }
 }
+
+#[test]
+fn two_instances_keep_their_own_counters() {
+    let upstream = EchoUpstream::start("backend");
+    let open = json!({"rules": [{"name": "all", "allow_anonymous": true}]});
+    let config = EnvoyConfig::new(&upstream)
+        .filter(WasmFilter::new("auth", open.clone()).vm_id("edge"))
+        .filter(WasmFilter::new("auth", open).vm_id("internal"));
+    let envoy = Envoy::start(&config);
+    let _log = envoy.log_on_failure();
+    assert_eq!(envoy.get("/x").send().status, 200);
+    assert!(wait_until(Duration::from_secs(5), || envoy.stat("wasmcustom.auth.edge.allowed") == 1));
+    assert_eq!(envoy.stat("wasmcustom.auth.internal.allowed"), 1);
+    assert_eq!(envoy.stat("wasmcustom.auth.allowed"), 0, "no merged counter");
+}
