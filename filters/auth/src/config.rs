@@ -1,6 +1,6 @@
 //! auth.wasm configuration: the JSON users write, and its compiled form.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use gateway_common::config::ConfigErrors;
 use gateway_common::hash::decode_sha256_hex;
@@ -322,8 +322,25 @@ pub struct Basic {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {
     Anonymous,
-    Any(Vec<String>),
-    All(Vec<String>),
+    Any(Vec<AuthMethod>),
+    All(Vec<AuthMethod>),
+}
+
+/// A credential method a rule names, resolved at configuration time (the request
+/// path never looks a provider up by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthMethod {
+    pub kind: MethodKind,
+    /// As written in the rule: used in answers and logs.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodKind {
+    /// A JWT provider, by index into `Auth::providers`.
+    Provider(usize),
+    ApiKey,
+    Basic,
 }
 
 #[derive(Debug, Clone)]
@@ -369,13 +386,13 @@ impl Auth {
 impl AuthConfig {
     pub fn compile(&self) -> Result<Auth, ConfigErrors> {
         let mut errors = ConfigErrors::new();
-        let mut method_names: BTreeSet<String> = BTreeSet::new();
+        let mut method_names: BTreeMap<String, MethodKind> = BTreeMap::new();
         let mut providers = Vec::new();
         for (index, spec) in self.providers.iter().enumerate() {
             let field = format!("providers[{index}]");
             if spec.name.is_empty() || spec.name == API_KEY_METHOD || spec.name == BASIC_METHOD {
                 errors.add(format!("{field}.name"), "must be non-empty and not `api_key` or `basic`");
-            } else if !method_names.insert(spec.name.clone()) {
+            } else if method_names.insert(spec.name.clone(), MethodKind::Provider(index)).is_some() {
                 errors.add(format!("{field}.name"), format!("duplicate provider `{}`", spec.name));
             }
             if let Some(provider) = spec.compile(&field, &mut errors) {
@@ -383,11 +400,11 @@ impl AuthConfig {
             }
         }
         let api_keys = self.api_keys.as_ref().and_then(|spec| {
-            method_names.insert(API_KEY_METHOD.into());
+            method_names.insert(API_KEY_METHOD.into(), MethodKind::ApiKey);
             spec.compile("api_keys", &mut errors)
         });
         let basic = self.basic.as_ref().and_then(|spec| {
-            method_names.insert(BASIC_METHOD.into());
+            method_names.insert(BASIC_METHOD.into(), MethodKind::Basic);
             spec.compile("basic", &mut errors)
         });
         if let Some(header) = &self.consumer_header {
@@ -662,7 +679,7 @@ pub fn bcrypt_cost(hash: &str) -> Option<u32> {
 }
 
 impl RuleSpec {
-    fn compile(&self, field: &str, methods: &BTreeSet<String>, errors: &mut ConfigErrors) -> Option<Rule> {
+    fn compile(&self, field: &str, methods: &BTreeMap<String, MethodKind>, errors: &mut ConfigErrors) -> Option<Rule> {
         let conditions = self.match_.compile(&format!("{field}.match"), errors);
         let requirement = match (&self.require, self.allow_anonymous) {
             (None, true) => Requirement::Anonymous,
@@ -674,28 +691,36 @@ impl RuleSpec {
                 errors.add(field, "needs allow_anonymous: true or require");
                 return None;
             }
-            (Some(require), false) => match (&require.any, &require.all) {
-                (Some(names), None) => Requirement::Any(names.clone()),
-                (None, Some(names)) => Requirement::All(names.clone()),
-                _ => {
-                    errors.add(format!("{field}.require"), "needs exactly one of any, all");
-                    return None;
+            (Some(require), false) => {
+                let resolve = |names: &[String], errors: &mut ConfigErrors| -> Vec<AuthMethod> {
+                    if names.is_empty() {
+                        errors.add(format!("{field}.require"), "must name at least one provider");
+                    }
+                    names
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(index, name)| match methods.get(name) {
+                            Some(kind) => Some(AuthMethod { kind: *kind, name: name.clone() }),
+                            None => {
+                                errors.add(
+                                    format!("{field}.require[{index}]"),
+                                    format!("`{name}` is not a configured provider (nor api_key / basic)"),
+                                );
+                                None
+                            }
+                        })
+                        .collect()
+                };
+                match (&require.any, &require.all) {
+                    (Some(names), None) => Requirement::Any(resolve(names, errors)),
+                    (None, Some(names)) => Requirement::All(resolve(names, errors)),
+                    _ => {
+                        errors.add(format!("{field}.require"), "needs exactly one of any, all");
+                        return None;
+                    }
                 }
-            },
+            }
         };
-        if let Requirement::Any(names) | Requirement::All(names) = &requirement {
-            if names.is_empty() {
-                errors.add(format!("{field}.require"), "must name at least one provider");
-            }
-            for (index, name) in names.iter().enumerate() {
-                if !methods.contains(name) {
-                    errors.add(
-                        format!("{field}.require[{index}]"),
-                        format!("`{name}` is not a configured provider (nor api_key / basic)"),
-                    );
-                }
-            }
-        }
         if requirement == Requirement::Anonymous && (!self.scopes.is_empty() || !self.claims.is_empty()) {
             errors.add(field, "anonymous rules cannot require scopes or claims");
         }

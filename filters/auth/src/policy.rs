@@ -8,7 +8,8 @@ use gateway_common::request::RequestHeaders;
 use serde_json::Value;
 
 use crate::config::{
-    Auth, Basic, DefaultAction, Provider, Requirement, Rule, TokenSource, API_KEY_METHOD, BASIC_METHOD,
+    Auth, AuthMethod, Basic, DefaultAction, MethodKind, Provider, Requirement, Rule, TokenSource, API_KEY_METHOD,
+    BASIC_METHOD,
 };
 use crate::credentials::{check_api_key, find_credential, parse_basic, BasicFailure};
 use crate::jwt::{claim_at, JwtError};
@@ -95,7 +96,7 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
     let identities = match &rule.requirement {
         Requirement::Anonymous => return Outcome::Allow { rule: Some(rule.name.clone()), identities: Vec::new() },
         Requirement::Any(methods) => {
-            let schemes = schemes(auth, methods);
+            let schemes = schemes(methods);
             let mut first_failure = None;
             let mut found = None;
             for method in methods {
@@ -118,7 +119,7 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
             }
         }
         Requirement::All(methods) => {
-            let schemes = schemes(auth, methods);
+            let schemes = schemes(methods);
             let mut identities = Vec::new();
             for method in methods {
                 match check_method(auth, method, request, verifier) {
@@ -137,11 +138,11 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
     Outcome::Allow { rule: Some(rule.name.clone()), identities }
 }
 
-fn schemes(auth: &Auth, methods: &[String]) -> Schemes {
+fn schemes(methods: &[AuthMethod]) -> Schemes {
     Schemes {
-        bearer: methods.iter().any(|method| auth.provider(method).is_some()),
-        basic: methods.iter().any(|method| method == BASIC_METHOD),
-        api_key: methods.iter().any(|method| method == API_KEY_METHOD),
+        bearer: methods.iter().any(|method| matches!(method.kind, MethodKind::Provider(_))),
+        basic: methods.iter().any(|method| method.kind == MethodKind::Basic),
+        api_key: methods.iter().any(|method| method.kind == MethodKind::ApiKey),
     }
 }
 
@@ -161,8 +162,14 @@ fn invalid(method: &str, reason: impl Into<String>, code: &'static str) -> Metho
     })
 }
 
-fn check_method(auth: &Auth, method: &str, request: &RequestHeaders, verifier: &mut impl Verifier) -> MethodResult {
-    if method == API_KEY_METHOD {
+fn check_method(
+    auth: &Auth,
+    method: &AuthMethod,
+    request: &RequestHeaders,
+    verifier: &mut impl Verifier,
+) -> MethodResult {
+    let (kind, method) = (method.kind, method.name.as_str());
+    if kind == MethodKind::ApiKey {
         let Some(api_keys) = &auth.api_keys else { return MethodResult::Absent };
         return match find_credential(request, &api_keys.sources) {
             None => MethodResult::Absent,
@@ -179,7 +186,7 @@ fn check_method(auth: &Auth, method: &str, request: &RequestHeaders, verifier: &
             },
         };
     }
-    if method == BASIC_METHOD {
+    if kind == MethodKind::Basic {
         let Some(basic) = &auth.basic else { return MethodResult::Absent };
         let Some(header) = request.first("authorization") else { return MethodResult::Absent };
         if !header.get(..6).is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"basic ")) {
@@ -203,10 +210,8 @@ fn check_method(auth: &Auth, method: &str, request: &RequestHeaders, verifier: &
             }
         };
     }
-    let Some((index, provider)) = auth.providers.iter().enumerate().find(|(_, provider)| provider.name == method)
-    else {
-        return MethodResult::Absent;
-    };
+    let MethodKind::Provider(index) = kind else { return MethodResult::Absent };
+    let Some(provider) = auth.providers.get(index) else { return MethodResult::Absent };
     match find_credential(request, &provider.sources) {
         None => MethodResult::Absent,
         Some(Err(_)) => invalid(method, "malformed token: not UTF-8", "malformed"),
