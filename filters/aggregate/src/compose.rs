@@ -356,6 +356,10 @@ mod tests {
                 "endpoints[0].parts[0].path",
             ),
             (
+                json!({"endpoints": [{"name": "d", "path": "/d", "parts": [{"name": "a\r\nset-cookie: x=1", "cluster": "c", "path": "/a"}]}]}),
+                "endpoints[0].parts[0].name",
+            ),
+            (
                 json!({"endpoints": [{"name": "d", "path": "/d", "parts": [{"name": "a", "cluster": "c", "path": "/a\u{0}"}]}]}),
                 "endpoints[0].parts[0].path",
             ),

@@ -157,6 +157,9 @@ impl EndpointSpec {
             let part_field = format!("{field}.parts[{index}]");
             if spec.name.is_empty() || spec.name.contains(',') || !names.insert(spec.name.as_str()) {
                 errors.add(format!("{part_field}.name"), "must be non-empty, unique and without ','");
+            } else {
+                // Named in the `x-aggregate-partial` header.
+                errors.check_header_value(format!("{part_field}.name"), &spec.name);
             }
             if let Some(key) = &spec.key {
                 if key.is_empty() || key == "_partial" || !keys.insert(key.as_str()) {
