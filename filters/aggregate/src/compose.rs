@@ -246,8 +246,7 @@ mod tests {
     }
 
     fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
-        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
-            .unwrap()
+        gateway_common::testing::request_text(pairs)
     }
 
     #[test]

@@ -303,12 +303,7 @@ mod tests {
     use gateway_common::shared::MemoryStore;
 
     fn headers(pairs: &[(&str, &[u8])]) -> RequestHeaders {
-        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
-            pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect();
-        if !pairs.iter().any(|(name, _)| name == b":path") {
-            pairs.push((b":path".to_vec(), b"/".to_vec()));
-        }
-        RequestHeaders::from_pairs(pairs).unwrap()
+        gateway_common::testing::request(pairs)
     }
 
     #[test]

@@ -397,12 +397,7 @@ mod tests {
     }
 
     fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
-        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
-            pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect();
-        if !pairs.iter().any(|(name, _)| name == b":path") {
-            pairs.push((b":path".to_vec(), b"/".to_vec()));
-        }
-        RequestHeaders::from_pairs(pairs).unwrap()
+        gateway_common::testing::request_text(pairs)
     }
 
     fn decide_for(pairs: &[(&str, &str)]) -> Outcome {

@@ -334,16 +334,11 @@ mod tests {
     }
 
     fn request(pairs: &[(&str, &str)]) -> RequestHeaders {
-        raw_request(&pairs.iter().map(|(k, v)| (*k, v.as_bytes())).collect::<Vec<_>>())
+        gateway_common::testing::request_text(pairs)
     }
 
     fn raw_request(pairs: &[(&str, &[u8])]) -> RequestHeaders {
-        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
-            pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect();
-        if !pairs.iter().any(|(name, _)| name == b":path") {
-            pairs.push((b":path".to_vec(), b"/".to_vec()));
-        }
-        RequestHeaders::from_pairs(pairs).unwrap()
+        gateway_common::testing::request(pairs)
     }
 
     fn exchange(authenticated: bool) -> Exchange {

@@ -13,3 +13,6 @@ pub mod request;
 pub mod request_match;
 pub mod shared;
 pub mod skeleton;
+#[cfg(any(test, feature = "testing"))]
+#[allow(clippy::panic)]
+pub mod testing;

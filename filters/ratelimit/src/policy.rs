@@ -235,11 +235,11 @@ mod tests {
     }
 
     fn headers(pairs: &[(&str, &str)]) -> RequestHeaders {
-        raw_headers(&pairs.iter().map(|(k, v)| (*k, v.as_bytes())).collect::<Vec<_>>())
+        gateway_common::testing::request_text(pairs)
     }
 
     fn raw_headers(pairs: &[(&str, &[u8])]) -> RequestHeaders {
-        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect()).unwrap()
+        gateway_common::testing::request(pairs)
     }
 
     proptest::proptest! {
