@@ -2,13 +2,13 @@
 //! fixtures, JWKS served by an echo upstream, the echo showing what reached it.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use gateway_tests::client::Response;
 use gateway_tests::envoy::{assert_config_refused, Envoy, EnvoyConfig, WasmFilter};
-use gateway_tests::paths::workspace_root;
+use gateway_tests::tokens::{fixture, now, sign};
 use gateway_tests::upstream::{EchoUpstream, Reply};
 use gateway_tests::wait_until;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -16,30 +16,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 const ISSUER: &str = "https://idp.test";
-const HMAC_SECRET: &[u8] = b"a-shared-secret-of-32-bytes-long!";
-
-fn fixture(name: &str) -> String {
-    std::fs::read_to_string(workspace_root().join("tests/fixtures/keys").join(name)).unwrap()
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-fn sign(alg: Algorithm, kid: &str, claims: &Value) -> String {
-    let key = match alg {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => EncodingKey::from_secret(HMAC_SECRET).unwrap(),
-        Algorithm::ES256 => EncodingKey::from_ec_pem(fixture("ec256.pem").as_bytes()).unwrap(),
-        Algorithm::ES384 => EncodingKey::from_ec_pem(fixture("ec384.pem").as_bytes()).unwrap(),
-        Algorithm::EdDSA => EncodingKey::from_ed_pem(fixture("ed25519.pem").as_bytes()).unwrap(),
-        _ if kid == "rsa-2" => EncodingKey::from_rsa_pem(fixture("rsa2.pem").as_bytes()).unwrap(),
-        _ => EncodingKey::from_rsa_pem(fixture("rsa.pem").as_bytes()).unwrap(),
-    };
-    let mut header = Header::new(alg);
-    header.kid = Some(kid.to_string());
-    encode(&header, claims, &key).unwrap()
-}
-
 fn claims(sub: &str) -> Value {
     json!({"iss": ISSUER, "aud": "orders-api", "sub": sub, "iat": now() - 5, "exp": now() + 600,
            "scope": "orders:read profile", "tenant": "acme", "roles": ["admin", "ops"], "org": {"id": 42}})

@@ -12,23 +12,21 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use gateway_tests::client::{Protocol, Response};
 use gateway_tests::envoy::{assert_config_refused, Envoy, EnvoyConfig, Routes, WasmFilter};
-use gateway_tests::paths::workspace_root;
 use gateway_tests::raw;
+use gateway_tests::tokens::{fixture, now};
 use gateway_tests::upstream::EchoUpstream;
 use gateway_tests::wait_until;
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 use serde_json::{json, Value};
 
-const HMAC_SECRET: &[u8] = b"a-shared-secret-of-32-bytes-long!";
 const CLUSTER_HEADER: &str = "x-gateway-cluster";
 
 fn jwks() -> Value {
-    let text = std::fs::read_to_string(workspace_root().join("tests/fixtures/keys/jwks.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    serde_json::from_str(&fixture("jwks.json")).unwrap()
 }
 
 fn hs256(header: Header, claims: &Value) -> String {
-    encode(&header, claims, &EncodingKey::from_secret(HMAC_SECRET).unwrap()).unwrap()
+    gateway_tests::tokens::sign_with_header(&header, claims)
 }
 
 fn hs_header() -> Header {
@@ -38,8 +36,7 @@ fn hs_header() -> Header {
 }
 
 fn claims(sub: &str) -> Value {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    json!({"sub": sub, "iat": now - 5, "exp": now + 600})
+    json!({"sub": sub, "iat": now() - 5, "exp": now() + 600})
 }
 
 fn is_problem(response: &Response, status: u16) -> bool {
