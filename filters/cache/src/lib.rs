@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Cache, CacheConfig};
 use crate::http::CacheControl;
-use crate::policy::{Exchange, Use};
+use crate::policy::{Exchange, LookupPlan};
 use crate::store::{Meta, Table, Variant};
 
 proxy_wasm::main! {{
@@ -362,48 +362,33 @@ impl<H: Host> CacheStream<H> {
             request_no_store: request_cc.no_store,
             request_time: now,
         };
-        if request_cc.no_store {
-            shared.metrics.misses.increment_on(&self.host);
-            self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=request" };
-            return Action::Continue;
-        }
-        let found = shared.lookup(&SharedData(&self.host), &key);
+        let found = if request_cc.no_store { None } else { shared.lookup(&SharedData(&self.host), &key) };
         let variant = found.as_ref().and_then(|(_, meta)| policy::select(meta, &request, &config.upstream_header));
-        let Some(((slot, _), variant)) = found.as_ref().zip(variant) else {
-            if request_cc.only_if_cached {
-                return self.gateway_timeout(&request);
+        let plan = policy::plan_lookup(&request_cc, found.is_some(), variant, now);
+        let slot = found.as_ref().map_or(0, |(slot, _)| *slot);
+        let stored_body = |variant: &Variant| shared.table.body(&SharedData(&self.host), slot, variant).ok().flatten();
+        match (plan, variant) {
+            (LookupPlan::GatewayTimeout, _) => self.gateway_timeout(&request),
+            (LookupPlan::Serve(detail), Some(variant)) => {
+                let Some(body) = stored_body(variant) else {
+                    // The body is being replaced: treat as a miss.
+                    shared.metrics.misses.increment_on(&self.host);
+                    self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
+                    return Action::Continue;
+                };
+                shared.metrics.hits.increment_on(&self.host);
+                self.after_local_reply(self.serve(variant, &body, &request, head, &detail, now))
             }
-            shared.metrics.misses.increment_on(&self.host);
-            let forward = if found.is_some() { "fwd=vary-miss" } else { "fwd=uri-miss" };
-            self.pending = Pending::Miss { exchange: exchange(&request), head, forward };
-            return Action::Continue;
-        };
-        match policy::usability(variant, &request_cc, now) {
-            Use::Fresh | Use::StaleAccepted => {
-                if let Ok(Some(body)) = shared.table.body(&SharedData(&self.host), *slot, variant) {
-                    shared.metrics.hits.increment_on(&self.host);
-                    let detail = format!("hit; ttl={}", variant.ttl(now));
-                    return self.after_local_reply(self.serve(variant, &body, &request, head, &detail, now));
-                }
-                // The body is being replaced: treat as a miss.
-                shared.metrics.misses.increment_on(&self.host);
-                self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
-                Action::Continue
-            }
-            Use::Revalidate if policy::within_stale_while_revalidate(variant, &request_cc, now) => {
-                let Ok(Some(body)) = shared.table.body(&SharedData(&self.host), *slot, variant) else {
+            (LookupPlan::ServeStaleAndRevalidate(detail), Some(variant)) => {
+                let Some(body) = stored_body(variant) else {
                     self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
                     return Action::Continue;
                 };
                 shared.metrics.hits.increment_on(&self.host);
                 self.queue_background_revalidation(exchange(&request), variant, &request);
-                let detail = format!("hit; ttl={}; detail=stale-while-revalidate", variant.ttl(now));
                 self.after_local_reply(self.serve(variant, &body, &request, head, &detail, now))
             }
-            Use::Revalidate => {
-                if request_cc.only_if_cached {
-                    return self.gateway_timeout(&request);
-                }
+            (LookupPlan::Revalidate, Some(variant)) => {
                 // Our validators replace the client's; the client's conditions are
                 // evaluated against the (re)validated entry afterwards.
                 let _ = self.host.remove_header(MapType::HttpRequestHeaders, "if-none-match");
@@ -420,6 +405,17 @@ impl<H: Host> CacheStream<H> {
                     client: request.clone(),
                     head,
                 };
+                Action::Continue
+            }
+            (LookupPlan::Forward(forward), _) => {
+                shared.metrics.misses.increment_on(&self.host);
+                self.pending = Pending::Miss { exchange: exchange(&request), head, forward };
+                Action::Continue
+            }
+            // A plan to answer always comes with the variant it answers from.
+            (_, None) => {
+                shared.metrics.misses.increment_on(&self.host);
+                self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
                 Action::Continue
             }
         }

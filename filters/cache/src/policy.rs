@@ -126,6 +126,45 @@ pub fn usability(variant: &Variant, request_cc: &CacheControl, now: u64) -> Use 
     }
 }
 
+/// What a GET/HEAD does with what the cache holds for it (RFC 9111 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupPlan {
+    /// Forward to the origin; the response may be stored. The `Cache-Status`
+    /// `fwd` parameter says why.
+    Forward(&'static str),
+    /// `only-if-cached` and nothing usable: 504.
+    GatewayTimeout,
+    /// Answer from the stored variant (its body permitting), with this
+    /// `Cache-Status` detail.
+    Serve(String),
+    /// Answer with the stale variant now and revalidate it in the background.
+    ServeStaleAndRevalidate(String),
+    /// Forward with the stored validators, then answer from the result.
+    Revalidate,
+}
+
+/// Decides a lookup: `request_cc` as the request sent it, `found` whether the URI
+/// is stored at all, `variant` the stored variant the request selects.
+pub fn plan_lookup(request_cc: &CacheControl, found: bool, variant: Option<&Variant>, now: u64) -> LookupPlan {
+    if request_cc.no_store {
+        return LookupPlan::Forward("fwd=request");
+    }
+    let Some(variant) = variant else {
+        if request_cc.only_if_cached {
+            return LookupPlan::GatewayTimeout;
+        }
+        return LookupPlan::Forward(if found { "fwd=vary-miss" } else { "fwd=uri-miss" });
+    };
+    match usability(variant, request_cc, now) {
+        Use::Fresh | Use::StaleAccepted => LookupPlan::Serve(format!("hit; ttl={}", variant.ttl(now))),
+        Use::Revalidate if within_stale_while_revalidate(variant, request_cc, now) => {
+            LookupPlan::ServeStaleAndRevalidate(format!("hit; ttl={}; detail=stale-while-revalidate", variant.ttl(now)))
+        }
+        Use::Revalidate if request_cc.only_if_cached => LookupPlan::GatewayTimeout,
+        Use::Revalidate => LookupPlan::Revalidate,
+    }
+}
+
 /// Whether a stale variant may be served at once while it is revalidated in the
 /// background (RFC 5861 `stale-while-revalidate`): within the window, and never
 /// when the variant or the request asks for a check first.
@@ -442,6 +481,50 @@ mod tests {
         assert_eq!(keys("http://api.test/orders/7", "https://api.test:8443/x"), vec![key("/orders")]);
         assert_eq!(keys("https://evil.test/orders/7", "//api.test/x"), vec![key("/orders")]);
         assert_eq!(keys("https://API.test", "/a b"), vec![key("/orders"), key("/")]);
+    }
+
+    fn stored(lifetime: u64, swr: Option<u64>) -> Variant {
+        Variant {
+            selectors: vec![],
+            status: 200,
+            headers: vec![],
+            stored_at: 1000,
+            initial_age: 0,
+            lifetime,
+            no_cache: false,
+            no_stale: false,
+            stale_while_revalidate: swr,
+            stale_if_error: None,
+            etag: None,
+            last_modified: None,
+            generation: 1,
+            body_len: 0,
+            position: 0,
+        }
+    }
+
+    #[test]
+    fn lookups_are_planned_by_rfc_9111() {
+        let plain = CacheControl::default();
+        let cc = |text: &str| CacheControl::parse([text.as_bytes()]);
+        let fresh = stored(60, None);
+        assert_eq!(plan_lookup(&plain, true, Some(&fresh), 1010), LookupPlan::Serve("hit; ttl=50".into()));
+        assert_eq!(plan_lookup(&cc("no-store"), true, Some(&fresh), 1010), LookupPlan::Forward("fwd=request"));
+        assert_eq!(plan_lookup(&plain, false, None, 1010), LookupPlan::Forward("fwd=uri-miss"));
+        assert_eq!(plan_lookup(&plain, true, None, 1010), LookupPlan::Forward("fwd=vary-miss"));
+        assert_eq!(plan_lookup(&cc("only-if-cached"), false, None, 1010), LookupPlan::GatewayTimeout);
+        assert_eq!(plan_lookup(&cc("no-cache"), true, Some(&fresh), 1010), LookupPlan::Revalidate);
+        let stale = stored(10, Some(30));
+        assert_eq!(
+            plan_lookup(&plain, true, Some(&stale), 1020),
+            LookupPlan::ServeStaleAndRevalidate("hit; ttl=-10; detail=stale-while-revalidate".into())
+        );
+        assert_eq!(plan_lookup(&plain, true, Some(&stale), 1050), LookupPlan::Revalidate, "past the window");
+        assert_eq!(plan_lookup(&cc("only-if-cached"), true, Some(&stale), 1050), LookupPlan::GatewayTimeout);
+        assert_eq!(
+            plan_lookup(&cc("max-stale=100"), true, Some(&stale), 1050),
+            LookupPlan::Serve("hit; ttl=-40".into())
+        );
     }
 
     #[test]
