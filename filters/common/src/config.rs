@@ -127,23 +127,46 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigErrors> 
         errors.add("(configuration)", "must be a JSON object");
         return Err(errors);
     }
-    let mut deserializer = serde_json::Deserializer::from_slice(text);
-    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
     let mut errors = ConfigErrors::new();
-    match parsed {
-        Ok(value) => {
-            if let Err(error) = deserializer.end() {
-                errors.add("(configuration)", format!("trailing characters: {error}"));
-                return Err(errors);
-            }
-            Ok(value)
+    let mut document: serde_json::Value = match serde_json::from_slice(text) {
+        Ok(document) => document,
+        Err(error) => {
+            errors.add("(configuration)", format!("not valid JSON: {error}"));
+            return Err(errors);
         }
+    };
+    integral_floats_as_integers(&mut document);
+    match serde_path_to_error::deserialize::<_, T>(document) {
+        Ok(value) => Ok(value),
         Err(error) => {
             let path = error.path().to_string();
             let field = if path == "." { "(configuration)".to_string() } else { path };
             errors.add(field, error.into_inner().to_string());
             Err(errors)
         }
+    }
+}
+
+/// Istio hands `pluginConfig` over as JSON made from a protobuf Struct, where every
+/// number is a double: `10` arrives as `10.0`. A number with no fractional part is
+/// read as the integer it is, so integer fields accept it; `1.5` still is no
+/// integer.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(number) => {
+            if let Some(float) = number.as_f64().filter(|_| number.is_f64()) {
+                // Exactly representable range only (|x| <= 2^53).
+                if float.fract() == 0.0 && float.abs() <= 9_007_199_254_740_992.0 {
+                    #[allow(clippy::cast_possible_truncation)]
+                    let integer = float as i64;
+                    *value = Value::from(integer);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        Value::Object(members) => members.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
     }
 }
 
@@ -208,6 +231,24 @@ mod tests {
         struct Empty {}
         assert!(parse_json::<Empty>(b"").is_ok());
         assert!(parse_json::<Empty>(b"  \n").is_ok());
+    }
+
+    #[test]
+    fn integral_doubles_are_integers_as_istio_sends_them() {
+        #[derive(Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        struct Limits {
+            requests: u64,
+            burst: Option<u32>,
+            ratio: f64,
+        }
+        let parsed = parse_json::<Limits>(br#"{"requests": 10.0, "burst": 2.0, "ratio": 0.5}"#).unwrap();
+        assert_eq!((parsed.requests, parsed.burst, parsed.ratio), (10, Some(2), 0.5));
+        let error = parse_json::<Limits>(br#"{"requests": 1.5, "ratio": 1}"#).unwrap_err();
+        assert!(error.messages()[0].starts_with("requests"), "{error:?}");
+        let error = parse_json::<Limits>(br#"{"requests": -1.0, "ratio": 1}"#).unwrap_err();
+        assert!(error.messages()[0].starts_with("requests"), "{error:?}");
+        assert!(parse_json::<Limits>(br#"{"requests": 1} x"#).is_err(), "trailing characters");
     }
 
     #[test]

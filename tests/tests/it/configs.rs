@@ -93,3 +93,18 @@ fn docker_compose_runs_the_same_gateway() {
         assert!(run.contains(&format!("{name}:{port}")), "scripts/run.sh does not start backend {name} on {port}");
     }
 }
+
+/// Istio's WasmPlugin passes pluginConfig through a protobuf Struct: every number
+/// arrives as a double. Integral doubles must work where integers are expected.
+#[test]
+fn integral_doubles_in_a_configuration_work_as_integers() {
+    use gateway_tests::envoy::{EnvoyConfig, WasmFilter};
+    use gateway_tests::upstream::EchoUpstream;
+    let upstream = EchoUpstream::start("backend");
+    let config = serde_json::json!({"slots": 64.0, "rules": [{"name": "r", "key": [{"constant": "all"}],
+        "limits": [{"name": "l", "requests": 2.0, "per_seconds": 60.0}]}]});
+    let envoy =
+        gateway_tests::envoy::Envoy::start(&EnvoyConfig::new(&upstream).filter(WasmFilter::new("ratelimit", config)));
+    let statuses: Vec<u16> = (0..3).map(|_| envoy.get("/").send().status).collect();
+    assert_eq!(statuses, vec![200, 200, 429]);
+}
