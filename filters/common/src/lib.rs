@@ -16,3 +16,4 @@ pub mod skeleton;
 #[cfg(any(test, feature = "testing"))]
 #[allow(clippy::panic)]
 pub mod testing;
+pub mod verdict;

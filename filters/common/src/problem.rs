@@ -5,6 +5,7 @@ use crate::field;
 use crate::host::{self, HostResult};
 use crate::platform::{Ffi, Host};
 use crate::request::{BadRequest, RequestHeaders};
+use crate::verdict::Reply;
 
 /// gRPC status codes used by the filters.
 pub mod grpc {
@@ -68,17 +69,27 @@ impl Problem {
     }
 
     pub fn send_on(&self, host: &impl Host, request: &RequestFacts) -> HostResult<()> {
-        let mut headers: Vec<(&str, &str)> =
-            self.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+        let reply = self.reply(request);
+        let headers: Vec<(&str, &str)> =
+            reply.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+        host.send_local_response(reply.status, &headers, &reply.body, reply.grpc_status)
+    }
+
+    /// The local reply for this request: problem+json, or for gRPC requests a
+    /// status whose detail Envoy sends as grpc-message (it percent-encodes it as
+    /// gRPC specifies; encoding here too would show gRPC clients `%250D`).
+    pub fn reply(&self, request: &RequestFacts) -> Reply {
+        let mut headers = self.headers.clone();
         if request.is_grpc {
-            // Envoy turns a local reply to a gRPC request into a trailers-only gRPC
-            // response carrying this status and the detail as grpc-message, which it
-            // percent-encodes as gRPC specifies (tested: encoding here too would
-            // show gRPC clients `%250D`).
-            return host.send_local_response(self.status, &headers, self.detail.as_bytes(), Some(self.grpc_status));
+            return Reply {
+                status: self.status,
+                headers,
+                body: self.detail.as_bytes().to_vec(),
+                grpc_status: Some(self.grpc_status),
+            };
         }
-        headers.push(("content-type", "application/problem+json"));
-        host.send_local_response(self.status, &headers, &self.body(request.request_id.as_deref()), None)
+        headers.push(("content-type".to_string(), "application/problem+json".to_string()));
+        Reply { status: self.status, headers, body: self.body(request.request_id.as_deref()), grpc_status: None }
     }
 }
 

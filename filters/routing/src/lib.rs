@@ -15,11 +15,12 @@ use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{escape_bytes, read_request_from, RequestHeaders};
 use gateway_common::skeleton::{metric_prefix, Module};
+use gateway_common::verdict::{Edit, Reply, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use crate::config::{Action as RouteAction, Router, RoutingConfig};
-use crate::router::{Decision, Forward, LocalAnswer};
+use crate::router::{Decision, LocalAnswer};
 
 proxy_wasm::main! {{
     gateway_common::skeleton::install::<Routing>();
@@ -99,135 +100,149 @@ impl<H: Host> Context for RoutingStream<H> {}
 impl<H: Host> HttpContext for RoutingStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
-        let router = &shared.router;
         let request = match read_request_from(&self.host) {
             Ok(request) => request,
             Err(action) => return action,
         };
-        // No client may pick a cluster: drop its copy before anything else.
-        if request.count(&router.cluster_header) > 0 {
-            let _ = self.host.remove_header(MapType::HttpRequestHeaders, &router.cluster_header);
-        }
-        let decision = router.decide(&request, || next_random(&shared.random_state));
-        match decision {
-            Decision::Forward(forward) => {
-                self.forward(&forward);
-                Action::Continue
-            }
-            Decision::Respond(answer) => {
-                let sent = self.answer(&request, &answer);
-                self.after_local_reply(sent)
-            }
-            Decision::NoRoute => {
-                shared.metrics.no_route.increment_on(&self.host);
-                let problem = Problem::new(
-                    404,
-                    "no-route",
-                    "No route",
-                    format!("no route matches {} {}", escape_bytes(request.method()), request.path()),
-                );
-                let _ = self.host.set_property(&[ROUTE_PROPERTY], b"-");
-                let sent = problem.send_on(&self.host, &facts(&request));
-                self.after_local_reply(sent)
-            }
-        }
+        let decision = shared.router.decide(&request, || next_random(&shared.random_state));
+        let (verdict, response_headers) = request_verdict(&shared, &request, &decision);
+        self.response_headers = response_headers;
+        verdict.apply(&self.host, &shared.reply_failures)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(index) = self.response_headers else {
             return Action::Continue;
         };
-        let router = &self.shared.router;
-        if let Some(route) = router.routes.get(index) {
-            for (name, value) in &route.response_headers {
-                let _ = self.host.add_header(MapType::HttpResponseHeaders, name, value.as_bytes());
-            }
-            if let Some(name) = &router.route_name_response_header {
-                let _ = self.host.set_header(MapType::HttpResponseHeaders, name, route.name.as_bytes());
-            }
-        }
-        Action::Continue
+        response_verdict(&self.shared.router, index).apply(&self.host, &self.shared.reply_failures)
     }
 }
 
-impl<H: Host> RoutingStream<H> {
-    fn forward(&mut self, forward: &Forward) {
-        let router = &self.shared.router;
-        let route = forward.route.and_then(|index| router.routes.get(index));
-        match (forward.route, route) {
-            (Some(index), Some(route)) => {
-                self.shared.metrics.per_route.get(index).copied().unwrap_or_default().increment_on(&self.host);
-                let _ = self.host.set_property(&[ROUTE_PROPERTY], route.name.as_bytes());
-                let edits = &route.request_headers;
-                for name in &edits.remove {
-                    let _ = self.host.remove_header(MapType::HttpRequestHeaders, name);
+/// What a request makes routing do, and the route whose response headers apply
+/// to its response. A refused local reply lets the request continue instead of
+/// hanging until Envoy's timeout: no cluster header was set for it, so Envoy's
+/// `cluster_header` route cannot forward it and answers it itself.
+fn request_verdict(shared: &Shared, request: &RequestHeaders, decision: &Decision) -> (Verdict, Option<usize>) {
+    let router = &shared.router;
+    let metrics = &shared.metrics;
+    let route_metric = |index: usize| metrics.per_route.get(index).copied().unwrap_or_default();
+    let (mut verdict, response_headers) = match decision {
+        Decision::Forward(forward) => {
+            let route = forward.route.and_then(|index| router.routes.get(index).map(|route| (index, route)));
+            let mut verdict = match route {
+                Some((index, route)) => {
+                    let edits = &route.request_headers;
+                    let mut verdict =
+                        Verdict::forward().count(route_metric(index)).property(ROUTE_PROPERTY, route.name.as_bytes());
+                    for name in &edits.remove {
+                        verdict = verdict.edit(Edit::Remove(MapType::HttpRequestHeaders, name.clone()));
+                    }
+                    for (name, value) in &edits.set {
+                        verdict = verdict.edit(Edit::Set(
+                            MapType::HttpRequestHeaders,
+                            name.clone(),
+                            value.clone().into_bytes(),
+                        ));
+                    }
+                    for (name, value) in &edits.add {
+                        verdict = verdict.edit(Edit::Add(
+                            MapType::HttpRequestHeaders,
+                            name.clone(),
+                            value.clone().into_bytes(),
+                        ));
+                    }
+                    verdict
                 }
-                for (name, value) in &edits.set {
-                    let _ = self.host.set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
-                }
-                for (name, value) in &edits.add {
-                    let _ = self.host.add_header(MapType::HttpRequestHeaders, name, value.as_bytes());
-                }
-                if !route.response_headers.is_empty() || router.route_name_response_header.is_some() {
-                    self.response_headers = Some(index);
-                }
+                None => Verdict::forward().count(metrics.default_route).property(ROUTE_PROPERTY, b"default".to_vec()),
+            };
+            if let Some(path) = &forward.path {
+                verdict =
+                    verdict.edit(Edit::Set(MapType::HttpRequestHeaders, ":path".into(), path.clone().into_bytes()));
             }
-            _ => {
-                self.shared.metrics.default_route.increment_on(&self.host);
-                let _ = self.host.set_property(&[ROUTE_PROPERTY], b"default");
+            if let Some(authority) = &forward.authority {
+                verdict = verdict.edit(Edit::Set(
+                    MapType::HttpRequestHeaders,
+                    ":authority".into(),
+                    authority.clone().into_bytes(),
+                ));
             }
+            verdict = verdict.edit(Edit::Set(
+                MapType::HttpRequestHeaders,
+                router.cluster_header.clone(),
+                forward.cluster.clone().into_bytes(),
+            ));
+            if router.clear_route_cache {
+                // Envoy does this by itself for modules of ABI 0.2.1 (ours), so it is
+                // opt-in; hosts without the function answer NotFound, which is fine.
+                verdict = verdict.call("clear_route_cache");
+            }
+            let with_response_headers = route
+                .filter(|(_, route)| !route.response_headers.is_empty() || router.route_name_response_header.is_some())
+                .map(|(index, _)| index);
+            (verdict, with_response_headers)
         }
-        if let Some(path) = &forward.path {
-            let _ = self.host.set_header(MapType::HttpRequestHeaders, ":path", path.as_bytes());
+        Decision::Respond(answer) => (local_answer(router, request, answer, route_metric(answer.route)), None),
+        Decision::NoRoute => {
+            let problem = Problem::new(
+                404,
+                "no-route",
+                "No route",
+                format!("no route matches {} {}", escape_bytes(request.method()), request.path()),
+            );
+            let verdict = Verdict::answer(problem.reply(&facts(request)), OnRefusedReply::Continue)
+                .count(metrics.no_route)
+                .property(ROUTE_PROPERTY, b"-".to_vec());
+            (verdict, None)
         }
-        if let Some(authority) = &forward.authority {
-            let _ = self.host.set_header(MapType::HttpRequestHeaders, ":authority", authority.as_bytes());
-        }
-        let _ = self.host.set_header(MapType::HttpRequestHeaders, &router.cluster_header, forward.cluster.as_bytes());
-        if router.clear_route_cache {
-            // Envoy does this by itself for modules of ABI 0.2.1 (ours), so it is
-            // opt-in; hosts without the function answer NotFound, which is fine.
-            let _ = self.host.call_foreign_function("clear_route_cache", b"");
-        }
+    };
+    // No client may pick a cluster: its copy goes first, whatever the decision.
+    if request.count(&router.cluster_header) > 0 {
+        verdict.edits.insert(0, Edit::Remove(MapType::HttpRequestHeaders, router.cluster_header.clone()));
     }
+    (verdict, response_headers)
+}
 
-    /// After a local reply. If the host refused it, the request continues instead
-    /// of hanging until Envoy's timeout: routing set no cluster header for it, so
-    /// Envoy's `cluster_header` route cannot forward it and answers it itself.
-    fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
-        self.shared.reply_failures.after(&self.host, sent, OnRefusedReply::Continue)
+/// A redirect or direct response of a route.
+fn local_answer(router: &Router, request: &RequestHeaders, answer: &LocalAnswer, metric: Metric) -> Verdict {
+    let Some(route) = router.routes.get(answer.route) else {
+        return Verdict::forward();
+    };
+    let mut headers: Vec<(String, String)> = route.response_headers.clone();
+    if let Some(name) = &router.route_name_response_header {
+        headers.push((name.clone(), route.name.clone()));
     }
+    let reply = match &route.action {
+        RouteAction::Redirect { location, .. } => {
+            headers.push(("location".into(), location.clone()));
+            Reply { status: answer.status, headers, body: Vec::new(), grpc_status: None }
+        }
+        RouteAction::Respond { body: Some(body), content_type, .. } => {
+            headers.push(("content-type".into(), content_type.clone()));
+            Reply { status: answer.status, headers, body: body.clone().into_bytes(), grpc_status: None }
+        }
+        RouteAction::Respond { body: None, detail, .. } => {
+            let mut problem = Problem::new(answer.status, "direct-response", "Answered by the gateway", detail.clone());
+            problem.headers = headers;
+            problem.reply(&facts(request))
+        }
+        RouteAction::Cluster(_) | RouteAction::Split(_) => return Verdict::forward(),
+    };
+    Verdict::answer(reply, OnRefusedReply::Continue).count(metric).property(ROUTE_PROPERTY, route.name.as_bytes())
+}
 
-    fn answer(&mut self, request: &RequestHeaders, answer: &LocalAnswer) -> gateway_common::host::HostResult<()> {
-        let router = &self.shared.router;
-        let Some(route) = router.routes.get(answer.route) else {
-            return Ok(());
-        };
-        self.shared.metrics.per_route.get(answer.route).copied().unwrap_or_default().increment_on(&self.host);
-        let _ = self.host.set_property(&[ROUTE_PROPERTY], route.name.as_bytes());
-        let mut headers: Vec<(&str, &str)> =
-            route.response_headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+/// The route's response headers and the route-name header.
+fn response_verdict(router: &Router, index: usize) -> Verdict {
+    let mut verdict = Verdict::forward();
+    if let Some(route) = router.routes.get(index) {
+        for (name, value) in &route.response_headers {
+            verdict = verdict.edit(Edit::Add(MapType::HttpResponseHeaders, name.clone(), value.clone().into_bytes()));
+        }
         if let Some(name) = &router.route_name_response_header {
-            headers.push((name.as_str(), route.name.as_str()));
-        }
-        match &route.action {
-            RouteAction::Redirect { location, .. } => {
-                headers.push(("location", location.as_str()));
-                self.host.send_local_response(answer.status, &headers, b"", None)
-            }
-            RouteAction::Respond { body: Some(body), content_type, .. } => {
-                headers.push(("content-type", content_type.as_str()));
-                self.host.send_local_response(answer.status, &headers, body.as_bytes(), None)
-            }
-            RouteAction::Respond { body: None, detail, .. } => {
-                let mut problem =
-                    Problem::new(answer.status, "direct-response", "Answered by the gateway", detail.clone());
-                problem.headers = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-                problem.send_on(&self.host, &facts(request))
-            }
-            RouteAction::Cluster(_) | RouteAction::Split(_) => Ok(()),
+            verdict =
+                verdict.edit(Edit::Set(MapType::HttpResponseHeaders, name.clone(), route.name.clone().into_bytes()));
         }
     }
+    verdict
 }
 
 fn facts(request: &RequestHeaders) -> RequestFacts {
@@ -289,7 +304,41 @@ mod glue_tests {
             stream.host.header_values(MapType::HttpRequestHeaders, "x-gateway-cluster"),
             vec![b"users".to_vec()]
         );
-        assert_eq!(stream.host.calls()[1], "remove_header");
+        let calls = stream.host.calls();
+        let position = |call: &str| calls.iter().position(|c| c == call).unwrap();
+        assert!(position("remove_header") < position("set_header"), "{calls:?}");
+    }
+
+    #[test]
+    fn decisions_come_back_as_verdicts() {
+        let config: RoutingConfig = gateway_common::config::parse_json(
+            br#"{"routes": [{"name": "api", "match": {"path": {"prefix": "/api"}}, "cluster": "users",
+                 "rewrite": {"prefix": "/v2"}, "request_headers": {"set": {"x-routed": "1"}, "remove": ["x-debug"]}}]}"#,
+        )
+        .unwrap();
+        let host = FakeHost::new();
+        let shared = Shared::new(&host, config.compile().unwrap(), 7, "routing");
+        let request = gateway_common::testing::request(&[(":path", b"/api/x?q=1"), ("x-gateway-cluster", b"evil")]);
+        let decision = shared.router.decide(&request, || 0);
+        let (verdict, response_headers) = request_verdict(&shared, &request, &decision);
+        let request_map = MapType::HttpRequestHeaders;
+        let edit = |name: &str, value: &str| Edit::Set(request_map, name.into(), value.as_bytes().to_vec());
+        assert_eq!(
+            verdict.edits,
+            vec![
+                Edit::Remove(request_map, "x-gateway-cluster".into()),
+                Edit::Remove(request_map, "x-debug".into()),
+                edit("x-routed", "1"),
+                edit(":path", "/v2/x?q=1"),
+                edit("x-gateway-cluster", "users"),
+            ]
+        );
+        assert_eq!(verdict.properties, vec![(ROUTE_PROPERTY, b"api".to_vec())]);
+        assert!(verdict.reply.is_none() && response_headers.is_none());
+        let request = gateway_common::testing::request(&[(":path", b"/other")]);
+        let (verdict, _) = request_verdict(&shared, &request, &shared.router.decide(&request, || 0));
+        let (reply, on_refused) = verdict.reply.unwrap();
+        assert_eq!((reply.status, on_refused), (404, OnRefusedReply::Continue));
     }
 
     #[test]
