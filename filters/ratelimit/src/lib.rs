@@ -11,12 +11,13 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gateway_common::config::ConfigErrors;
-use gateway_common::host::{HostResult, LogLevel, MapType};
+use gateway_common::host::{LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::read_request_from;
 use gateway_common::skeleton::{Module, RootCalls};
+use gateway_common::verdict::{Edit, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -148,59 +149,53 @@ impl<H: Host> HttpContext for RateLimitStream<H> {
                 return Action::Continue;
             }
         };
-        self.count(&decision);
-        match &decision.denial {
-            None => {
-                let _ = self.host.set_property(&[OUTCOME_PROPERTY], b"allowed");
-                if policy.response_headers {
-                    self.allowed_status = decision.tightest;
-                }
-                Action::Continue
-            }
-            Some(denial) => {
-                let _ = self.host.set_property(&[OUTCOME_PROPERTY], b"denied");
-                let facts = RequestFacts::of(&headers);
-                let sent = denial_problem(policy, denial).send_on(&self.host, &facts);
-                self.after_local_reply(sent)
-            }
+        if decision.denial.is_none() && policy.response_headers {
+            self.allowed_status = decision.tightest.clone();
         }
+        decision_verdict(&shared, &decision, &RequestFacts::of(&headers)).apply(&self.host, &shared.reply_failures)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(status) = &self.allowed_status {
-            let _ = self.host.set_header(
-                MapType::HttpResponseHeaders,
-                "ratelimit-policy",
-                status.policy_header().as_bytes(),
-            );
-            let _ = self.host.set_header(MapType::HttpResponseHeaders, "ratelimit", status.limit_header().as_bytes());
+        match &self.allowed_status {
+            Some(status) => response_verdict(status).apply(&self.host, &self.shared.reply_failures),
+            None => Action::Continue,
         }
-        Action::Continue
     }
 }
 
-impl<H: Host> RateLimitStream<H> {
-    fn count(&self, decision: &Decision) {
-        for (rule, outcome) in &decision.outcomes {
-            let Some(metrics) = self.shared.rules.get(*rule) else { continue };
-            match outcome {
-                RuleOutcome::Allowed => metrics.allowed.increment_on(&self.host),
-                RuleOutcome::Denied => metrics.denied.increment_on(&self.host),
-                RuleOutcome::ShadowDenied => metrics.shadow_denied.increment_on(&self.host),
-                RuleOutcome::Skipped => {}
-            }
+/// What a decision makes the module do: count per rule, record the outcome for
+/// access logs, and answer a denial. A refused 429 keeps the request held
+/// (`OnRefusedReply::Hold`): letting a denied request through would break the
+/// limit, so it fails closed and ends at Envoy's stream timeout.
+fn decision_verdict(shared: &Shared, decision: &Decision, facts: &RequestFacts) -> Verdict {
+    let mut verdict = match &decision.denial {
+        None => Verdict::forward().property(OUTCOME_PROPERTY, b"allowed".to_vec()),
+        Some(denial) => {
+            let reply = denial_problem(&shared.policy, denial).reply(facts);
+            Verdict::answer(reply, OnRefusedReply::Hold).property(OUTCOME_PROPERTY, b"denied".to_vec())
         }
-        if decision.contended > 0 {
-            self.shared.cas_exhausted.add_on(&self.host, i64::from(decision.contended));
+    };
+    for (rule, outcome) in &decision.outcomes {
+        let Some(metrics) = shared.rules.get(*rule) else { continue };
+        match outcome {
+            RuleOutcome::Allowed => verdict = verdict.count(metrics.allowed),
+            RuleOutcome::Denied => verdict = verdict.count(metrics.denied),
+            RuleOutcome::ShadowDenied => verdict = verdict.count(metrics.shadow_denied),
+            RuleOutcome::Skipped => {}
         }
     }
+    if decision.contended > 0 {
+        verdict = verdict.count_by(shared.cas_exhausted, i64::from(decision.contended));
+    }
+    verdict
+}
 
-    /// After a 429. If the host refused the reply, the request stays held anyway:
-    /// letting a denied request through would break the limit, so it fails closed
-    /// and ends at Envoy's stream timeout.
-    fn after_local_reply(&self, sent: HostResult<()>) -> Action {
-        self.shared.reply_failures.after(&self.host, sent, OnRefusedReply::Hold)
-    }
+/// The RateLimit fields of the tightest limit on an allowed response.
+fn response_verdict(status: &LimitStatus) -> Verdict {
+    let map = MapType::HttpResponseHeaders;
+    Verdict::forward()
+        .edit(Edit::Set(map, "ratelimit-policy".into(), status.policy_header().into_bytes()))
+        .edit(Edit::Set(map, "ratelimit".into(), status.limit_header().into_bytes()))
 }
 
 fn denial_problem(policy: &Policy, denial: &Denial) -> Problem {
