@@ -24,6 +24,7 @@ use gateway_common::problem::RequestFacts;
 use gateway_common::request::{ReadError, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
 use gateway_common::skeleton::{metric_prefix, Module, RootCalls};
+use gateway_common::verdict::{Edit, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -89,7 +90,8 @@ impl Metrics {
         }
     }
 
-    fn denied(&self, host: &impl Host, denial: &Denial) {
+    /// The counter of a denial's reason.
+    fn denied_metric(&self, denial: &Denial) -> Metric {
         let reason = match denial {
             Denial::MultipleAuthorization => "multiple_authorization",
             Denial::Missing(_) => "missing",
@@ -99,9 +101,7 @@ impl Metrics {
             Denial::ClaimMismatch { .. } => "claim_mismatch",
             Denial::NoRule => "no_rule",
         };
-        if let Some(metric) = self.denied.get(reason) {
-            metric.increment_on(host);
-        }
+        self.denied.get(reason).copied().unwrap_or_default()
     }
 }
 
@@ -478,16 +478,10 @@ impl<H: Host> AuthStream<H> {
                 }
             },
             Outcome::Allow { identities, .. } => {
-                shared.metrics.allowed.increment_on(&self.host);
-                apply_identities(&self.host, &shared.auth, &request, &identities);
-                Action::Continue
+                allow_verdict(&shared, &request, &identities).apply(&self.host, &shared.metrics.reply_failures)
             }
             Outcome::Deny(denial) => {
-                shared.metrics.denied(&self.host, &denial);
-                let _ = self.host.set_property(&[DECISION_PROPERTY], b"denied");
-                let facts = RequestFacts::of(&request);
-                let sent = policy::problem(&denial, &shared.auth.realm).send_on(&self.host, &facts);
-                self.after_local_reply(sent)
+                deny_verdict(&shared, &request, &denial).apply(&self.host, &shared.metrics.reply_failures)
             }
         };
         self.request = Some(request);
@@ -495,14 +489,17 @@ impl<H: Host> AuthStream<H> {
     }
 }
 
-/// Sets the identity headers, strips forwarded credentials, records filter state.
-fn apply_identities(host: &impl Host, auth: &Auth, request: &RequestHeaders, identities: &[Identity]) {
-    let _ = host.set_property(&[DECISION_PROPERTY], b"allowed");
-    let name = identities.iter().find_map(|identity| identity.name.clone());
-    if let Some(name) = &name {
-        let _ = host.set_property(&[IDENTITY_PROPERTY], name.as_bytes());
+/// An allowed request: its identity headers, the credentials it must not forward,
+/// and filter state for access logs.
+fn allow_verdict(shared: &Shared, request: &RequestHeaders, identities: &[Identity]) -> Verdict {
+    let auth = &shared.auth;
+    let set =
+        |name: &str, value: &str| Edit::Set(MapType::HttpRequestHeaders, name.to_string(), value.as_bytes().to_vec());
+    let mut verdict = Verdict::forward().count(shared.metrics.allowed).property(DECISION_PROPERTY, b"allowed".to_vec());
+    if let Some(name) = identities.iter().find_map(|identity| identity.name.as_deref()) {
+        verdict = verdict.property(IDENTITY_PROPERTY, name.as_bytes());
         if let Some(header) = &auth.consumer_header {
-            set_request_header(host, header, name);
+            verdict = verdict.edit(set(header, name));
         }
     }
     for identity in identities {
@@ -512,45 +509,50 @@ fn apply_identities(host: &impl Host, auth: &Auth, request: &RequestHeaders, ide
                     if let Some(value) = jwt::claim_at(claims, &mapping.claim)
                         .and_then(|v| credentials::claim_header_value(v, mapping.array))
                     {
-                        set_request_header(host, &mapping.header, &value);
+                        verdict = verdict.edit(set(&mapping.header, &value));
                     }
                 }
                 if let Some(header) = &provider.payload_header {
-                    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
-                    set_request_header(host, header, &payload);
+                    verdict = verdict.edit(set(header, &URL_SAFE_NO_PAD.encode(claims.to_string())));
                 }
             }
         }
         if let Some(source) = &identity.strip {
-            strip_credential(host, request, source);
+            for edit in stripped_credential(request, source) {
+                verdict = verdict.edit(edit);
+            }
         }
     }
+    verdict
 }
 
-fn set_request_header(host: &impl Host, name: &str, value: &str) {
-    let _ = host.set_header(MapType::HttpRequestHeaders, name, value.as_bytes());
+/// A denied request: counted by reason and answered; a refused answer keeps the
+/// request held (auth never lets a denied request through).
+fn deny_verdict(shared: &Shared, request: &RequestHeaders, denial: &Denial) -> Verdict {
+    let reply = policy::problem(denial, &shared.auth.realm).reply(&RequestFacts::of(request));
+    Verdict::answer(reply, OnRefusedReply::Hold)
+        .count(shared.metrics.denied_metric(denial))
+        .property(DECISION_PROPERTY, b"denied".to_vec())
 }
 
-fn strip_credential(host: &impl Host, request: &RequestHeaders, source: &TokenSource) {
+/// The edits that keep a credential from reaching the upstream.
+fn stripped_credential(request: &RequestHeaders, source: &TokenSource) -> Vec<Edit> {
+    let map = MapType::HttpRequestHeaders;
     match source {
-        TokenSource::Header { name, .. } => {
-            let _ = host.remove_header(MapType::HttpRequestHeaders, name);
-        }
-        TokenSource::Query(name) => {
-            if let Some(target) = credentials::target_without_query_parameter(request.target(), name) {
-                let _ = host.set_header(MapType::HttpRequestHeaders, ":path", target.as_bytes());
-            }
-        }
+        TokenSource::Header { name, .. } => vec![Edit::Remove(map, name.clone())],
+        TokenSource::Query(name) => credentials::target_without_query_parameter(request.target(), name)
+            .map(|target| vec![Edit::Set(map, ":path".into(), target.into_bytes())])
+            .unwrap_or_default(),
         TokenSource::Cookie(name) => {
-            let _ = host.remove_header(MapType::HttpRequestHeaders, "cookie");
+            let mut edits = vec![Edit::Remove(map, "cookie".into())];
             if let Some(cookies) = credentials::cookies_without(request.values("cookie"), name) {
-                let _ = host.set_header(MapType::HttpRequestHeaders, "cookie", &cookies);
+                edits.push(Edit::Set(map, "cookie".into(), cookies));
             }
+            edits
         }
     }
 }
 
-/// The glue on `FakeHost`: a warm JWT, a denial, and the host calls they cost.
 #[cfg(test)]
 mod glue_tests {
     use super::*;
@@ -696,9 +698,41 @@ mod glue_tests {
             Denial::NoRule,
         ] {
             let before = host.calls().len();
-            metrics.denied(&host, &denial);
+            metrics.denied_metric(&denial).increment_on(&host);
             assert_eq!(host.calls().len(), before + 1, "{denial:?} was counted nowhere");
         }
+    }
+
+    #[test]
+    fn an_allowed_request_becomes_identity_edits_and_a_credential_strip() {
+        let host = FakeHost::new();
+        let shared = shared(&host);
+        let claims = std::rc::Rc::new(serde_json::json!({"sub": "alice"}));
+        let identity = Identity {
+            method: "idp".into(),
+            name: Some("alice".into()),
+            claims: Some(claims),
+            provider: Some(0),
+            strip: Some(TokenSource::Query("access_token".into())),
+        };
+        let request = gateway_common::testing::request(&[(":path", b"/a?access_token=t&x=1")]);
+        let verdict = allow_verdict(&shared, &request, &[identity]);
+        let map = MapType::HttpRequestHeaders;
+        assert_eq!(
+            verdict.edits,
+            vec![
+                Edit::Set(map, "x-consumer".into(), b"alice".to_vec()),
+                Edit::Set(map, "x-user-id".into(), b"alice".to_vec()),
+                Edit::Set(map, ":path".into(), b"/a?x=1".to_vec()),
+            ]
+        );
+        assert_eq!(
+            verdict.properties,
+            vec![(DECISION_PROPERTY, b"allowed".to_vec()), (IDENTITY_PROPERTY, b"alice".to_vec())]
+        );
+        let denied = deny_verdict(&shared, &request, &Denial::NoRule);
+        let (reply, on_refused) = denied.reply.unwrap();
+        assert_eq!((reply.status, on_refused), (403, OnRefusedReply::Hold));
     }
 
     #[test]
