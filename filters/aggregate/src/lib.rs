@@ -11,12 +11,13 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gateway_common::config::ConfigErrors;
-use gateway_common::host::{HostResult, LogLevel, MapType};
+use gateway_common::host::{LogLevel, MapType};
 use gateway_common::metrics::Metric;
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::read_request_from;
 use gateway_common::skeleton::{metric_prefix, Module};
+use gateway_common::verdict::{Reply, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -178,8 +179,10 @@ impl<H: Host> HttpContext for AggregateStream<H> {
                         "Bad Request",
                         format!("`{}` must not be `.` or `..` (a dot segment)", refused.placeholder),
                     );
-                    let sent = problem.send_on(&self.host, &composite.facts);
-                    return self.after_local_reply(sent, false);
+                    // A refused answer lets the request go on through the chain:
+                    // aggregate enforces nothing the modules behind it do not check.
+                    let verdict = Verdict::answer(problem.reply(&composite.facts), OnRefusedReply::Continue);
+                    return verdict.apply(&self.host, &shared.metrics.reply_failures);
                 }
             }
         }
@@ -249,40 +252,44 @@ impl<H: Host> AggregateStream<H> {
             .into_iter()
             .map(|outcome| outcome.unwrap_or_else(|| Outcome::Error("no answer".into())))
             .collect();
-        match compose::compose(endpoint, &outcomes, composite.credentials_forwarded) {
-            Answer::Merged { body, cache_control, partial } => {
-                let partial_header = partial.join(",");
-                let mut headers = vec![("content-type", "application/json"), ("cache-control", cache_control.as_str())];
-                if !partial.is_empty() {
-                    self.shared.metrics.partial.increment_on(&self.host);
-                    headers.push(("x-aggregate-partial", partial_header.as_str()));
-                }
-                let sent = self.host.send_local_response(200, &headers, &body, None);
-                self.after_local_reply(sent, true);
+        let answer = compose::compose(endpoint, &outcomes, composite.credentials_forwarded);
+        let _ = answer_verdict(&self.shared, endpoint, answer, &composite.facts)
+            .apply(&self.host, &self.shared.metrics.reply_failures);
+    }
+}
+
+/// The single answer of a composite. It is sent from an HTTP call callback, so a
+/// refused answer resumes the paused request (it goes on through the chain instead
+/// of hanging until Envoy's timeout).
+fn answer_verdict(shared: &Shared, endpoint: &Endpoint, answer: Answer, facts: &RequestFacts) -> Verdict {
+    match answer {
+        Answer::Merged { body, cache_control, partial } => {
+            let mut headers = vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("cache-control".into(), cache_control),
+            ];
+            if !partial.is_empty() {
+                headers.push(("x-aggregate-partial".into(), partial.join(",")));
             }
-            Answer::Failed { status, part, reason } => {
-                let title = if status == 504 { "Gateway Timeout" } else { "Bad Gateway" };
-                let problem = Problem::new(
-                    status,
-                    "aggregate-part-failed",
-                    title,
-                    format!("required part `{part}` of `{}` failed: {reason}", endpoint.name),
-                )
-                .with_header("cache-control", "no-store");
-                let sent = problem.send_on(&self.host, &composite.facts);
-                self.after_local_reply(sent, true);
+            let reply = Reply { status: 200, headers, body, grpc_status: None };
+            let verdict = Verdict::answer(reply, OnRefusedReply::Resume);
+            if partial.is_empty() {
+                verdict
+            } else {
+                verdict.count(shared.metrics.partial)
             }
         }
-    }
-
-    /// After a local reply: pause (the reply ends the stream). If the host refused
-    /// it, the request is let through to the rest of the chain and the router
-    /// instead of hanging until Envoy's timeout (aggregate enforces nothing the
-    /// modules behind it do not check again). `resume` when the stream is already
-    /// paused (the answer came from an HTTP call callback).
-    fn after_local_reply(&self, sent: HostResult<()>, resume: bool) -> Action {
-        let policy = if resume { OnRefusedReply::Resume } else { OnRefusedReply::Continue };
-        self.shared.metrics.reply_failures.after(&self.host, sent, policy)
+        Answer::Failed { status, part, reason } => {
+            let title = if status == 504 { "Gateway Timeout" } else { "Bad Gateway" };
+            let problem = Problem::new(
+                status,
+                "aggregate-part-failed",
+                title,
+                format!("required part `{part}` of `{}` failed: {reason}", endpoint.name),
+            )
+            .with_header("cache-control", "no-store");
+            Verdict::answer(problem.reply(facts), OnRefusedReply::Resume)
+        }
     }
 }
 
