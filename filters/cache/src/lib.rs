@@ -21,6 +21,7 @@ use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{read_request_from, unescape_bytes, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
 use gateway_common::skeleton::{metric_prefix, Module, RootCalls};
+use gateway_common::verdict::{Edit, Reply, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use sha2::{Digest, Sha256};
@@ -377,7 +378,7 @@ impl<H: Host> CacheStream<H> {
                     return Action::Continue;
                 };
                 shared.metrics.hits.increment_on(&self.host);
-                self.after_local_reply(self.serve(variant, &body, &request, head, &detail, now))
+                self.serve(variant, body, &request, head, &detail, now)
             }
             (LookupPlan::ServeStaleAndRevalidate(detail), Some(variant)) => {
                 let Some(body) = stored_body(variant) else {
@@ -386,19 +387,11 @@ impl<H: Host> CacheStream<H> {
                 };
                 shared.metrics.hits.increment_on(&self.host);
                 self.queue_background_revalidation(exchange(&request), variant, &request);
-                self.after_local_reply(self.serve(variant, &body, &request, head, &detail, now))
+                self.serve(variant, body, &request, head, &detail, now)
             }
             (LookupPlan::Revalidate, Some(variant)) => {
-                // Our validators replace the client's; the client's conditions are
-                // evaluated against the (re)validated entry afterwards.
-                let _ = self.host.remove_header(MapType::HttpRequestHeaders, "if-none-match");
-                let _ = self.host.remove_header(MapType::HttpRequestHeaders, "if-modified-since");
-                if let Some(etag) = &variant.etag {
-                    let _ = self.host.set_header(MapType::HttpRequestHeaders, "if-none-match", etag.as_bytes());
-                }
-                if let Some(modified) = &variant.last_modified {
-                    let _ = self.host.set_header(MapType::HttpRequestHeaders, "if-modified-since", modified.as_bytes());
-                }
+                let verdict = Verdict { edits: policy::revalidation_edits(variant), ..Verdict::forward() };
+                let _ = verdict.apply(&self.host, &shared.metrics.reply_failures);
                 self.pending = Pending::Revalidate {
                     exchange: exchange(&request),
                     variant: Box::new(variant.clone()),
@@ -470,44 +463,24 @@ impl<H: Host> CacheStream<H> {
         shared.revalidations.borrow_mut().push(Background { exchange, variant: variant.clone(), cluster, headers });
     }
 
-    /// Answers from a stored variant: 304 when the client's conditions match.
-    fn after_local_reply(&self, sent: gateway_common::host::HostResult<()>) -> Action {
-        self.shared.metrics.reply_failures.after(&self.host, sent, OnRefusedReply::Continue)
-    }
-
-    /// Answers from the stored variant. If the host refuses the answer,
-    /// `after_local_reply` lets the request go to the origin (or the origin's
-    /// response pass through) instead of hanging until Envoy's timeout: the cache
-    /// enforces nothing, so forwarding is always safe.
+    /// Answers from the stored variant. If the host refuses the answer, the request
+    /// goes to the origin (or the origin's response passes through) instead of
+    /// hanging until Envoy's timeout: the cache enforces nothing, so forwarding is
+    /// always safe.
     fn serve(
         &self,
         variant: &Variant,
-        body: &[u8],
+        body: Vec<u8>,
         client: &RequestHeaders,
         head: bool,
         detail: &str,
         now: u64,
-    ) -> gateway_common::host::HostResult<()> {
-        let age = variant.current_age(now).to_string();
+    ) -> Action {
         let status_value = self.status_header(detail);
-        let _ = self.host.set_property(&[STATUS_PROPERTY], status_value.as_bytes());
-        if policy::not_modified(variant, client) {
-            const KEPT_ON_304: &[&str] = &["etag", "cache-control", "content-location", "date", "expires", "vary"];
-            let mut headers: Vec<(&str, &str)> = variant
-                .headers
-                .iter()
-                .filter(|(name, _)| KEPT_ON_304.contains(&name.as_str()))
-                .map(|(name, value)| (name.as_str(), value.as_str()))
-                .collect();
-            headers.push(("age", &age));
-            headers.push(("cache-status", &status_value));
-            return self.host.send_local_response(304, &headers, b"", None);
-        }
-        let mut headers: Vec<(&str, &str)> =
-            variant.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
-        headers.push(("age", &age));
-        headers.push(("cache-status", &status_value));
-        self.host.send_local_response(u32::from(variant.status), &headers, if head { b"" } else { body }, None)
+        let reply = policy::stored_reply(variant, body, client, head, &status_value, now);
+        Verdict::answer(reply, OnRefusedReply::Continue)
+            .property(STATUS_PROPERTY, status_value.into_bytes())
+            .apply(&self.host, &self.shared.metrics.reply_failures)
     }
 
     fn gateway_timeout(&self, request: &RequestHeaders) -> Action {
@@ -515,9 +488,12 @@ impl<H: Host> CacheStream<H> {
         let problem =
             Problem::new(504, "not-cached", "Gateway Timeout", "only-if-cached: no stored response is usable")
                 .with_header("cache-status", status_value);
-        let facts = RequestFacts::of(request);
-        let sent = problem.send_on(&self.host, &facts);
-        self.after_local_reply(sent)
+        self.answer(problem.reply(&RequestFacts::of(request)))
+    }
+
+    /// A local answer; refused, the request goes on to the origin (see `serve`).
+    fn answer(&self, reply: Reply) -> Action {
+        Verdict::answer(reply, OnRefusedReply::Continue).apply(&self.host, &self.shared.metrics.reply_failures)
     }
 
     fn revalidated(
@@ -539,14 +515,7 @@ impl<H: Host> CacheStream<H> {
                 found.map(|found| shared.table.body(&SharedData(&self.host), found.slot, &updated))
             {
                 shared.metrics.revalidated_304.increment_on(&self.host);
-                return self.after_local_reply(self.serve(
-                    &updated,
-                    &body,
-                    &client,
-                    head,
-                    "fwd=stale; fwd-status=304",
-                    now,
-                ));
+                return self.serve(&updated, body, &client, head, "fwd=stale; fwd-status=304", now);
             }
         }
         if status >= 500 {
@@ -558,7 +527,7 @@ impl<H: Host> CacheStream<H> {
                 {
                     shared.metrics.stale_if_error.increment_on(&self.host);
                     let detail = format!("hit; fwd=stale; fwd-status={status}");
-                    return self.after_local_reply(self.serve(&variant, &body, &client, head, &detail, now));
+                    return self.serve(&variant, body, &client, head, &detail, now);
                 }
             }
         }
@@ -594,8 +563,10 @@ impl<H: Host> CacheStream<H> {
             }
         }
         let value = self.status_header(&detail);
-        let _ = self.host.set_property(&[STATUS_PROPERTY], value.as_bytes());
-        let _ = self.host.set_header(MapType::HttpResponseHeaders, "cache-status", value.as_bytes());
+        let _ = Verdict::forward()
+            .property(STATUS_PROPERTY, value.as_bytes())
+            .edit(Edit::Set(MapType::HttpResponseHeaders, "cache-status".into(), value.into_bytes()))
+            .apply(&self.host, &self.shared.metrics.reply_failures);
     }
 
     /// RFC 9111 4.4: a successful unsafe request invalidates its URI and the
@@ -619,17 +590,16 @@ impl<H: Host> CacheStream<H> {
         });
         if presented != Some(true) {
             let problem = Problem::new(403, "purge-forbidden", "Forbidden", "PURGE needs the configured secret header");
-            let sent = problem.send_on(&self.host, &facts);
-            return self.after_local_reply(sent);
+            return self.answer(problem.reply(&facts));
         }
         let key = policy::primary_key(&shared.cache.config, request);
         let removed = shared.table.remove(&SharedData(&self.host), &key) == Ok(true);
         if removed {
             shared.metrics.purges.increment_on(&self.host);
         }
-        let body = format!("{{\"purged\":{removed}}}");
-        let sent = self.host.send_local_response(200, &[("content-type", "application/json")], body.as_bytes(), None);
-        self.after_local_reply(sent)
+        let body = format!("{{\"purged\":{removed}}}").into_bytes();
+        let headers = vec![("content-type".to_string(), "application/json".to_string())];
+        self.answer(Reply { status: 200, headers, body, grpc_status: None })
     }
 }
 

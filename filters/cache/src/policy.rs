@@ -1,7 +1,9 @@
 //! The caching decisions of RFC 9111 for one exchange: the cache key, which
 //! stored variant a request may use and how, and whether a response may be stored.
 
+use gateway_common::host::MapType;
 use gateway_common::request::{escape_bytes, percent_decode, RequestHeaders};
+use gateway_common::verdict::{Edit, Reply};
 
 use crate::config::CacheConfig;
 use crate::http::{corrected_initial_age, freshness_lifetime, if_none_match, parse_http_date, CacheControl};
@@ -212,6 +214,48 @@ fn same_origin_path(target: &str, origin: &str) -> Option<String> {
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let candidate = format!("{}://{}", scheme.to_ascii_lowercase(), authority.to_ascii_lowercase());
     (candidate == origin).then(|| format!("/{path}"))
+}
+
+/// The local reply that answers a request from a stored variant: `304` with the
+/// headers RFC 9111 4.3.4 keeps when the client's own conditions match, else the
+/// stored status, headers and body (none for HEAD); `Age` and `Cache-Status` always.
+pub fn stored_reply(
+    variant: &Variant,
+    body: Vec<u8>,
+    client: &RequestHeaders,
+    head: bool,
+    cache_status: &str,
+    now: u64,
+) -> Reply {
+    const KEPT_ON_304: &[&str] = &["etag", "cache-control", "content-location", "date", "expires", "vary"];
+    let not_modified = not_modified(variant, client);
+    let mut headers: Vec<(String, String)> = variant
+        .headers
+        .iter()
+        .filter(|(name, _)| !not_modified || KEPT_ON_304.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    headers.push(("age".into(), variant.current_age(now).to_string()));
+    headers.push(("cache-status".into(), cache_status.to_string()));
+    if not_modified {
+        return Reply { status: 304, headers, body: Vec::new(), grpc_status: None };
+    }
+    let body = if head { Vec::new() } else { body };
+    Reply { status: u32::from(variant.status), headers, body, grpc_status: None }
+}
+
+/// The request edits of a revalidation: our validators replace the client's (the
+/// client's own conditions are judged against the revalidated entry afterwards).
+pub fn revalidation_edits(variant: &Variant) -> Vec<Edit> {
+    let map = MapType::HttpRequestHeaders;
+    let mut edits = vec![Edit::Remove(map, "if-none-match".into()), Edit::Remove(map, "if-modified-since".into())];
+    if let Some(etag) = &variant.etag {
+        edits.push(Edit::Set(map, "if-none-match".into(), etag.clone().into_bytes()));
+    }
+    if let Some(modified) = &variant.last_modified {
+        edits.push(Edit::Set(map, "if-modified-since".into(), modified.clone().into_bytes()));
+    }
+    edits
 }
 
 /// Whether a client's conditional request is satisfied by the stored variant
@@ -553,6 +597,34 @@ mod tests {
         assert!(!within_stale_while_revalidate(&stale, &no_cache, 1020));
         stale.no_cache = true;
         assert!(!within_stale_while_revalidate(&stale, &plain, 1020));
+    }
+
+    #[test]
+    fn stored_replies_and_revalidation_edits() {
+        let mut variant = stored(60, None);
+        variant.headers = vec![("etag".into(), "\"v1\"".into()), ("x-extra".into(), "1".into())];
+        variant.etag = Some("\"v1\"".into());
+        let plain = request(&[(":path", "/")]);
+        let reply = stored_reply(&variant, b"body".to_vec(), &plain, false, "wasm-cache; hit", 1010);
+        assert_eq!((reply.status, reply.body.as_slice()), (200, &b"body"[..]));
+        assert!(reply.headers.contains(&("age".into(), "10".into())));
+        assert!(reply.headers.contains(&("x-extra".into(), "1".into())));
+        let head = stored_reply(&variant, b"body".to_vec(), &plain, true, "wasm-cache; hit", 1010);
+        assert!(head.body.is_empty());
+        let conditional = request(&[(":path", "/"), ("if-none-match", "\"v1\"")]);
+        let not_modified = stored_reply(&variant, b"body".to_vec(), &conditional, false, "wasm-cache; hit", 1010);
+        assert_eq!(not_modified.status, 304);
+        assert!(not_modified.body.is_empty());
+        assert!(!not_modified.headers.iter().any(|(name, _)| name == "x-extra"), "only the RFC 9111 4.3.4 headers");
+        let map = MapType::HttpRequestHeaders;
+        assert_eq!(
+            revalidation_edits(&variant),
+            vec![
+                Edit::Remove(map, "if-none-match".into()),
+                Edit::Remove(map, "if-modified-since".into()),
+                Edit::Set(map, "if-none-match".into(), b"\"v1\"".to_vec()),
+            ]
+        );
     }
 
     #[test]
