@@ -87,8 +87,13 @@ test-runtimes: build envoy tls
 
 ## check-no-leftovers: fails if an Envoy or upstream from the test run survived.
 check-no-leftovers:
-	@# `[i]` keeps this very command line from matching itself.
-	@leftovers=$$(grep -lasE -- "$(CURDIR)/target/[i]test/" /proc/[0-9]*/cmdline || true); \
+	@# `[i]` keeps this very command line from matching itself. Children get SIGKILL
+	@# from the kernel when the test process exits (PR_SET_PDEATHSIG), which can take a
+	@# moment to land: poll for up to 5 s before calling anything a leftover.
+	@for attempt in $$(seq 50); do \
+	  leftovers=$$(grep -lasE -- "$(CURDIR)/target/[i]test/" /proc/[0-9]*/cmdline || true); \
+	  [[ -z "$$leftovers" ]] && break; sleep 0.1; \
+	done; \
 	if [[ -n "$$leftovers" ]]; then \
 	  for f in $$leftovers; do tr '\0' ' ' < "$$f" 2>/dev/null; echo; done; \
 	  echo "processes from the test run are still running" >&2; exit 1; \
