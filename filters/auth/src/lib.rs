@@ -398,7 +398,8 @@ impl<H: Host> Context for AuthStream<H> {
             *fetched = true;
         }
         if let Action::Continue = self.evaluate() {
-            let _ = self.host.resume_request();
+            let resumed = self.host.resume_request();
+            self.shared.metrics.reply_failures.host_call(&self.host, "resume_request", resumed);
         }
     }
 }
@@ -419,10 +420,18 @@ impl<H: Host> HttpContext for AuthStream<H> {
                 return self.after_local_reply(sent);
             }
         };
-        // Anti-spoofing: identity headers only ever come from this module.
+        // Anti-spoofing: identity headers only ever come from this module. If the
+        // host cannot remove a client's copy, the request is refused (it would reach
+        // the backend with an identity nobody verified).
         for name in &self.shared.identity_headers {
             if request.count(name) > 0 {
-                let _ = self.host.remove_header(MapType::HttpRequestHeaders, name);
+                let removed = self.host.remove_header(MapType::HttpRequestHeaders, name);
+                if removed.is_err() {
+                    self.shared.metrics.reply_failures.host_call(&self.host, "remove_header", removed);
+                    let problem = policy::problem(&Denial::NoRule, &self.shared.auth.realm);
+                    let sent = problem.send_on(&self.host, &RequestFacts::of(&request));
+                    return self.after_local_reply(sent);
+                }
             }
         }
         self.request = Some(request);
@@ -733,6 +742,19 @@ mod glue_tests {
         let denied = deny_verdict(&shared, &request, &Denial::NoRule);
         let (reply, on_refused) = denied.reply.unwrap();
         assert_eq!((reply.status, on_refused), (403, OnRefusedReply::Hold));
+    }
+
+    #[test]
+    fn a_spoofed_identity_that_cannot_be_removed_is_refused() {
+        let host = FakeHost::new();
+        host.set_now(NOW * 1_000_000_000);
+        let shared = shared(&host);
+        let bearer = format!("Bearer {}", token("alice"));
+        request(&host, bearer.as_bytes());
+        host.fail_writes.set(true);
+        assert_eq!(stream(&host, &shared).on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(host.replies()[0].status, 403);
+        assert_eq!(host.metric("auth.host_errors"), 1);
     }
 
     #[test]

@@ -233,6 +233,8 @@ pub struct FakeHost {
     resumed: Cell<u32>,
     /// Makes local replies fail (a host that refuses them).
     pub refuse_local_reply: Cell<bool>,
+    /// Makes header and property writes fail (a host in trouble).
+    pub fail_writes: Cell<bool>,
     /// Clusters whose calls fail to start (as Envoy refuses an unknown cluster).
     pub unknown_clusters: RefCell<Vec<String>>,
 }
@@ -358,6 +360,9 @@ impl Host for FakeHost {
     fn set_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
         self.record("set_header");
         writable(name, value)?;
+        if self.fail_writes.get() {
+            return Err(HostError(2));
+        }
         self.edit(map, |pairs| {
             pairs.retain(|(key, _)| key.as_slice() != name.as_bytes());
             pairs.push((name.as_bytes().to_vec(), value.to_vec()));
@@ -367,11 +372,17 @@ impl Host for FakeHost {
     fn add_header(&self, map: MapType, name: &str, value: &[u8]) -> HostResult<()> {
         self.record("add_header");
         writable(name, value)?;
+        if self.fail_writes.get() {
+            return Err(HostError(2));
+        }
         self.edit(map, |pairs| pairs.push((name.as_bytes().to_vec(), value.to_vec())));
         Ok(())
     }
     fn remove_header(&self, map: MapType, name: &str) -> HostResult<()> {
         self.record("remove_header");
+        if self.fail_writes.get() {
+            return Err(HostError(2));
+        }
         self.edit(map, |pairs| pairs.retain(|(key, _)| key.as_slice() != name.as_bytes()));
         Ok(())
     }
@@ -383,6 +394,9 @@ impl Host for FakeHost {
         self.record("set_property");
         if !field::is_field_value(value) {
             return Err(VALUE_REFUSED);
+        }
+        if self.fail_writes.get() {
+            return Err(HostError(2));
         }
         self.properties.borrow_mut().insert(path.join("."), value.to_vec());
         Ok(())
@@ -500,22 +514,43 @@ pub enum OnRefusedReply {
     Hold,
 }
 
-/// Counts refused local replies (`<prefix>.local_reply_failed`) and logs the
-/// first one per VM.
+/// Host failures of one module instance: refused local replies
+/// (`<prefix>.local_reply_failed`) and other host calls that failed while applying
+/// a verdict (`<prefix>.host_errors`); the first of each kind is logged per VM.
 #[derive(Debug, Default)]
 pub struct ReplyFailures {
     module: String,
     metric: crate::metrics::Metric,
     logged: Cell<bool>,
+    host_errors: crate::metrics::Metric,
+    host_error_logged: Cell<bool>,
 }
 
 impl ReplyFailures {
-    /// `prefix` names the metric (`routing`, `ratelimit.<plugin>`).
+    /// `prefix` names the metrics (`routing`, `ratelimit.<plugin>`).
     pub fn new(host: &impl Host, prefix: &str) -> Self {
         Self {
             module: prefix.to_string(),
             metric: crate::metrics::Metric::counter_on(host, &format!("{prefix}.local_reply_failed")),
             logged: Cell::new(false),
+            host_errors: crate::metrics::Metric::counter_on(host, &format!("{prefix}.host_errors")),
+            host_error_logged: Cell::new(false),
+        }
+    }
+
+    /// Records a host call that failed (`what` names it). A value `field.rs`
+    /// refused is not a host failure: it is counted in `header_values_skipped`.
+    pub fn host_call(&self, host: &impl Host, what: &str, result: HostResult<()>) {
+        let Err(error) = result else { return };
+        if error == crate::host::VALUE_REFUSED {
+            return;
+        }
+        self.host_errors.increment_on(host);
+        if !self.host_error_logged.replace(true) {
+            host.log(
+                LogLevel::Error,
+                &format!("{}: host call {what} failed ({error:?}) (logged once per VM)", self.module),
+            );
         }
     }
 

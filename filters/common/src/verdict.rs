@@ -86,23 +86,26 @@ impl Verdict {
     }
 
     /// Performs the verdict: counters, properties, header edits, extension calls,
-    /// then the reply. Writes the host refuses (see `field.rs`) are skipped; a
+    /// then the reply. Values `field.rs` refuses are skipped (and counted there);
+    /// any other failed host call is counted and logged once by `failures`; a
     /// refused reply goes to `failures` with the verdict's policy.
     pub fn apply(self, host: &impl Host, failures: &ReplyFailures) -> Action {
         for (metric, by) in &self.counters {
             metric.add_on(host, *by);
         }
         for (name, value) in &self.properties {
-            let _ = host.set_property(&[name], value);
+            failures.host_call(host, "set_property", host.set_property(&[name], value));
         }
         for edit in &self.edits {
-            let _ = match edit {
-                Edit::Remove(map, name) => host.remove_header(*map, name),
-                Edit::Set(map, name, value) => host.set_header(*map, name, value),
-                Edit::Add(map, name, value) => host.add_header(*map, name, value),
+            let (what, result) = match edit {
+                Edit::Remove(map, name) => ("remove_header", host.remove_header(*map, name)),
+                Edit::Set(map, name, value) => ("set_header", host.set_header(*map, name, value)),
+                Edit::Add(map, name, value) => ("add_header", host.add_header(*map, name, value)),
             };
+            failures.host_call(host, what, result);
         }
         for function in &self.foreign_calls {
+            // Optional host extensions: their absence is not a failure.
             let _ = host.call_foreign_function(function, b"");
         }
         match self.reply {
@@ -114,5 +117,48 @@ impl Verdict {
                 failures.after(host, sent, on_refused)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::FakeHost;
+
+    #[test]
+    fn apply_performs_effects_in_order_and_counts_failed_host_calls() {
+        let host = FakeHost::new();
+        let failures = ReplyFailures::new(&host, "m");
+        let metric = Metric::counter_on(&host, "m.requests");
+        host.reset_calls();
+        let verdict = Verdict::forward()
+            .count(metric)
+            .property("p", b"v".to_vec())
+            .edit(Edit::Set(MapType::HttpRequestHeaders, "x-a".into(), b"1".to_vec()))
+            .edit(Edit::Set(MapType::HttpRequestHeaders, "x-b".into(), b"bad\r\n".to_vec()));
+        assert_eq!(verdict.clone().apply(&host, &failures), Action::Continue);
+        assert_eq!(host.calls(), ["increment_metric", "set_property", "set_header", "set_header"]);
+        assert_eq!(host.metric("m.host_errors"), 0, "a refused value is no host failure");
+        host.fail_writes.set(true);
+        assert_eq!(verdict.apply(&host, &failures), Action::Continue);
+        assert_eq!(host.metric("m.host_errors"), 2, "the property and the valid header");
+        assert_eq!(host.logs().len(), 1, "logged once");
+    }
+
+    #[test]
+    fn a_refused_reply_follows_the_policy() {
+        let host = FakeHost::new();
+        let failures = ReplyFailures::new(&host, "m");
+        host.refuse_local_reply.set(true);
+        let reply = Reply { status: 403, headers: vec![], body: vec![], grpc_status: None };
+        for (policy, action) in [
+            (OnRefusedReply::Continue, Action::Continue),
+            (OnRefusedReply::Resume, Action::Continue),
+            (OnRefusedReply::Hold, Action::Pause),
+        ] {
+            assert_eq!(Verdict::answer(reply.clone(), policy).apply(&host, &failures), action, "{policy:?}");
+        }
+        assert_eq!(host.resumed(), 1);
+        assert_eq!(host.metric("m.local_reply_failed"), 3);
     }
 }
