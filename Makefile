@@ -25,7 +25,7 @@ endif
 
 ## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
 toolchain:
-	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+	@rustup target list --installed | grep -x $(WASM_TARGET) >/dev/null || rustup target add $(WASM_TARGET)
 
 ## build: every module, copied to dist/<name>.wasm, sizes printed.
 build: toolchain
