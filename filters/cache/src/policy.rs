@@ -573,23 +573,7 @@ mod tests {
 
     #[test]
     fn stale_while_revalidate_only_within_its_window_and_without_request_checks() {
-        let mut stale = Variant {
-            selectors: vec![],
-            status: 200,
-            headers: vec![],
-            stored_at: 1000,
-            initial_age: 0,
-            lifetime: 10,
-            no_cache: false,
-            no_stale: false,
-            stale_while_revalidate: Some(30),
-            stale_if_error: None,
-            etag: None,
-            last_modified: None,
-            generation: 1,
-            body_len: 0,
-            position: 0,
-        };
+        let mut stale = stored(10, Some(30));
         let plain = CacheControl::default();
         assert!(within_stale_while_revalidate(&stale, &plain, 1020));
         assert!(!within_stale_while_revalidate(&stale, &plain, 1041), "past the window");

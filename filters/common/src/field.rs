@@ -21,6 +21,12 @@ pub fn is_field_value(value: &[u8]) -> bool {
         && value.last().is_none_or(visible)
 }
 
+/// Whether a header may be written: a valid name and a valid value. `host.rs`
+/// and `FakeHost` both apply exactly this.
+pub fn is_writable(name: &str, value: &[u8]) -> bool {
+    is_header_name(name) && is_field_value(value)
+}
+
 /// RFC 9110 `token` (header names), lower-case as HTTP/2 requires; or a
 /// pseudo-header (`:path`).
 pub fn is_header_name(name: &str) -> bool {

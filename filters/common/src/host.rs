@@ -29,7 +29,7 @@ pub const VALUE_REFUSED: HostError = HostError(u32::MAX);
 /// Lets a header or property write through only when `field.rs` accepts it;
 /// otherwise counts the skip and refuses.
 fn checked_field(name: &str, value: &[u8]) -> HostResult<()> {
-    if field::is_header_name(name) && field::is_field_value(value) {
+    if field::is_writable(name, value) {
         Ok(())
     } else {
         field::skipped();

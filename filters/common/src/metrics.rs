@@ -33,21 +33,9 @@ impl Metric {
         }
     }
 
-    // The same on the real host, for glue not yet written against `Host`.
-    pub fn counter(name: &str) -> Self {
-        Self::counter_on(&Ffi, name)
-    }
-
-    pub fn gauge(name: &str) -> Self {
-        Self::gauge_on(&Ffi, name)
-    }
-
+    // The same on the real host, for the roots' periodic work.
     pub fn increment(&self) {
         self.add_on(&Ffi, 1);
-    }
-
-    pub fn add(&self, by: i64) {
-        self.add_on(&Ffi, by);
     }
 
     pub fn record(&self, value: u64) {

@@ -339,9 +339,9 @@ impl FakeHost {
     }
 }
 
-/// The same rule `host.rs` applies before a header write reaches the host.
+/// The rule `host.rs` applies before a header write reaches the host.
 fn writable(name: &str, value: &[u8]) -> HostResult<()> {
-    if field::is_header_name(name) && field::is_field_value(value) {
+    if field::is_writable(name, value) {
         Ok(())
     } else {
         Err(VALUE_REFUSED)

@@ -3,7 +3,7 @@
 
 use crate::field;
 use crate::host::{self, HostResult};
-use crate::platform::{Ffi, Host};
+use crate::platform::Host;
 use crate::request::{BadRequest, RequestHeaders};
 use crate::verdict::Reply;
 
@@ -64,10 +64,6 @@ impl Problem {
     }
 
     /// Sends the denial as the local response to the current request.
-    pub fn send(&self, request: &RequestFacts) -> HostResult<()> {
-        self.send_on(&Ffi, request)
-    }
-
     pub fn send_on(&self, host: &impl Host, request: &RequestFacts) -> HostResult<()> {
         let reply = self.reply(request);
         let headers: Vec<(&str, &str)> =

@@ -8,7 +8,7 @@
 //! 0x80-0xFF through, so every module judges them here and answers `400`.
 
 use crate::host::{HostError, MapType};
-use crate::platform::{Ffi, Host};
+use crate::platform::Host;
 
 /// Why a request cannot be judged: its target or authority is not what a URI allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,10 +76,6 @@ pub fn is_authority(value: &[u8]) -> bool {
 
 impl RequestHeaders {
     /// Reads all request headers in one host call and checks the target.
-    pub fn read() -> Result<Self, ReadError> {
-        Self::read_from(&Ffi)
-    }
-
     pub fn read_from(host: &impl Host) -> Result<Self, ReadError> {
         let pairs = host.header_pairs(MapType::HttpRequestHeaders).map_err(ReadError::Host)?;
         Self::from_pairs(pairs).map_err(|(reason, pairs)| ReadError::Bad {
@@ -174,10 +170,6 @@ impl RequestHeaders {
 /// cannot be judged is answered `400` problem+json here (the stream stays paused);
 /// when the host cannot hand over the headers at all the filter lets the request
 /// continue (a host failure, not client input: nothing a client sends causes it).
-pub fn read_request() -> Result<RequestHeaders, proxy_wasm::types::Action> {
-    read_request_from(&Ffi)
-}
-
 pub fn read_request_from(host: &impl Host) -> Result<RequestHeaders, proxy_wasm::types::Action> {
     match RequestHeaders::read_from(host) {
         Ok(request) => Ok(request),

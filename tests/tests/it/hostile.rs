@@ -322,7 +322,7 @@ fn aggregate_parameters_never_become_dot_segments_and_keep_their_plus() {
     let response = fx.envoy.get("/dashboard/john+tag@x.com").send();
     assert_eq!(response.status, 200, "{}", response.text());
     let user_path = response.json()["user"]["path"].as_str().unwrap_or_default().to_string();
-    let decoded: Vec<u8> = percent_decode(user_path.as_bytes());
+    let decoded = gateway_common::request::percent_decode_path(user_path.as_bytes());
     assert_eq!(String::from_utf8_lossy(&decoded), "/users/john+tag@x.com", "{user_path}");
 }
 
@@ -420,22 +420,4 @@ fn a_key_leaving_the_overflow_bucket_never_starts_full() {
     // Past 3 s the old bug (a full bucket: 6 in total) would fit the allowance too.
     assert!(elapsed < 3.0, "the test ran too slowly to judge ({elapsed:.2} s)");
     assert!(admitted_b <= allowed, "b got {admitted_b} requests through in {elapsed:.2} s, at most {allowed}");
-}
-
-fn percent_decode(input: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut index = 0;
-    while index < input.len() {
-        if input[index] == b'%' && index + 2 < input.len() {
-            if let Ok(byte) = u8::from_str_radix(std::str::from_utf8(&input[index + 1..index + 3]).unwrap_or("zz"), 16)
-            {
-                out.push(byte);
-                index += 3;
-                continue;
-            }
-        }
-        out.push(input[index]);
-        index += 1;
-    }
-    out
 }
