@@ -13,6 +13,9 @@ pub struct CacheControl {
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
     pub only_if_cached: bool,
+    /// `must-understand` (RFC 9111 5.2.2.3): store only if the status code's
+    /// caching rules are understood, and then `no-store` may be ignored.
+    pub must_understand: bool,
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     /// `max-stale` present: `Some(None)` means any staleness.
@@ -51,6 +54,7 @@ impl CacheControl {
                     "must-revalidate" => cc.must_revalidate = true,
                     "proxy-revalidate" => cc.proxy_revalidate = true,
                     "only-if-cached" => cc.only_if_cached = true,
+                    "must-understand" => cc.must_understand = true,
                     // A malformed max-age makes the response stale (RFC 9111 4.2.1).
                     "max-age" => cc.max_age = Some(delta_seconds(argument).unwrap_or(0)),
                     "s-maxage" => cc.s_maxage = Some(delta_seconds(argument).unwrap_or(0)),
@@ -161,6 +165,22 @@ pub fn corrected_initial_age(age_header: Option<u64>, date: Option<u64>, request
 /// Status codes a shared cache may store without explicit freshness
 /// ("heuristically cacheable", RFC 9110 15.1), minus 206 (no range support).
 pub const HEURISTICALLY_CACHEABLE: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
+
+/// Status codes whose caching rules this cache implements (RFC 9110 15), the
+/// ones `must-understand` admits: the heuristically cacheable ones and the
+/// redirects that are cacheable with explicit freshness.
+pub const UNDERSTOOD_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501];
+
+/// An `Age` value (RFC 9111 5.1): a list (two field lines that Envoy joined,
+/// `7200, 0`) uses its first member; anything but a non-negative integer is none.
+pub fn parse_age(value: &[u8]) -> Option<u64> {
+    delta_seconds(std::str::from_utf8(value).ok()?.split(',').next())
+}
+
+/// Whether an entity tag is strong (not `W/`-prefixed).
+pub fn is_strong_etag(etag: &str) -> bool {
+    !etag.trim_start().starts_with("W/")
+}
 
 /// Whether an entity tag list (`If-None-Match`) matches `etag` (weak comparison).
 pub fn if_none_match(header: &[u8], etag: Option<&str>) -> bool {

@@ -29,11 +29,17 @@ use sha2::{Digest, Sha256};
 use crate::config::{Cache, CacheConfig};
 use crate::http::CacheControl;
 use crate::policy::{Exchange, LookupPlan};
-use crate::store::{Meta, Table, Variant};
+use crate::store::{Location, Meta, Table, Variant};
 
 proxy_wasm::main! {{
     gateway_common::skeleton::install::<CacheModule>();
 }}
+
+/// How long a re-fetch after a mismatching 304 may take.
+const REFETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Decoded metadata values a VM keeps at most (see `Shared::decoded`).
+const DECODED_CAPACITY: usize = 4096;
 
 /// Filter-state property (Envoy: `wasm.cache_status`) for access logs.
 const STATUS_PROPERTY: &str = "cache_status";
@@ -56,13 +62,23 @@ struct Shared {
     cache: Cache,
     table: Table,
     metrics: Metrics,
-    /// Decoded metadata per slot and CAS token: a hit on unchanged metadata
-    /// skips JSON decoding (the value is still read, to see any change).
-    decoded: RefCell<HashMap<u32, (u32, Rc<Meta>)>>,
+    /// Decoded metadata per way and the version the index names: a hit on an
+    /// unchanged entry reads only the index and the body.
+    decoded: RefCell<DecodedWays>,
     /// stale-while-revalidate refreshes waiting for the root context's next tick
     /// (streams cannot outlive their answer, the root can), and the keys in flight.
     revalidations: RefCell<Vec<Background>>,
     in_flight: RefCell<HashSet<String>>,
+}
+
+/// Per (set, way): the index version and the metadata decoded at it.
+type DecodedWays = HashMap<(u32, usize), (u32, Rc<Meta>)>;
+
+/// An origin response as the response-headers callback sees it.
+struct OriginResponse<'h> {
+    status: u16,
+    headers: &'h [(String, Vec<u8>)],
+    end_of_stream: bool,
 }
 
 /// A background revalidation of a stale entry served under stale-while-revalidate.
@@ -76,14 +92,17 @@ struct Background {
 impl Shared {
     /// The per-VM state; `None` when the shared-data keys cannot be created.
     /// Metrics are named `<prefix>.*` (see `skeleton::metric_prefix`).
-    fn new(host: &impl Host, cache: Cache, prefix: &str) -> Option<Self> {
+    fn new(host: &impl Host, cache: Cache, instance: &str) -> Option<Self> {
         let config = &cache.config;
-        let table = Table {
-            slots: config.slots,
-            max_variants: usize::from(config.max_variants),
-            max_total_bytes: config.max_total_bytes,
-        };
-        table.initialize(&SharedData(host)).ok()?;
+        let table = Table::open(
+            &SharedData(host),
+            instance,
+            config.slots,
+            usize::from(config.max_variants),
+            config.max_total_bytes,
+        )
+        .ok()?;
+        let prefix = metric_prefix(CacheModule::NAME, instance);
         let metrics = Metrics {
             hits: Metric::counter_on(host, &format!("{prefix}.hits")),
             misses: Metric::counter_on(host, &format!("{prefix}.misses")),
@@ -93,7 +112,7 @@ impl Shared {
             stale_if_error: Metric::counter_on(host, &format!("{prefix}.stale_if_error")),
             invalidations: Metric::counter_on(host, &format!("{prefix}.invalidations")),
             purges: Metric::counter_on(host, &format!("{prefix}.purges")),
-            reply_failures: ReplyFailures::new(host, prefix),
+            reply_failures: ReplyFailures::new(host, &prefix),
             bytes: Metric::gauge_on(host, &format!("{prefix}.bytes_stored")),
             evictions: Metric::gauge_on(host, &format!("{prefix}.evictions")),
         };
@@ -107,23 +126,39 @@ impl Shared {
         })
     }
 
-    /// The metadata stored for `key` (with its slot), decoded at most once per
-    /// version in this VM.
-    fn lookup(&self, data: &impl Store, key: &str) -> Option<(u32, Rc<Meta>)> {
-        let slot = self.table.slot(key);
-        let (value, cas) = data.get(&store::meta_key(slot)).ok()?;
+    /// Keeps an entry this VM just stored decoded, for its next hits.
+    fn remember(&self, found: store::Found) {
+        let location = found.location;
+        self.keep_decoded((location.set, location.way), location.version, Rc::new(found.meta));
+    }
+
+    /// The map is bounded: at capacity it starts over.
+    fn keep_decoded(&self, way: (u32, usize), version: u32, meta: Rc<Meta>) {
         let mut decoded = self.decoded.borrow_mut();
-        let meta = match (cas, decoded.get(&slot)) {
-            (Some(cas), Some((cached_cas, meta))) if *cached_cas == cas => Rc::clone(meta),
+        if decoded.len() >= DECODED_CAPACITY {
+            decoded.clear();
+        }
+        decoded.insert(way, (version, meta));
+    }
+
+    /// The metadata stored for `key` (with its location), decoded at most once
+    /// per version in this VM.
+    fn lookup(&self, data: &impl Store, key: &str) -> Option<(Location, Rc<Meta>)> {
+        let location = self.table.locate(data, key).ok()??;
+        let way = (location.set, location.way);
+        let cached = self.decoded.borrow().get(&way).cloned();
+        let meta = match cached {
+            Some((version, meta)) if version == location.version => meta,
             _ => {
-                let meta = Rc::new(store::decode_meta(&value?)?);
-                if let Some(cas) = cas {
-                    decoded.insert(slot, (cas, Rc::clone(&meta)));
+                let meta = Rc::new(self.table.read_meta(data, location.set, location.way).ok()??);
+                // Committed and current: later hits skip reading it.
+                if meta.version() == location.version {
+                    self.keep_decoded(way, location.version, Rc::clone(&meta));
                 }
                 meta
             }
         };
-        (meta.key == key).then_some((slot, meta))
+        (meta.key == key).then_some((location, meta))
     }
 }
 
@@ -144,7 +179,7 @@ impl Module for CacheModule {
     }
 
     fn start(host: &Ffi, cache: Cache, instance: &str) -> Option<Shared> {
-        let shared = Shared::new(host, cache, &metric_prefix(Self::NAME, instance));
+        let shared = Shared::new(host, cache, instance);
         if shared.is_none() {
             host.log(LogLevel::Error, "cache: cannot initialize shared data");
         }
@@ -182,15 +217,15 @@ impl Module for CacheModule {
 
     fn on_call_response(shared: &Rc<Shared>, job: Background, body_size: usize) {
         shared.in_flight.borrow_mut().remove(&job.exchange.key);
-        let headers: Vec<(String, Vec<u8>)> = host::headers(MapType::HttpCallResponseHeaders)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value))
-            .collect();
+        let headers = lower_case_names(host::headers(MapType::HttpCallResponseHeaders).unwrap_or_default());
         let status = status_of(&headers);
         let now = host::now_nanos() / 1_000_000_000;
         let config = &shared.cache.config;
-        if status == 304 {
+        if status == 304 && !policy::selected_for_update(&job.variant, &headers) {
+            // Not the representation we hold: it must not be updated (RFC 9111
+            // 4.3.4), and it is outdated; the next request fetches it afresh.
+            let _ = shared.table.remove(&HostStore, &job.exchange.key);
+        } else if status == 304 {
             let updated = policy::refreshed(config, &job.variant, &headers, job.exchange.request_time, now);
             if shared.table.refresh(&HostStore, &job.exchange.key, &updated) == Ok(true) {
                 shared.metrics.revalidated_304.increment();
@@ -236,6 +271,12 @@ enum Pending {
     Invalidate {
         request: RequestHeaders,
     },
+    /// The origin's 304 named a representation we do not hold: the response is
+    /// held while the request is sent again without our validators.
+    Refetch {
+        exchange: Exchange,
+        head: bool,
+    },
 }
 
 struct Collecting {
@@ -251,7 +292,63 @@ struct CacheStream<H: Host> {
     collecting: Option<Collecting>,
 }
 
-impl<H: Host> Context for CacheStream<H> {}
+impl<H: Host> Context for CacheStream<H> {
+    /// The answer of a re-fetch (see `Pending::Refetch`): it replaces the held 304.
+    fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Pending::Refetch { exchange, head } = std::mem::replace(&mut self.pending, Pending::None) else { return };
+        let headers = lower_case_names(if num_headers > 0 {
+            self.host.header_pairs(MapType::HttpCallResponseHeaders).unwrap_or_default()
+        } else {
+            Vec::new()
+        });
+        let status = status_of(&headers);
+        let body =
+            if body_size > 0 { self.host.http_call_response_body(body_size).unwrap_or_default() } else { Vec::new() };
+        let shared = Rc::clone(&self.shared);
+        let now = self.now_seconds();
+        let detail = if status == 0 {
+            "fwd=stale; detail=refetch-failed".to_string()
+        } else {
+            let stored = policy::storable(&shared.cache.config, &exchange, status, &headers, now)
+                .ok()
+                .filter(|_| body.len() as u64 <= shared.cache.config.max_entry_bytes)
+                .and_then(|variant| {
+                    shared.table.store_found(&SharedData(&self.host), &exchange.key, variant, &body, now).ok().flatten()
+                });
+            let stored_detail = if let Some(found) = stored {
+                shared.metrics.stores.increment_on(&self.host);
+                shared.remember(found);
+                "; stored"
+            } else {
+                ""
+            };
+            format!("fwd=stale; fwd-status={status}; detail=validator-mismatch{stored_detail}")
+        };
+        let reply = if status == 0 {
+            Problem::new(
+                502,
+                "refetch-failed",
+                "Bad Gateway",
+                "the origin's 304 did not match the stored response, and fetching it again failed",
+            )
+            .reply(&RequestFacts::from_pairs(exchange.selectors_request.pairs()))
+        } else {
+            let headers = policy::replayed_headers(&headers);
+            Reply { status: u32::from(status), headers, body: if head { Vec::new() } else { body }, grpc_status: None }
+        };
+        let status_value = self.status_header(&detail);
+        let mut reply = reply;
+        reply.headers.push(("cache-status".into(), status_value.clone()));
+        // Refused (never seen), the held response stays held until Envoy times it out.
+        let _ = Verdict::answer(reply, OnRefusedReply::Hold)
+            .property(STATUS_PROPERTY, status_value.into_bytes())
+            .apply(&self.host, &shared.metrics.reply_failures);
+    }
+}
+
+fn lower_case_names(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    pairs.into_iter().map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value)).collect()
+}
 
 impl<H: Host> HttpContext for CacheStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -262,26 +359,21 @@ impl<H: Host> HttpContext for CacheStream<H> {
         match request.method() {
             b"GET" | b"HEAD" => self.lookup(request),
             b"PURGE" if self.shared.cache.purge.is_some() => self.purge(&request),
-            b"POST" | b"PUT" | b"PATCH" | b"DELETE" => {
+            method if policy::is_safe_method(method) => Action::Continue,
+            // Every unsafe method, known or not (RFC 9111 4.4).
+            _ => {
                 self.pending = Pending::Invalidate { request };
                 Action::Continue
             }
-            _ => Action::Continue,
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let pending = std::mem::replace(&mut self.pending, Pending::None);
         if matches!(pending, Pending::None) {
             return Action::Continue;
         }
-        let headers: Vec<(String, Vec<u8>)> = self
-            .host
-            .header_pairs(MapType::HttpResponseHeaders)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value))
-            .collect();
+        let headers = lower_case_names(self.host.header_pairs(MapType::HttpResponseHeaders).unwrap_or_default());
         let status = status_of(&headers);
         match pending {
             Pending::None => Action::Continue,
@@ -292,12 +384,15 @@ impl<H: Host> HttpContext for CacheStream<H> {
                 Action::Continue
             }
             Pending::Revalidate { exchange, variant, client, head } => {
-                self.revalidated(exchange, *variant, client, head, status, &headers)
+                let response = OriginResponse { status, headers: &headers, end_of_stream };
+                self.revalidated(exchange, *variant, client, head, &response)
             }
             Pending::Miss { exchange, head, forward } => {
-                self.consider_storing(exchange, head, status, &headers, forward);
+                self.consider_storing(exchange, head, status, &headers, forward, end_of_stream);
                 Action::Continue
             }
+            // Only set while the response is held for the re-fetch.
+            Pending::Refetch { .. } => Action::Continue,
         }
     }
 
@@ -315,18 +410,17 @@ impl<H: Host> HttpContext for CacheStream<H> {
         if end_of_stream {
             if let Some(collecting) = self.collecting.take() {
                 let shared = &self.shared;
-                let stored = shared.table.store(
+                let stored = shared.table.store_found(
                     &SharedData(&self.host),
                     &collecting.key,
                     collecting.variant,
                     &collecting.body,
                     self.now_seconds(),
                 );
-                if stored == Ok(true) {
+                // The bytes gauge is published by the root's tick.
+                if let Ok(Some(found)) = stored {
                     shared.metrics.stores.increment_on(&self.host);
-                    if let Ok(bytes) = shared.table.bytes(&SharedData(&self.host)) {
-                        shared.metrics.bytes.record_on(&self.host, bytes);
-                    }
+                    shared.remember(found);
                 }
             }
         }
@@ -366,8 +460,9 @@ impl<H: Host> CacheStream<H> {
         let found = if request_cc.no_store { None } else { shared.lookup(&SharedData(&self.host), &key) };
         let variant = found.as_ref().and_then(|(_, meta)| policy::select(meta, &request, &config.upstream_header));
         let plan = policy::plan_lookup(&request_cc, found.is_some(), variant, now);
-        let slot = found.as_ref().map_or(0, |(slot, _)| *slot);
-        let stored_body = |variant: &Variant| shared.table.body(&SharedData(&self.host), slot, variant).ok().flatten();
+        let location = found.as_ref().map(|(location, _)| *location);
+        let stored_body =
+            |variant: &Variant| shared.table.body(&SharedData(&self.host), location.as_ref()?, variant).ok().flatten();
         match (plan, variant) {
             (LookupPlan::GatewayTimeout, _) => self.gateway_timeout(&request),
             (LookupPlan::Serve(detail), Some(variant)) => {
@@ -421,18 +516,7 @@ impl<H: Host> CacheStream<H> {
         if !shared.in_flight.borrow_mut().insert(exchange.key.clone()) {
             return;
         }
-        let config = &shared.cache.config;
-        let cluster = request
-            .first(&config.upstream_header)
-            .map(|value| String::from_utf8_lossy(value).into_owned())
-            .or_else(|| {
-                self.host
-                    .property(&["xds", "cluster_name"])
-                    .ok()
-                    .flatten()
-                    .map(|v| String::from_utf8_lossy(&v).into_owned())
-            });
-        let Some(cluster) = cluster else {
+        let Some(cluster) = self.upstream_cluster(request) else {
             shared.in_flight.borrow_mut().remove(&exchange.key);
             return;
         };
@@ -502,28 +586,38 @@ impl<H: Host> CacheStream<H> {
         variant: Variant,
         client: RequestHeaders,
         head: bool,
-        status: u16,
-        headers: &[(String, Vec<u8>)],
+        response: &OriginResponse,
     ) -> Action {
+        let OriginResponse { status, headers, end_of_stream } = *response;
         let shared = Rc::clone(&self.shared);
         let now = self.now_seconds();
+        if status == 304 && !policy::selected_for_update(&variant, headers) {
+            // RFC 9111 4.3.4: the 304 names another representation; the stored one
+            // must not be updated or used. It is outdated: removed; the client gets
+            // the current representation, fetched again without our validators.
+            let _ = shared.table.remove(&SharedData(&self.host), &exchange.key);
+            return self.refetch(exchange, &client, head);
+        }
         if status == 304 {
             let updated = policy::refreshed(&shared.cache.config, &variant, headers, exchange.request_time, now);
             let _ = shared.table.refresh(&SharedData(&self.host), &exchange.key, &updated);
             let found = shared.table.lookup(&SharedData(&self.host), &exchange.key).ok().flatten();
             if let Some(Ok(Some(body))) =
-                found.map(|found| shared.table.body(&SharedData(&self.host), found.slot, &updated))
+                found.map(|found| shared.table.body(&SharedData(&self.host), &found.location, &updated))
             {
                 shared.metrics.revalidated_304.increment_on(&self.host);
                 return self.serve(&updated, body, &client, head, "fwd=stale; fwd-status=304", now);
             }
+            // The stored body went away meanwhile (evicted, replaced): our 304
+            // answers nothing the client asked; fetch the representation.
+            return self.refetch(exchange, &client, head);
         }
         if status >= 500 {
             let staleness = u64::try_from(-variant.ttl(now)).unwrap_or(0);
             if variant.stale_if_error.is_some_and(|window| staleness <= window) {
                 let found = shared.table.lookup(&SharedData(&self.host), &exchange.key).ok().flatten();
                 if let Some(Ok(Some(body))) =
-                    found.map(|found| shared.table.body(&SharedData(&self.host), found.slot, &variant))
+                    found.map(|found| shared.table.body(&SharedData(&self.host), &found.location, &variant))
                 {
                     shared.metrics.stale_if_error.increment_on(&self.host);
                     let detail = format!("hit; fwd=stale; fwd-status={status}");
@@ -534,9 +628,48 @@ impl<H: Host> CacheStream<H> {
         if status != 304 {
             shared.metrics.revalidated_200.increment_on(&self.host);
         }
-        // A new response (or an unusable 304): store it like a miss.
-        self.consider_storing(exchange, head, status, headers, "fwd=stale");
+        // A new response: store it like a miss.
+        self.consider_storing(exchange, head, status, headers, "fwd=stale", end_of_stream);
         Action::Continue
+    }
+
+    /// Holds the response and sends the client's request again, without
+    /// conditions, to the same upstream (see `Pending::Refetch`).
+    fn refetch(&mut self, exchange: Exchange, client: &RequestHeaders, head: bool) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let cluster = self.upstream_cluster(client);
+        let headers = policy::refetch_headers(client);
+        let dispatched = cluster.zip(headers).and_then(|(cluster, headers)| {
+            let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            self.host.dispatch_http_call(&cluster, &pairs, REFETCH_TIMEOUT).ok()
+        });
+        if dispatched.is_none() {
+            let problem = Problem::new(
+                502,
+                "refetch-failed",
+                "Bad Gateway",
+                "the origin's 304 did not match the stored response, and it cannot be fetched again",
+            );
+            return Verdict::answer(problem.reply(&RequestFacts::of(client)), OnRefusedReply::Continue)
+                .apply(&self.host, &shared.metrics.reply_failures);
+        }
+        self.pending = Pending::Refetch { exchange, head };
+        Action::Pause
+    }
+
+    /// The cluster a request goes to: the routing header's (routing.wasm) or
+    /// the one Envoy selected.
+    fn upstream_cluster(&self, request: &RequestHeaders) -> Option<String> {
+        request
+            .first(&self.shared.cache.config.upstream_header)
+            .map(|value| String::from_utf8_lossy(value).into_owned())
+            .or_else(|| {
+                self.host
+                    .property(&["xds", "cluster_name"])
+                    .ok()
+                    .flatten()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+            })
     }
 
     fn consider_storing(
@@ -546,27 +679,43 @@ impl<H: Host> CacheStream<H> {
         status: u16,
         headers: &[(String, Vec<u8>)],
         forward: &'static str,
+        end_of_stream: bool,
     ) {
-        let config = &self.shared.cache.config;
+        let shared = Rc::clone(&self.shared);
+        let config = &shared.cache.config;
         let content_length = headers
             .iter()
             .find(|(name, _)| name == "content-length")
             .and_then(|(_, value)| std::str::from_utf8(value).ok()?.trim().parse::<u64>().ok());
         let mut detail = format!("{forward}; fwd-status={status}");
+        // A response without content (204, `Content-Length: 0`, nothing after the
+        // headers) gets no body callback: it is stored now.
+        let bodiless = end_of_stream || status == 204 || content_length == Some(0);
         // HEAD responses have no body to store.
         if !head && content_length.is_none_or(|length| length <= config.max_entry_bytes) {
-            if let Ok(variant) = policy::storable(config, &exchange, status, headers, self.now_seconds()) {
-                if content_length.is_some() {
-                    detail.push_str("; stored");
+            let now = self.now_seconds();
+            if let Ok(variant) = policy::storable(config, &exchange, status, headers, now) {
+                if bodiless {
+                    if let Ok(Some(found)) =
+                        shared.table.store_found(&SharedData(&self.host), &exchange.key, variant, &[], now)
+                    {
+                        shared.metrics.stores.increment_on(&self.host);
+                        shared.remember(found);
+                        detail.push_str("; stored");
+                    }
+                } else {
+                    if content_length.is_some() {
+                        detail.push_str("; stored");
+                    }
+                    self.collecting = Some(Collecting { key: exchange.key, variant, body: Vec::new() });
                 }
-                self.collecting = Some(Collecting { key: exchange.key, variant, body: Vec::new() });
             }
         }
         let value = self.status_header(&detail);
         let _ = Verdict::forward()
             .property(STATUS_PROPERTY, value.as_bytes())
             .edit(Edit::Set(MapType::HttpResponseHeaders, "cache-status".into(), value.into_bytes()))
-            .apply(&self.host, &self.shared.metrics.reply_failures);
+            .apply(&self.host, &shared.metrics.reply_failures);
     }
 
     /// RFC 9111 4.4: a successful unsafe request invalidates its URI and the
@@ -647,10 +796,12 @@ mod glue_tests {
         store_once(&host, &shared, b"/a");
         let store_calls = host.calls().len();
         assert_eq!(host.metric("cache.stores"), 1);
-        // Request side (read, clock, metadata, metric) + response side (headers,
-        // clock, Cache-Status as header and property) + body (chunk, clock, table
-        // writes: meta read, byte reservation, body, meta CAS; metric, gauge).
-        assert_eq!(store_calls, 18, "{:?}", host.calls());
+        // Request side (read, clock, both candidate index sets, metric) + response
+        // side (headers, clock, Cache-Status as header and property) + body
+        // (chunk, clock; table: both index sets, the way's metadata, the index CAS
+        // that claims the way, the occupancy bit (first entry of its set), byte
+        // reservation, body, metadata CAS; metric).
+        assert_eq!(store_calls, 22, "{:?}", host.calls());
 
         host.reset_calls();
         get(&host, b"/a");
@@ -665,7 +816,7 @@ mod glue_tests {
             [
                 "header_pairs",
                 "now_nanos",
-                "shared_data", // metadata
+                "shared_data", // index set (the metadata decoded at the store is reused)
                 "shared_data", // body
                 "increment_metric",
                 "set_property",

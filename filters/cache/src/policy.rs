@@ -6,7 +6,10 @@ use gateway_common::request::{escape_bytes, percent_decode, RequestHeaders};
 use gateway_common::verdict::{Edit, Reply};
 
 use crate::config::CacheConfig;
-use crate::http::{corrected_initial_age, freshness_lifetime, if_none_match, parse_http_date, CacheControl};
+use crate::http::{
+    corrected_initial_age, freshness_lifetime, if_none_match, is_strong_etag, parse_age, parse_http_date, CacheControl,
+    UNDERSTOOD_STATUSES,
+};
 use crate::store::{Meta, Variant};
 
 /// Response headers never stored or replayed (hop-by-hop, recomputed, or ours).
@@ -244,6 +247,49 @@ pub fn stored_reply(
     Reply { status: u32::from(variant.status), headers, body, grpc_status: None }
 }
 
+/// The response headers a cache replays from an origin's answer: everything but
+/// hop-by-hop fields and those recomputed (the stored-header rule, cookies kept:
+/// this answer is not stored for anyone else).
+pub fn replayed_headers(headers: &[(String, Vec<u8>)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| !name.starts_with(':') && (name == "set-cookie" || !NOT_STORED.contains(&name.as_str())))
+        .map(|(name, value)| (name.clone(), String::from_utf8_lossy(value).into_owned()))
+        .collect()
+}
+
+/// The client's request as an unconditional GET (or HEAD) for a re-fetch: its
+/// headers without validators or hop-by-hop fields. `None` when a value is not
+/// text (the call API takes text).
+pub fn refetch_headers(client: &RequestHeaders) -> Option<Vec<(String, String)>> {
+    const LEFT_OUT: &[&str] = &[
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "if-range",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "content-length",
+    ];
+    let mut headers = vec![
+        (":method".to_string(), String::from_utf8(client.method().to_vec()).ok()?),
+        (":path".to_string(), client.target().to_string()),
+        (":authority".to_string(), String::from_utf8(client.authority().to_vec()).ok()?),
+    ];
+    for (name, value) in client.pairs() {
+        let name = String::from_utf8(name.clone()).ok()?;
+        if name.starts_with(':') || LEFT_OUT.contains(&name.as_str()) {
+            continue;
+        }
+        headers.push((name, String::from_utf8(value.clone()).ok()?));
+    }
+    Some(headers)
+}
+
 /// The request edits of a revalidation: our validators replace the client's (the
 /// client's own conditions are judged against the revalidated entry afterwards).
 pub fn revalidation_edits(variant: &Variant) -> Vec<Edit> {
@@ -284,10 +330,23 @@ fn header_values<'h>(headers: &'h [(String, Vec<u8>)], name: &'h str) -> impl It
     headers.iter().filter(move |(key, _)| key == name).map(|(_, value)| value.as_slice())
 }
 
+/// Header fields a 304 never replaces in a stored response (RFC 9111 4.3.4):
+/// they describe the stored content, which the 304 did not send.
+const DESCRIBE_THE_CONTENT: &[&str] =
+    &["content-encoding", "content-range", "content-md5", "content-digest", "repr-digest", "digest"];
+
+/// Whether a method is safe (RFC 9110 9.2.1); a successful response to any
+/// other method invalidates (RFC 9111 4.4), whether we know the method or not.
+pub fn is_safe_method(method: &[u8]) -> bool {
+    matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE")
+}
+
 /// Why a response was not stored (for logs and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotStored {
     NoStore,
+    /// `must-understand` with a status code whose rules we do not implement.
+    NotUnderstood,
     Private,
     Authorization,
     Status,
@@ -308,7 +367,11 @@ pub fn storable(
     let values = |name: &'static str| header_values(headers, name);
     let first = |name: &'static str| values(name).next();
     let cc = CacheControl::parse(values("cache-control"));
-    if cc.no_store || exchange.request_no_store {
+    if cc.must_understand && !UNDERSTOOD_STATUSES.contains(&status) {
+        return Err(NotStored::NotUnderstood);
+    }
+    // must-understand with a status we understand overrides no-store (5.2.2.3).
+    if (cc.no_store && !cc.must_understand) || exchange.request_no_store {
         return Err(NotStored::NoStore);
     }
     if cc.private {
@@ -342,7 +405,7 @@ pub fn storable(
         return Err(NotStored::NoFreshness);
     }
     let date = first("date").and_then(parse_http_date);
-    let age = first("age").and_then(|age| std::str::from_utf8(age).ok()?.trim().parse::<u64>().ok());
+    let age = first("age").and_then(parse_age);
     let text = |value: &[u8]| String::from_utf8_lossy(value).into_owned();
     Ok(Variant {
         selectors: selectors_for(&exchange.selectors_request, &vary_names, &config.upstream_header),
@@ -367,8 +430,33 @@ pub fn storable(
     })
 }
 
+/// Whether a 304 identifies this stored variant for update (RFC 9111 4.3.4): a
+/// strong validator in it must equal the stored one (strong comparison); else a
+/// weak `ETag` must match weakly, else a `Last-Modified` must be the stored one.
+/// A 304 without any validator updates the one variant it revalidated (the
+/// request carried that variant's validators).
+pub fn selected_for_update(stored: &Variant, headers: &[(String, Vec<u8>)]) -> bool {
+    let text =
+        |name: &'static str| header_values(headers, name).next().map(|v| String::from_utf8_lossy(v).trim().to_string());
+    if let Some(etag) = text("etag") {
+        let stored_etag = stored.etag.as_deref().map(str::trim);
+        return if is_strong_etag(&etag) {
+            stored_etag == Some(etag.as_str())
+        } else {
+            let opaque = |tag: &str| tag.trim_start_matches("W/").to_string();
+            stored_etag.is_some_and(|stored| opaque(stored) == opaque(&etag))
+        };
+    }
+    match text("last-modified") {
+        Some(modified) => stored.last_modified.as_deref().map(str::trim) == Some(modified.as_str()),
+        None => true,
+    }
+}
+
 /// Updates a stored variant from a 304 response (RFC 9111 4.3.4): its header
-/// fields replace the stored ones, and freshness is recomputed.
+/// fields replace the stored ones (not those that describe the stored content,
+/// nor those never stored), and freshness is recomputed. The caller checks
+/// [`selected_for_update`] first.
 pub fn refreshed(
     config: &CacheConfig,
     stored: &Variant,
@@ -378,7 +466,8 @@ pub fn refreshed(
 ) -> Variant {
     let mut variant = stored.clone();
     for (name, value) in headers {
-        if name.starts_with(':') || NOT_STORED.contains(&name.as_str()) || name == "content-type" {
+        if name.starts_with(':') || NOT_STORED.contains(&name.as_str()) || DESCRIBE_THE_CONTENT.contains(&name.as_str())
+        {
             continue;
         }
         variant.headers.retain(|(stored_name, _)| stored_name != name);
@@ -390,10 +479,7 @@ pub fn refreshed(
     let cc = CacheControl::parse(values("cache-control"));
     let date = values("date").next().and_then(parse_http_date);
     let expires = values("expires").next().map(<[u8]>::to_vec);
-    let age = headers
-        .iter()
-        .find(|(name, _)| name == "age")
-        .and_then(|(_, age)| std::str::from_utf8(age).ok()?.trim().parse::<u64>().ok());
+    let age = headers.iter().find(|(name, _)| name == "age").and_then(|(_, age)| parse_age(age));
     variant.stored_at = response_time;
     variant.initial_age = corrected_initial_age(age, date, request_time, response_time);
     variant.lifetime = freshness_lifetime(&cc, expires.as_deref(), date, response_time, config.default_ttl_seconds);
@@ -651,7 +737,7 @@ mod tests {
             1000,
         )
         .unwrap();
-        let meta = Meta { version: 1, key: "k".into(), variants: vec![variant], next_generation: 2 };
+        let meta = Meta { key: "k".into(), variants: vec![variant], next_generation: 2 };
         let same = request(&[(":path", "/"), ("accept-encoding", "gzip"), ("x-gateway-cluster", "v1")]);
         let other_encoding = request(&[(":path", "/"), ("accept-encoding", "br"), ("x-gateway-cluster", "v1")]);
         let other_upstream = request(&[(":path", "/"), ("accept-encoding", "gzip"), ("x-gateway-cluster", "v2")]);
@@ -700,5 +786,94 @@ mod tests {
         assert_eq!(updated.lifetime, 100);
         assert_eq!(usability(&updated, &CacheControl::default(), 2050), Use::Fresh);
         assert!(updated.headers.iter().any(|(name, value)| name == "x-new" && value == "1"));
+    }
+
+    fn stored_with(headers: &[(&str, &str)]) -> Variant {
+        storable(&config("{}"), &exchange(false), 200, &response(headers), 1000).unwrap()
+    }
+
+    /// RFC 9111 4.3.4: a strong validator in the 304 selects only the stored
+    /// response with the same strong validator; weak ones compare weakly.
+    #[test]
+    fn rfc9111_4_3_4_a_304_updates_only_the_representation_it_names() {
+        let strong = stored_with(&[("cache-control", "max-age=1"), ("etag", "\"v1\"")]);
+        assert!(selected_for_update(&strong, &response(&[("etag", "\"v1\"")])));
+        assert!(!selected_for_update(&strong, &response(&[("etag", "\"v2\"")])));
+        assert!(!selected_for_update(&strong, &response(&[("etag", "W/\"v2\"")])));
+        assert!(selected_for_update(&strong, &response(&[("etag", "W/\"v1\"")])), "weak comparison");
+        let weak = stored_with(&[("cache-control", "max-age=1"), ("etag", "W/\"v1\"")]);
+        assert!(!selected_for_update(&weak, &response(&[("etag", "\"v1\"")])), "a strong one needs a strong match");
+        let unvalidated = stored_with(&[("cache-control", "max-age=1"), ("last-modified", &format_http_date(500))]);
+        assert!(!selected_for_update(&unvalidated, &response(&[("etag", "\"new\"")])), "stored has no ETag");
+        assert!(selected_for_update(&unvalidated, &response(&[("last-modified", &format_http_date(500))])));
+        assert!(!selected_for_update(&unvalidated, &response(&[("last-modified", &format_http_date(900))])));
+        assert!(selected_for_update(&unvalidated, &response(&[("cache-control", "max-age=5")])), "no validator");
+    }
+
+    /// RFC 9111 4.3.4: header fields of the 304 replace the stored ones, except
+    /// those that describe the stored content.
+    #[test]
+    fn rfc9111_4_3_4_a_304_never_replaces_what_describes_the_content() {
+        let c = config("{}");
+        let stored = stored_with(&[
+            ("cache-control", "max-age=1"),
+            ("etag", "\"v1\""),
+            ("content-type", "text/plain"),
+            ("content-encoding", "gzip"),
+            ("content-md5", "Q2hlY2sgSW50ZWdyaXR5IQ=="),
+        ]);
+        let updated = refreshed(
+            &c,
+            &stored,
+            &response(&[
+                ("etag", "\"v1\""),
+                ("content-type", "text/html"),
+                ("content-encoding", "br"),
+                ("content-range", "bytes 0-1/2"),
+                ("content-md5", "other"),
+                ("content-length", "0"),
+            ]),
+            2000,
+            2000,
+        );
+        let header = |name: &str| updated.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        assert_eq!(header("content-type"), Some("text/html"), "Content-Type is updated");
+        assert_eq!(header("content-encoding"), Some("gzip"));
+        assert_eq!(header("content-md5"), Some("Q2hlY2sgSW50ZWdyaXR5IQ=="));
+        assert_eq!(header("content-range"), None);
+        assert_eq!(header("content-length"), None);
+    }
+
+    /// RFC 9111 5.1: a list-valued Age (two field lines joined) uses its first member.
+    #[test]
+    fn rfc9111_5_1_a_list_valued_age_uses_the_first_member() {
+        let v = stored_with(&[("cache-control", "max-age=3600"), ("age", "7200,0")]);
+        assert!(v.initial_age >= 7200, "initial age {}", v.initial_age);
+        assert_eq!(usability(&v, &CacheControl::default(), 1000), Use::Revalidate, "already stale");
+        assert_eq!(stored_with(&[("cache-control", "max-age=60"), ("age", "junk")]).initial_age, 0);
+    }
+
+    /// RFC 9111 5.2.2.3 and 3: must-understand stores only status codes whose
+    /// rules the cache implements, and then overrides no-store.
+    #[test]
+    fn rfc9111_5_2_2_3_must_understand() {
+        let c = config("{}");
+        let must =
+            |status: u16, cc: &str| storable(&c, &exchange(false), status, &response(&[("cache-control", cc)]), 1000);
+        assert_eq!(must(599, "must-understand, max-age=60").unwrap_err(), NotStored::NotUnderstood);
+        assert_eq!(must(299, "must-understand, no-store, max-age=60").unwrap_err(), NotStored::NotUnderstood);
+        assert!(must(200, "must-understand, no-store, max-age=60").is_ok(), "no-store is overridden");
+        assert_eq!(must(200, "no-store, max-age=60").unwrap_err(), NotStored::NoStore);
+    }
+
+    /// RFC 9111 4.4 with RFC 9110 9.2.1: every method but the safe ones invalidates.
+    #[test]
+    fn rfc9111_4_4_every_unsafe_method_invalidates() {
+        for method in [&b"GET"[..], b"HEAD", b"OPTIONS", b"TRACE"] {
+            assert!(is_safe_method(method));
+        }
+        for method in [&b"POST"[..], b"PUT", b"PATCH", b"DELETE", b"PROPPATCH", b"LINK", b"MKCOL", b"get"] {
+            assert!(!is_safe_method(method), "{}", String::from_utf8_lossy(method));
+        }
     }
 }

@@ -1,5 +1,11 @@
-//! Fixed, documented hash functions. Never Rust's randomly seeded `DefaultHasher`:
-//! decisions based on these hashes must agree across workers, restarts and releases.
+//! Hash functions. Fixed, documented ones where a decision must agree across
+//! workers, restarts and releases (FNV-1a for canary splits); a keyed one where a
+//! client must not be able to aim at a slot (table placement): its secret is
+//! shared by the workers through shared data (`shared::shared_secret`).
+
+use std::hash::Hasher;
+
+use siphasher::sip::SipHasher13;
 
 /// 64-bit FNV-1a (offset basis 0xcbf29ce484222325, prime 0x100000001b3).
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -9,6 +15,32 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     hash
+}
+
+/// SipHash-1-3 under a 128-bit secret: without the secret, nobody can compute
+/// which table slot a key lands in, so no crafted key can aim at another's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyedHash {
+    secret: [u8; 16],
+}
+
+impl KeyedHash {
+    pub fn new(secret: [u8; 16]) -> Self {
+        Self { secret }
+    }
+
+    pub fn hash(&self, bytes: &[u8]) -> u64 {
+        let mut hasher = SipHasher13::new_with_key(&self.secret);
+        hasher.write(bytes);
+        hasher.finish()
+    }
+}
+
+/// 16 bytes from the host's random source (WASI `random_get` in Wasm).
+pub fn random_secret() -> Option<[u8; 16]> {
+    let mut secret = [0u8; 16];
+    getrandom::fill(&mut secret).ok()?;
+    Some(secret)
 }
 
 /// A lower-case or upper-case hex SHA-256 digest (64 characters) as bytes.
@@ -40,6 +72,14 @@ mod tests {
         assert_eq!(decode_sha256_hex("plaintext"), None);
         assert_eq!(decode_sha256_hex(&"zz".repeat(32)), None);
         assert!(!digests_equal(&[0; 32], &[1; 32]));
+    }
+
+    #[test]
+    fn keyed_hashes_depend_on_the_secret() {
+        let one = KeyedHash::new([1; 16]);
+        assert_eq!(one.hash(b"/a"), KeyedHash::new([1; 16]).hash(b"/a"), "same secret, same placement");
+        assert_ne!(one.hash(b"/a"), KeyedHash::new([2; 16]).hash(b"/a"));
+        assert_ne!(random_secret(), random_secret());
     }
 
     #[test]

@@ -17,3 +17,4 @@ pub mod skeleton;
 #[allow(clippy::panic)]
 pub mod testing;
 pub mod verdict;
+pub mod wire;

@@ -113,6 +113,11 @@ impl RequestHeaders {
         self.values(name).next()
     }
 
+    /// Every header as read, pseudo-headers included.
+    pub fn pairs(&self) -> &HeaderPairs {
+        &self.pairs
+    }
+
     pub fn count(&self, name: &str) -> usize {
         self.values(name).count()
     }

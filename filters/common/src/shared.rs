@@ -30,6 +30,34 @@ pub trait Store {
     }
 }
 
+/// A CAS token no write ever produced: Envoy (and proxy-wasm hosts generally)
+/// creates a missing key whatever the CAS, and refuses a mismatching one on an
+/// existing key, so a write with this token means "create unless present".
+const CREATE_ONLY: Option<u32> = Some(u32::MAX);
+
+/// A 16-byte secret shared by every VM of this `vm_id`: the first VM to ask
+/// creates it (create-unless-present, so two workers starting together agree).
+pub fn shared_secret(store: &impl Store, key: &str) -> Result<[u8; 16], StoreError> {
+    const SECRET_FORMAT: u8 = 1;
+    let decode = |value: Option<Vec<u8>>| -> Option<[u8; 16]> {
+        match value?.split_first() {
+            Some((&SECRET_FORMAT, rest)) => rest.try_into().ok(),
+            _ => None,
+        }
+    };
+    for _ in 0..4 {
+        let (value, cas) = store.get(key)?;
+        if let Some(secret) = decode(value.clone()) {
+            return Ok(secret);
+        }
+        let mut encoded = vec![SECRET_FORMAT];
+        encoded.extend_from_slice(&crate::hash::random_secret().ok_or(StoreError)?);
+        // Never set: create it; set to something else (a foreign format): replace it.
+        let _ = store.set(key, &encoded, if value.is_some() { cas } else { CREATE_ONLY })?;
+    }
+    decode(store.get(key)?.0).ok_or(StoreError)
+}
+
 /// A counter in one shared-data value: a format-version byte and a u64 LE.
 /// Unset, placeholder or foreign values read as 0.
 pub fn read_counter(store: &impl Store, key: &str) -> Result<u64, StoreError> {
@@ -167,5 +195,30 @@ impl Store for MemoryStore {
         *next = next.wrapping_add(1).max(1);
         values.insert(key.to_string(), (value.to_vec(), *next));
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_gets_the_secret_the_first_one_created() {
+        let store = MemoryStore::default();
+        let first = shared_secret(&store, "s").unwrap();
+        assert_eq!(shared_secret(&store, "s").unwrap(), first);
+        // A key another writer created in the meantime is never overwritten.
+        store.set("t", b"\x01aaaaaaaaaaaaaaaa", None).unwrap();
+        assert_eq!(shared_secret(&store, "t").unwrap(), *b"aaaaaaaaaaaaaaaa");
+        store.set("u", b"garbage", None).unwrap();
+        assert_ne!(shared_secret(&store, "u").unwrap(), first, "a foreign value is replaced");
+    }
+
+    #[test]
+    fn a_create_only_write_never_replaces_a_value() {
+        let store = MemoryStore::default();
+        assert!(store.set("k", b"one", CREATE_ONLY).unwrap());
+        assert!(!store.set("k", b"two", CREATE_ONLY).unwrap());
+        assert_eq!(store.get("k").unwrap().0.unwrap(), b"one");
     }
 }
