@@ -31,6 +31,9 @@ pub struct Reply {
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
     pub delay: Duration,
+    /// The answer to a conditional request (`If-None-Match`/`If-Modified-Since`),
+    /// if it differs.
+    pub when_conditional: Option<Box<Reply>>,
 }
 
 impl Reply {
@@ -47,6 +50,11 @@ impl Reply {
     }
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+    /// Answers conditional requests with `reply` instead.
+    pub fn when_conditional(mut self, reply: Reply) -> Self {
+        self.when_conditional = Some(Box::new(reply));
         self
     }
 }
@@ -134,6 +142,10 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     let header_text = |name: &str| parts.headers.get(name).and_then(|value| value.to_str().ok());
     let script = state.scripts.lock().unwrap().get(&path).cloned();
     let mut reply = script.unwrap_or_else(|| Reply::status(200));
+    let conditional = parts.headers.contains_key("if-none-match") || parts.headers.contains_key("if-modified-since");
+    if let (true, Some(answer)) = (conditional, reply.when_conditional.take()) {
+        reply = *answer;
+    }
     if let Some(status) = header_text("x-echo-status").and_then(|s| s.parse().ok()) {
         reply.status = status;
     }

@@ -80,7 +80,7 @@ impl Module for Aggregate {
         Some(Shared::new(host, endpoints, &metric_prefix(Self::NAME, instance)))
     }
 
-    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+    fn stream(shared: &Rc<Shared>, _context_id: u32) -> Box<dyn HttpContext> {
         Box::new(AggregateStream { host: Ffi, shared: Rc::clone(shared), composite: None })
     }
 }

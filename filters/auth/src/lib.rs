@@ -252,7 +252,7 @@ impl Module for AuthModule {
         shared
     }
 
-    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+    fn stream(shared: &Rc<Shared>, _context_id: u32) -> Box<dyn HttpContext> {
         let providers = shared.auth.providers.len();
         Box::new(AuthStream {
             host: Ffi,

@@ -49,6 +49,10 @@ pub struct CacheConfig {
     #[serde(default)]
     pub ignore_request_cache_control: bool,
     pub purge: Option<PurgeSpec>,
+    /// Request collapsing: identical misses wait this long (ms) for the one
+    /// request that went to the origin, then go themselves; 0 turns it off.
+    #[serde(default = "default_collapse_timeout")]
+    pub collapse_timeout_ms: u64,
     /// Cache name in the `Cache-Status` header (RFC 9211).
     #[serde(default = "default_status_name")]
     pub cache_status_name: String,
@@ -85,6 +89,9 @@ fn default_upstream_header() -> String {
 fn default_identity_headers() -> Vec<String> {
     vec!["x-consumer".into(), "x-user-id".into()]
 }
+fn default_collapse_timeout() -> u64 {
+    5000
+}
 fn default_status_name() -> String {
     "wasm-cache".into()
 }
@@ -116,6 +123,9 @@ impl CacheConfig {
         }
         if !(1..=100_000).contains(&self.slots) {
             errors.add("slots", "must be between 1 and 100000");
+        }
+        if self.collapse_timeout_ms > 60_000 {
+            errors.add("collapse_timeout_ms", "must be at most 60000 (0 turns collapsing off)");
         }
         if !(1..=16).contains(&self.max_variants) {
             errors.add("max_variants", "must be between 1 and 16");

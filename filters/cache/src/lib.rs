@@ -2,6 +2,7 @@
 //! worker and bounded in memory. This file is the host glue; the rules are in
 //! `http.rs` and `policy.rs`, the storage in `store.rs`.
 
+pub mod collapse;
 pub mod config;
 pub mod http;
 pub mod policy;
@@ -26,10 +27,11 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use sha2::{Digest, Sha256};
 
+use crate::collapse::{Waiter, Waiting};
 use crate::config::{Cache, CacheConfig};
 use crate::http::CacheControl;
 use crate::policy::{Exchange, LookupPlan};
-use crate::store::{Location, Meta, Table, Variant};
+use crate::store::{FillRole, Location, Meta, Table, Variant};
 
 proxy_wasm::main! {{
     gateway_common::skeleton::install::<CacheModule>();
@@ -40,6 +42,9 @@ const REFETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Decoded metadata values a VM keeps at most (see `Shared::decoded`).
 const DECODED_CAPACITY: usize = 4096;
+
+/// With collapsing on, the root polls other workers' fills this often (ms).
+const COLLAPSE_POLL_MS: u64 = 50;
 
 /// Filter-state property (Envoy: `wasm.cache_status`) for access logs.
 const STATUS_PROPERTY: &str = "cache_status";
@@ -56,6 +61,10 @@ struct Metrics {
     reply_failures: ReplyFailures,
     bytes: Metric,
     evictions: Metric,
+    /// Waiting requests answered from the entry another request filled.
+    collapsed: Metric,
+    /// Waiting requests that went to the origin after all (deadline, not storable).
+    collapse_forwarded: Metric,
 }
 
 struct Shared {
@@ -69,6 +78,11 @@ struct Shared {
     /// (streams cannot outlive their answer, the root can), and the keys in flight.
     revalidations: RefCell<Vec<Background>>,
     in_flight: RefCell<HashSet<String>>,
+    /// Request collapsing: misses filled by this VM's streams, streams waiting.
+    waiting: RefCell<Waiting>,
+    /// Waiting streams answered from a fill (their own response callbacks then
+    /// see that local reply, not an origin response).
+    answered_while_waiting: RefCell<HashSet<u32>>,
 }
 
 /// Per (set, way): the index version and the metadata decoded at it.
@@ -115,6 +129,8 @@ impl Shared {
             reply_failures: ReplyFailures::new(host, &prefix),
             bytes: Metric::gauge_on(host, &format!("{prefix}.bytes_stored")),
             evictions: Metric::gauge_on(host, &format!("{prefix}.evictions")),
+            collapsed: Metric::counter_on(host, &format!("{prefix}.collapsed")),
+            collapse_forwarded: Metric::counter_on(host, &format!("{prefix}.collapse_forwarded")),
         };
         Some(Self {
             cache,
@@ -123,7 +139,53 @@ impl Shared {
             decoded: RefCell::new(HashMap::new()),
             revalidations: RefCell::new(Vec::new()),
             in_flight: RefCell::new(HashSet::new()),
+            waiting: RefCell::new(Waiting::default()),
+            answered_while_waiting: RefCell::new(HashSet::new()),
         })
+    }
+
+    /// Releases waiting streams: each is answered from the stored entry if it
+    /// now has a usable one for it, else sent on to the origin. Host calls act
+    /// on each waiter's context, then on `back_to` (the caller's) again.
+    fn wake(&self, host: &impl Host, key: &str, waiters: Vec<Waiter>, back_to: u32) {
+        if waiters.is_empty() {
+            return;
+        }
+        for waiter in waiters {
+            if host.set_effective_context(waiter.context_id).is_err() {
+                continue; // the stream is gone
+            }
+            if self.answer_waiter(host, key, &waiter) {
+                self.answered_while_waiting.borrow_mut().insert(waiter.context_id);
+                self.metrics.collapsed.increment_on(host);
+            } else {
+                let _ = host.resume_request();
+                self.metrics.collapse_forwarded.increment_on(host);
+            }
+        }
+        let _ = host.set_effective_context(back_to);
+    }
+
+    /// Answers a waiter from the entry, if it holds a fresh variant for it.
+    fn answer_waiter(&self, host: &impl Host, key: &str, waiter: &Waiter) -> bool {
+        let config = &self.cache.config;
+        let now = host.now_nanos() / 1_000_000_000;
+        let Some((location, meta)) = self.lookup(&SharedData(host), key) else { return false };
+        let Some(variant) = policy::select(&meta, &waiter.request, &config.upstream_header) else { return false };
+        let request_cc = if config.ignore_request_cache_control {
+            CacheControl::default()
+        } else {
+            CacheControl::parse(waiter.request.values("cache-control"))
+        };
+        let LookupPlan::Serve(_) = policy::plan_lookup(&request_cc, true, Some(variant), now) else { return false };
+        let Ok(Some(body)) = self.table.body(&SharedData(host), &location, variant) else { return false };
+        let status_value = format!("{}; {}; collapsed", config.cache_status_name, waiter.forward);
+        let reply = policy::stored_reply(variant, body, &waiter.request, waiter.head, &status_value, now);
+        // `Continue` on a refused reply: the caller then sends the waiter on.
+        let action = Verdict::answer(reply, OnRefusedReply::Continue)
+            .property(STATUS_PROPERTY, status_value.into_bytes())
+            .apply(host, &self.metrics.reply_failures);
+        action == Action::Pause
     }
 
     /// Keeps an entry this VM just stored decoded, for its next hits.
@@ -186,12 +248,17 @@ impl Module for CacheModule {
         shared
     }
 
-    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
-        Box::new(CacheStream { host: Ffi, shared: Rc::clone(shared), pending: Pending::None, collecting: None })
+    fn stream(shared: &Rc<Shared>, context_id: u32) -> Box<dyn HttpContext> {
+        Box::new(CacheStream::new(Ffi, Rc::clone(shared), context_id))
     }
 
-    fn tick_period(_shared: &Shared) -> Option<Duration> {
-        Some(Duration::from_secs(1))
+    /// With collapsing on, waiters of other workers' fills are polled this often.
+    fn tick_period(shared: &Shared) -> Option<Duration> {
+        Some(if shared.cache.config.collapse_timeout_ms > 0 {
+            Duration::from_millis(COLLAPSE_POLL_MS)
+        } else {
+            Duration::from_secs(1)
+        })
     }
 
     /// Publishes the bytes gauge (every VM writes the same value, read from the
@@ -203,6 +270,7 @@ impl Module for CacheModule {
         if let Ok(evictions) = shared.table.evictions(&HostStore) {
             shared.metrics.evictions.record(evictions);
         }
+        release_finished_waits(shared, calls.root_context_id());
         let jobs: Vec<Background> = shared.revalidations.borrow_mut().drain(..).collect();
         for job in jobs {
             let headers: Vec<(&str, &str)> = job.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
@@ -242,6 +310,26 @@ impl Module for CacheModule {
     }
 }
 
+/// Root tick: waiters past their deadline, and waiters whose fill ran on another
+/// worker and ended, are released (answered from the cache or sent on).
+fn release_finished_waits(shared: &Shared, root_context_id: u32) {
+    if shared.waiting.borrow().is_empty() {
+        return;
+    }
+    let now_ms = host::now_nanos() / 1_000_000;
+    let expired = shared.waiting.borrow_mut().take_expired(now_ms);
+    for (key, waiter) in expired {
+        shared.wake(&Ffi, &key, vec![waiter], root_context_id);
+    }
+    let followed = shared.waiting.borrow().followed_elsewhere();
+    for key in followed {
+        if shared.table.fill_running(&HostStore, &key, now_ms) != Ok(true) {
+            let waiters = shared.waiting.borrow_mut().take(&key);
+            shared.wake(&Ffi, &key, waiters, root_context_id);
+        }
+    }
+}
+
 fn status_of(headers: &[(String, Vec<u8>)]) -> u16 {
     headers
         .iter()
@@ -271,6 +359,13 @@ enum Pending {
     Invalidate {
         request: RequestHeaders,
     },
+    /// Paused while another request fills this entry (collapsing); resumed, it
+    /// was sent to the origin itself and its response may be stored.
+    Collapsed {
+        exchange: Exchange,
+        head: bool,
+        forward: &'static str,
+    },
     /// The origin's 304 named a representation we do not hold: the response is
     /// held while the request is sent again without our validators.
     Refetch {
@@ -288,11 +383,23 @@ struct Collecting {
 struct CacheStream<H: Host> {
     host: H,
     shared: Rc<Shared>,
+    context_id: u32,
     pending: Pending,
     collecting: Option<Collecting>,
+    /// The key whose fill this stream leads (collapsing).
+    leading: Option<String>,
 }
 
 impl<H: Host> Context for CacheStream<H> {
+    /// A stream that ends while leading a fill hands its waiters on; one that
+    /// ends while waiting is forgotten.
+    fn on_done(&mut self) -> bool {
+        self.finish_fill();
+        self.shared.waiting.borrow_mut().forget(self.context_id);
+        self.shared.answered_while_waiting.borrow_mut().remove(&self.context_id);
+        true
+    }
+
     /// The answer of a re-fetch (see `Pending::Refetch`): it replaces the held 304.
     fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Pending::Refetch { exchange, head } = std::mem::replace(&mut self.pending, Pending::None) else { return };
@@ -389,6 +496,21 @@ impl<H: Host> HttpContext for CacheStream<H> {
             }
             Pending::Miss { exchange, head, forward } => {
                 self.consider_storing(exchange, head, status, &headers, forward, end_of_stream);
+                if self.collecting.is_none() {
+                    // Stored already (no body) or not storable: the waiters can go.
+                    self.finish_fill();
+                }
+                Action::Continue
+            }
+            Pending::Collapsed { exchange, head, forward } => {
+                if !self.shared.answered_while_waiting.borrow_mut().remove(&self.context_id) {
+                    let forward = if forward == "fwd=vary-miss" {
+                        "fwd=vary-miss; collapsed=?0"
+                    } else {
+                        "fwd=uri-miss; collapsed=?0"
+                    };
+                    self.consider_storing(exchange, head, status, &headers, forward, end_of_stream);
+                }
                 Action::Continue
             }
             // Only set while the response is held for the re-fetch.
@@ -405,6 +527,7 @@ impl<H: Host> HttpContext for CacheStream<H> {
         if collecting.body.len() as u64 > self.shared.cache.config.max_entry_bytes {
             // Larger than an entry may be: passes through uncached.
             self.collecting = None;
+            self.finish_fill();
             return Action::Continue;
         }
         if end_of_stream {
@@ -423,12 +546,75 @@ impl<H: Host> HttpContext for CacheStream<H> {
                     shared.remember(found);
                 }
             }
+            self.finish_fill();
         }
         Action::Continue
     }
 }
 
 impl<H: Host> CacheStream<H> {
+    fn new(host: H, shared: Rc<Shared>, context_id: u32) -> Self {
+        Self { host, shared, context_id, pending: Pending::None, collecting: None, leading: None }
+    }
+
+    /// A miss: forwarded, unless an identical miss is already being filled (here
+    /// or on another worker): then this stream waits for that fill, at most
+    /// `collapse_timeout_ms`.
+    fn miss(
+        &mut self,
+        exchange: Exchange,
+        request: &RequestHeaders,
+        head: bool,
+        forward: &'static str,
+        now_ms: u64,
+    ) -> Action {
+        let shared = Rc::clone(&self.shared);
+        shared.metrics.misses.increment_on(&self.host);
+        let timeout_ms = shared.cache.config.collapse_timeout_ms;
+        let key = exchange.key.clone();
+        if timeout_ms > 0 && !exchange.request_no_store {
+            let role = if shared.waiting.borrow().is_led_here(&key) {
+                FillRole::Follow
+            } else {
+                shared
+                    .table
+                    .lead_or_follow(&SharedData(&self.host), &key, now_ms, timeout_ms)
+                    .unwrap_or(FillRole::Alone)
+            };
+            match role {
+                FillRole::Lead => {
+                    shared.waiting.borrow_mut().lead(&key);
+                    self.leading = Some(key);
+                }
+                FillRole::Follow => {
+                    let waiter = Waiter {
+                        context_id: self.context_id,
+                        request: request.clone(),
+                        head,
+                        forward,
+                        deadline_ms: now_ms.saturating_add(timeout_ms),
+                    };
+                    shared.waiting.borrow_mut().follow(&key, waiter);
+                    self.pending = Pending::Collapsed { exchange, head, forward };
+                    return Action::Pause;
+                }
+                FillRole::Alone => {}
+            }
+        }
+        self.pending = Pending::Miss { exchange, head, forward };
+        Action::Continue
+    }
+
+    /// Ends the fill this stream leads: the lock goes back, and this VM's
+    /// waiters are answered from the entry (or sent on when there is none).
+    fn finish_fill(&mut self) {
+        let Some(key) = self.leading.take() else { return };
+        let shared = Rc::clone(&self.shared);
+        let _ = shared.table.end_fill(&SharedData(&self.host), &key);
+        let waiters = shared.waiting.borrow_mut().finish(&key);
+        shared.wake(&self.host, &key, waiters, self.context_id);
+    }
+
     fn now_seconds(&self) -> u64 {
         self.host.now_nanos() / 1_000_000_000
     }
@@ -440,7 +626,8 @@ impl<H: Host> CacheStream<H> {
     fn lookup(&mut self, request: RequestHeaders) -> Action {
         let shared = Rc::clone(&self.shared);
         let config = &shared.cache.config;
-        let now = self.now_seconds();
+        let now_ms = self.host.now_nanos() / 1_000_000;
+        let now = now_ms / 1000;
         let head = request.method() == b"HEAD";
         let request_cc = if config.ignore_request_cache_control {
             CacheControl::default()
@@ -468,17 +655,14 @@ impl<H: Host> CacheStream<H> {
             (LookupPlan::Serve(detail), Some(variant)) => {
                 let Some(body) = stored_body(variant) else {
                     // The body is being replaced: treat as a miss.
-                    shared.metrics.misses.increment_on(&self.host);
-                    self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
-                    return Action::Continue;
+                    return self.miss(exchange(&request), &request, head, "fwd=miss", now_ms);
                 };
                 shared.metrics.hits.increment_on(&self.host);
                 self.serve(variant, body, &request, head, &detail, now)
             }
             (LookupPlan::ServeStaleAndRevalidate(detail), Some(variant)) => {
                 let Some(body) = stored_body(variant) else {
-                    self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
-                    return Action::Continue;
+                    return self.miss(exchange(&request), &request, head, "fwd=miss", now_ms);
                 };
                 shared.metrics.hits.increment_on(&self.host);
                 self.queue_background_revalidation(exchange(&request), variant, &request);
@@ -495,17 +679,9 @@ impl<H: Host> CacheStream<H> {
                 };
                 Action::Continue
             }
-            (LookupPlan::Forward(forward), _) => {
-                shared.metrics.misses.increment_on(&self.host);
-                self.pending = Pending::Miss { exchange: exchange(&request), head, forward };
-                Action::Continue
-            }
+            (LookupPlan::Forward(forward), _) => self.miss(exchange(&request), &request, head, forward, now_ms),
             // A plan to answer always comes with the variant it answers from.
-            (_, None) => {
-                shared.metrics.misses.increment_on(&self.host);
-                self.pending = Pending::Miss { exchange: exchange(&request), head, forward: "fwd=miss" };
-                Action::Continue
-            }
+            (_, None) => self.miss(exchange(&request), &request, head, "fwd=miss", now_ms),
         }
     }
 
@@ -772,7 +948,7 @@ mod glue_tests {
     }
 
     fn stream<'h>(host: &'h FakeHost, shared: &Rc<Shared>) -> CacheStream<&'h FakeHost> {
-        CacheStream { host, shared: Rc::clone(shared), pending: Pending::None, collecting: None }
+        CacheStream::new(host, Rc::clone(shared), 1)
     }
 
     fn store_once(host: &FakeHost, shared: &Rc<Shared>, path: &[u8]) {
@@ -796,12 +972,13 @@ mod glue_tests {
         store_once(&host, &shared, b"/a");
         let store_calls = host.calls().len();
         assert_eq!(host.metric("cache.stores"), 1);
-        // Request side (read, clock, both candidate index sets, metric) + response
-        // side (headers, clock, Cache-Status as header and property) + body
-        // (chunk, clock; table: both index sets, the way's metadata, the index CAS
-        // that claims the way, the occupancy bit (first entry of its set), byte
-        // reservation, body, metadata CAS; metric).
-        assert_eq!(store_calls, 22, "{:?}", host.calls());
+        // Request side (read, clock, both candidate index sets, metric, fill lock
+        // read and CAS) + response side (headers, clock, Cache-Status as header and
+        // property) + body (chunk, clock; table: both index sets, the way's
+        // metadata, the index CAS that claims the way, the occupancy bit (first
+        // entry of its set), byte reservation, body, metadata CAS; metric; the
+        // fill lock given back: read and write).
+        assert_eq!(store_calls, 26, "{:?}", host.calls());
 
         host.reset_calls();
         get(&host, b"/a");
@@ -823,6 +1000,59 @@ mod glue_tests {
                 "send_local_response",
             ]
         );
+    }
+
+    #[test]
+    fn identical_misses_wait_for_the_first_and_are_answered_from_its_store() {
+        let host = FakeHost::new();
+        let shared = shared(&host);
+        get(&host, b"/collapse");
+        let mut leader = CacheStream::new(&host, Rc::clone(&shared), 7);
+        assert_eq!(leader.on_http_request_headers(0, true), Action::Continue, "the first miss goes on");
+        let mut waiters: Vec<_> = (8..10).map(|id| CacheStream::new(&host, Rc::clone(&shared), id)).collect();
+        for waiter in &mut waiters {
+            assert_eq!(waiter.on_http_request_headers(0, true), Action::Pause, "identical misses wait");
+        }
+        host.replace_headers(
+            MapType::HttpResponseHeaders,
+            &[(":status", b"200"), ("cache-control", b"max-age=60"), ("content-length", b"5")],
+        );
+        leader.on_http_response_headers(0, false);
+        host.set_response_body(b"hello");
+        leader.on_http_response_body(5, true);
+        let replies = host.replies();
+        assert_eq!(replies.iter().map(|reply| reply.context).collect::<Vec<_>>(), [8, 9], "each on its own stream");
+        assert!(replies.iter().all(|reply| reply.body == b"hello"));
+        let status = |reply: &gateway_common::platform::LocalReply| {
+            reply.headers.iter().find(|(name, _)| name == "cache-status").map(|(_, value)| value.clone())
+        };
+        assert_eq!(status(&replies[0]).as_deref(), Some("wasm-cache; fwd=uri-miss; collapsed"));
+        assert_eq!(host.effective_context(), 7, "host calls act on the leader again");
+        assert_eq!(host.metric("cache.collapsed"), 2);
+        assert_eq!(host.resumed(), 0);
+    }
+
+    #[test]
+    fn waiters_go_on_themselves_when_the_response_is_not_storable() {
+        let host = FakeHost::new();
+        let shared = shared(&host);
+        get(&host, b"/private");
+        let mut leader = CacheStream::new(&host, Rc::clone(&shared), 7);
+        leader.on_http_request_headers(0, true);
+        let mut waiter = CacheStream::new(&host, Rc::clone(&shared), 8);
+        assert_eq!(waiter.on_http_request_headers(0, true), Action::Pause);
+        host.replace_headers(MapType::HttpResponseHeaders, &[(":status", b"200"), ("cache-control", b"private")]);
+        leader.on_http_response_headers(0, false);
+        assert_eq!(host.resumed_contexts(), [8], "sent on to the origin");
+        assert_eq!(host.metric("cache.collapse_forwarded"), 1);
+        // Its own response then passes through as a miss that says it waited.
+        waiter.on_http_response_headers(0, false);
+        let status = host.header_values(MapType::HttpResponseHeaders, "cache-status");
+        assert_eq!(status, [b"wasm-cache; fwd=uri-miss; collapsed=?0; fwd-status=200".to_vec()]);
+        // A later miss leads a new fill: the lock was given back.
+        get(&host, b"/private");
+        let mut next = CacheStream::new(&host, Rc::clone(&shared), 9);
+        assert_eq!(next.on_http_request_headers(0, true), Action::Continue);
     }
 
     #[test]

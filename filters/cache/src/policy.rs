@@ -465,12 +465,12 @@ pub fn refreshed(
     response_time: u64,
 ) -> Variant {
     let mut variant = stored.clone();
-    for (name, value) in headers {
-        if name.starts_with(':') || NOT_STORED.contains(&name.as_str()) || DESCRIBE_THE_CONTENT.contains(&name.as_str())
-        {
-            continue;
-        }
-        variant.headers.retain(|(stored_name, _)| stored_name != name);
+    let updating =
+        |name: &str| !name.starts_with(':') && !NOT_STORED.contains(&name) && !DESCRIBE_THE_CONTENT.contains(&name);
+    // Every field the 304 carries replaces all stored lines of that name (a
+    // repeated field keeps all its new lines).
+    variant.headers.retain(|(stored_name, _)| !headers.iter().any(|(name, _)| name == stored_name && updating(name)));
+    for (name, value) in headers.iter().filter(|(name, _)| updating(name)) {
         variant.headers.push((name.clone(), String::from_utf8_lossy(value).into_owned()));
     }
     let stored: Vec<(String, Vec<u8>)> =

@@ -25,7 +25,9 @@
 //! the bitmap are a fixed overhead outside the budget (about 360 bytes per set).
 
 use gateway_common::hash::KeyedHash;
-use gateway_common::shared::{add_to_counter, read_counter, reserve_within, shared_secret, Reserve, Store, StoreError};
+use gateway_common::shared::{
+    add_to_counter, read_counter, reserve_within, shared_secret, Reserve, Store, StoreError, CREATE_ONLY,
+};
 use gateway_common::wire::{Reader, Writer};
 
 /// The first byte of every index, metadata and bitmap value.
@@ -38,7 +40,9 @@ const SPARE_DENOMINATOR: u64 = 4;
 const CAS_RETRIES: u32 = 16;
 /// Occupied sets compared per eviction.
 const EVICTION_SAMPLE: usize = 4;
-const EVICTION_ROUNDS: u64 = 32;
+/// Evictions one store may make (many small entries can stand in the way of a
+/// large one); it stops earlier when nothing is left to evict.
+const EVICTION_ROUNDS: u64 = 4096;
 
 /// The shared-data key names of one cache instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +80,10 @@ impl Keys {
 
     fn occupied(&self) -> String {
         format!("{}occupied", self.prefix)
+    }
+
+    fn fill(&self, slot: u64) -> String {
+        format!("{}f:{slot}", self.prefix)
     }
 
     fn secret(&self) -> String {
@@ -221,6 +229,14 @@ pub fn decode_meta(bytes: &[u8]) -> Option<Meta> {
     input.is_done().then_some(Meta { key, variants, next_generation })
 }
 
+/// A fill lock: the fingerprint filling and its deadline (ms).
+fn decode_fill_lock(bytes: &[u8]) -> Option<(u64, u64)> {
+    let mut input = Reader::new(bytes);
+    (input.u8()? == FORMAT).then_some(())?;
+    let lock = (input.u64()?, input.u64()?);
+    input.is_done().then_some(lock)
+}
+
 /// One way of an index set. Fingerprint 0 is a free way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Entry {
@@ -285,6 +301,17 @@ impl Index {
     fn is_empty(&self) -> bool {
         self.free_ways() == WAYS
     }
+}
+
+/// A request's part in filling a missing entry (request collapsing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillRole {
+    /// It goes to the origin; identical misses wait for its response.
+    Lead,
+    /// Another request is filling this URI: wait for it.
+    Follow,
+    /// Another URI holds the fill lock this one hashes to: go alone.
+    Alone,
 }
 
 /// Where a URI's entry is, and the version the index last saw committed.
@@ -712,6 +739,55 @@ impl Table {
         Ok(false)
     }
 
+    /// Takes the fill lock of `key` for `timeout_ms`, or finds who holds it. One
+    /// lock value per way (bounded key space); a lock past its deadline is free.
+    pub fn lead_or_follow(
+        &self,
+        store: &impl Store,
+        key: &str,
+        now_ms: u64,
+        timeout_ms: u64,
+    ) -> Result<FillRole, StoreError> {
+        let fingerprint = self.fingerprint(key);
+        let lock_key = self.keys.fill(fingerprint % self.ways());
+        let role_while_held = |holder: u64| if holder == fingerprint { FillRole::Follow } else { FillRole::Alone };
+        let (value, cas) = store.get(&lock_key)?;
+        if let Some((holder, deadline)) = value.as_deref().and_then(decode_fill_lock) {
+            if deadline > now_ms {
+                return Ok(role_while_held(holder));
+            }
+        }
+        let mut lock = Writer::with_capacity(17);
+        lock.u8(FORMAT).u64(fingerprint).u64(now_ms.saturating_add(timeout_ms));
+        if store.set(&lock_key, &lock.finish(), if value.is_some() { cas } else { CREATE_ONLY })? {
+            return Ok(FillRole::Lead);
+        }
+        // Another worker took it first.
+        let (value, _) = store.get(&lock_key)?;
+        Ok(value.as_deref().and_then(decode_fill_lock).map_or(FillRole::Alone, |(holder, _)| role_while_held(holder)))
+    }
+
+    /// Gives the fill lock of `key` back (if it still holds it).
+    pub fn end_fill(&self, store: &impl Store, key: &str) -> Result<(), StoreError> {
+        let fingerprint = self.fingerprint(key);
+        let lock_key = self.keys.fill(fingerprint % self.ways());
+        let (value, cas) = store.get(&lock_key)?;
+        if value.as_deref().and_then(decode_fill_lock).is_some_and(|(holder, _)| holder == fingerprint) {
+            store.set(&lock_key, b"", cas)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a fill of `key` is still running (on any worker).
+    pub fn fill_running(&self, store: &impl Store, key: &str, now_ms: u64) -> Result<bool, StoreError> {
+        let fingerprint = self.fingerprint(key);
+        let (value, _) = store.get(&self.keys.fill(fingerprint % self.ways()))?;
+        Ok(value
+            .as_deref()
+            .and_then(decode_fill_lock)
+            .is_some_and(|(holder, deadline)| holder == fingerprint && deadline > now_ms))
+    }
+
     pub fn bytes(&self, store: &impl Store) -> Result<u64, StoreError> {
         read_counter(store, &self.keys.bytes())
     }
@@ -1061,6 +1137,24 @@ mod tests {
         let instance = Table::open(&store, "cache-2", 1024, 1, 1 << 20).unwrap();
         assert!(one.store(&store, key, variant("a", 1), b"x", 1).unwrap());
         assert!(instance.lookup(&store, key).unwrap().is_none(), "instances never share entries");
+    }
+
+    #[test]
+    fn one_request_leads_a_fill_until_it_ends_or_its_deadline_passes() {
+        let store = MemoryStore::default();
+        let table = table(&store, 64, 1, 1 << 20);
+        assert_eq!(table.lead_or_follow(&store, "k", 1_000, 500).unwrap(), FillRole::Lead);
+        assert_eq!(table.lead_or_follow(&store, "k", 1_100, 500).unwrap(), FillRole::Follow);
+        assert!(table.fill_running(&store, "k", 1_100).unwrap());
+        assert!(!table.fill_running(&store, "k", 1_600).unwrap(), "past its deadline");
+        assert_eq!(
+            table.lead_or_follow(&store, "k", 1_600, 500).unwrap(),
+            FillRole::Lead,
+            "a stale lock is taken over"
+        );
+        table.end_fill(&store, "k").unwrap();
+        assert!(!table.fill_running(&store, "k", 1_700).unwrap());
+        assert_eq!(table.lead_or_follow(&store, "k", 1_700, 500).unwrap(), FillRole::Lead);
     }
 
     #[test]

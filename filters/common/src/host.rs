@@ -44,6 +44,7 @@ extern "C" {
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -171,6 +172,12 @@ pub fn resume_request() -> HostResult<()> {
     const HTTP_REQUEST: u32 = 0;
     // SAFETY: plain value.
     check(unsafe { proxy_continue_stream(HTTP_REQUEST) })
+}
+
+/// Makes the next host calls act on another context (a stream this VM paused).
+pub fn set_effective_context(context_id: u32) -> HostResult<()> {
+    // SAFETY: plain value.
+    check(unsafe { proxy_set_effective_context(context_id) })
 }
 
 /// Starts an HTTP call to an Envoy cluster; the answer arrives in the calling

@@ -45,6 +45,9 @@ pub trait Host {
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>>;
     /// Resumes a request paused by `Action::Pause`.
     fn resume_request(&self) -> HostResult<()>;
+    /// Makes the next calls act on another context of this VM (a paused stream),
+    /// until it is set back.
+    fn set_effective_context(&self, context_id: u32) -> HostResult<()>;
     /// The response body chunk being delivered to `on_http_response_body`.
     fn response_body_chunk(&self, size: usize) -> HostResult<Vec<u8>>;
 }
@@ -113,6 +116,9 @@ impl<H: Host + ?Sized> Host for &H {
     }
     fn resume_request(&self) -> HostResult<()> {
         (**self).resume_request()
+    }
+    fn set_effective_context(&self, context_id: u32) -> HostResult<()> {
+        (**self).set_effective_context(context_id)
     }
     fn response_body_chunk(&self, size: usize) -> HostResult<Vec<u8>> {
         (**self).response_body_chunk(size)
@@ -188,6 +194,9 @@ impl Host for Ffi {
     fn resume_request(&self) -> HostResult<()> {
         host::resume_request()
     }
+    fn set_effective_context(&self, context_id: u32) -> HostResult<()> {
+        host::set_effective_context(context_id)
+    }
     fn response_body_chunk(&self, size: usize) -> HostResult<Vec<u8>> {
         host::response_body_chunk(size)
     }
@@ -209,6 +218,8 @@ pub struct LocalReply {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub grpc_status: Option<u32>,
+    /// The effective context it was sent on (0 unless a test set one).
+    pub context: u32,
 }
 
 /// An in-memory host for native tests: scripted header maps, properties, shared
@@ -231,6 +242,9 @@ pub struct FakeHost {
     call_body: RefCell<Vec<u8>>,
     response_body: RefCell<Vec<u8>>,
     resumed: Cell<u32>,
+    effective_context: Cell<u32>,
+    /// Contexts resumed, in order (the effective context of each resume).
+    resumed_contexts: RefCell<Vec<u32>>,
     /// Makes local replies fail (a host that refuses them).
     pub refuse_local_reply: Cell<bool>,
     /// Makes header and property writes fail (a host in trouble).
@@ -324,6 +338,16 @@ impl FakeHost {
     /// How often the filter resumed the request.
     pub fn resumed(&self) -> u32 {
         self.resumed.get()
+    }
+
+    /// The effective context of every resume so far.
+    pub fn resumed_contexts(&self) -> Vec<u32> {
+        self.resumed_contexts.borrow().clone()
+    }
+
+    /// The context host calls act on now.
+    pub fn effective_context(&self) -> u32 {
+        self.effective_context.get()
     }
 
     fn record(&self, call: &str) {
@@ -441,7 +465,8 @@ impl Host for FakeHost {
             .filter(|(name, value)| writable(name, value.as_bytes()).is_ok())
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect();
-        self.replies.borrow_mut().push(LocalReply { status, headers, body: body.to_vec(), grpc_status });
+        let context = self.effective_context.get();
+        self.replies.borrow_mut().push(LocalReply { status, headers, body: body.to_vec(), grpc_status, context });
         Ok(())
     }
     fn define_metric(&self, _kind: MetricType, name: &str) -> HostResult<u32> {
@@ -492,6 +517,12 @@ impl Host for FakeHost {
     fn resume_request(&self) -> HostResult<()> {
         self.record("resume_request");
         self.resumed.set(self.resumed.get() + 1);
+        self.resumed_contexts.borrow_mut().push(self.effective_context.get());
+        Ok(())
+    }
+    fn set_effective_context(&self, context_id: u32) -> HostResult<()> {
+        self.record("set_effective_context");
+        self.effective_context.set(context_id);
         Ok(())
     }
     fn response_body_chunk(&self, size: usize) -> HostResult<Vec<u8>> {

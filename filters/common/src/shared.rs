@@ -33,7 +33,7 @@ pub trait Store {
 /// A CAS token no write ever produced: Envoy (and proxy-wasm hosts generally)
 /// creates a missing key whatever the CAS, and refuses a mismatching one on an
 /// existing key, so a write with this token means "create unless present".
-const CREATE_ONLY: Option<u32> = Some(u32::MAX);
+pub const CREATE_ONLY: Option<u32> = Some(u32::MAX);
 
 /// A 16-byte secret shared by every VM of this `vm_id`: the first VM to ask
 /// creates it (create-unless-present, so two workers starting together agree).

@@ -39,8 +39,8 @@ pub trait Module: 'static {
     /// Wasm config), a stat-safe segment, for modules that run twice in a chain.
     fn start(host: &Ffi, compiled: Self::Compiled, instance: &str) -> Option<Self::Shared>;
 
-    /// A new stream context for one request.
-    fn stream(shared: &Rc<Self::Shared>) -> Box<dyn HttpContext>;
+    /// A new stream context for one request (`context_id`: the host's id of it).
+    fn stream(shared: &Rc<Self::Shared>, context_id: u32) -> Box<dyn HttpContext>;
 
     /// How often the root's [`Module::on_tick`] runs; `None`: never.
     fn tick_period(_shared: &Self::Shared) -> Option<Duration> {
@@ -69,15 +69,21 @@ pub fn metric_prefix(module: &str, instance: &str) -> String {
 /// The root's HTTP calls in flight, by token.
 pub struct RootCalls<C> {
     in_flight: HashMap<u32, C>,
+    root_context_id: u32,
 }
 
 impl<C> Default for RootCalls<C> {
     fn default() -> Self {
-        Self { in_flight: HashMap::new() }
+        Self { in_flight: HashMap::new(), root_context_id: 0 }
     }
 }
 
 impl<C> RootCalls<C> {
+    /// The host's id of the root context (to set back after acting on a stream).
+    pub fn root_context_id(&self) -> u32 {
+        self.root_context_id
+    }
+
     pub fn insert(&mut self, token: u32, call: C) {
         self.in_flight.insert(token, call);
     }
@@ -106,7 +112,11 @@ impl<M: Module> Default for ModuleRoot<M> {
 /// Registers `M` as the module of this VM (call from `proxy_wasm::main!`).
 pub fn install<M: Module>() {
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(ModuleRoot::<M>::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        let mut root = ModuleRoot::<M>::default();
+        root.calls.root_context_id = context_id;
+        Box::new(root)
+    });
 }
 
 impl<M: Module> Context for ModuleRoot<M> {
@@ -143,8 +153,8 @@ impl<M: Module> RootContext for ModuleRoot<M> {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(M::stream(self.shared.as_ref()?))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(M::stream(self.shared.as_ref()?, context_id))
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -99,7 +99,7 @@ impl Module for RateLimit {
         Some(Shared::new(host, policy, instance))
     }
 
-    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+    fn stream(shared: &Rc<Shared>, _context_id: u32) -> Box<dyn HttpContext> {
         Box::new(RateLimitStream { host: Ffi, shared: Rc::clone(shared), allowed_status: None })
     }
 

@@ -83,7 +83,7 @@ impl Module for Routing {
         Some(Shared::new(host, router, seed, &metric_prefix(Self::NAME, instance)))
     }
 
-    fn stream(shared: &Rc<Shared>) -> Box<dyn HttpContext> {
+    fn stream(shared: &Rc<Shared>, _context_id: u32) -> Box<dyn HttpContext> {
         Box::new(RoutingStream { host: Ffi, shared: Rc::clone(shared), response_headers: None })
     }
 }

@@ -282,12 +282,208 @@ fn large_bodies_bad_headers_and_concurrent_misses() {
     let weird =
         fx.envoy.get("/c/bad-vary").header("x-echo-header", "vary: , ,accept,").header("accept", b"\xff").send();
     assert_eq!(weird.status, 200);
-    let responses =
-        send_all((0..32).map(|_| get(&fx.envoy, "/c/stampede", &["cache-control: max-age=60"])).collect(), 32);
-    assert!(responses.iter().all(|response| response.status == 200 && response.echo().path() == "/c/stampede"));
-    let hit = get(&fx.envoy, "/c/stampede", &["cache-control: max-age=60"]).send();
-    assert!(cache_status(&hit).contains("hit"));
-    assert_eq!(hit.echo().path(), "/c/stampede");
+}
+
+#[test]
+fn concurrent_identical_misses_reach_the_origin_once() {
+    let fx = shared();
+    let _log = fx.envoy.log_on_failure();
+    let path = "/c/stampede";
+    fx.upstream.script(
+        path,
+        Reply::status(200).header("cache-control", "max-age=60").body("filled once").delay(Duration::from_millis(400)),
+    );
+    // 50 at once over many connections: both workers get some.
+    let responses = send_all((0..50).map(|_| fx.envoy.get(path)).collect(), 50);
+    assert!(responses.iter().all(|response| (response.status, response.text().as_str()) == (200, "filled once")));
+    let statuses: std::collections::BTreeSet<String> = responses.iter().map(cache_status).collect();
+    assert_eq!(fx.upstream.served_path(path), 1, "one request filled the entry for all: {statuses:?}");
+    let collapsed = responses.iter().filter(|response| cache_status(response).contains("collapsed")).count();
+    assert!(collapsed >= 40, "{collapsed} of 50 answered as collapsed");
+    assert!(wait_until(Duration::from_secs(5), || fx.envoy.stat("wasmcustom.cache.collapsed") >= 40));
+
+    // Not storable: the waiters are released and each goes to the origin itself.
+    let private = "/c/stampede-private";
+    fx.upstream.script(
+        private,
+        Reply::status(200).header("cache-control", "private").body("mine").delay(Duration::from_millis(300)),
+    );
+    let responses = send_all((0..10).map(|_| fx.envoy.get(private)).collect(), 10);
+    assert!(responses.iter().all(|response| (response.status, response.text().as_str()) == (200, "mine")));
+    assert_eq!(fx.upstream.served_path(private), 10);
+    assert!(responses.iter().any(|response| cache_status(response).contains("collapsed=?0")));
+}
+
+#[test]
+fn a_waiter_goes_on_by_itself_after_the_collapse_timeout() {
+    let fx = start(json!({"collapse_timeout_ms": 200}));
+    let _log = fx.envoy.log_on_failure();
+    let path = "/c/slow";
+    fx.upstream.script(
+        path,
+        Reply::status(200).header("cache-control", "max-age=60").body("slow").delay(Duration::from_millis(1500)),
+    );
+    let started = std::time::Instant::now();
+    let responses = send_all((0..4).map(|_| fx.envoy.get(path)).collect(), 4);
+    assert!(responses.iter().all(|response| response.status == 200));
+    assert_eq!(fx.upstream.served_path(path), 4, "after 200 ms each waiter went to the origin");
+    assert!(started.elapsed() < Duration::from_millis(2500), "nobody waited for the slow fill");
+}
+
+#[test]
+fn the_table_keeps_nine_tenths_of_its_capacity_and_a_full_budget_still_stores() {
+    let fx = start(json!({"slots": 256, "max_entry_bytes": 65536, "max_total_bytes": 1048576}));
+    let _log = fx.envoy.log_on_failure();
+    // 0.9 x 256 distinct URIs, sequential names: every one is served from the cache.
+    let uris: Vec<String> = (0..230).map(|n| format!("/c/keep/{n:04}")).collect();
+    let store = |uris: &[String], extra: &[&str]| {
+        let requests = uris.iter().map(|uri| get(&fx.envoy, uri, &["cache-control: max-age=600"])).collect();
+        let requests: Vec<RequestBuilder> = requests;
+        let requests = requests.into_iter().map(|mut request| {
+            for header in extra {
+                let (name, value) = header.split_once(": ").unwrap();
+                request = request.header(name, value);
+            }
+            request
+        });
+        send_all(requests.collect(), 8)
+    };
+    assert!(store(&uris, &[]).iter().all(|response| response.status == 200));
+    let hits = store(&uris, &[]);
+    let missed: Vec<&String> = uris
+        .iter()
+        .zip(&hits)
+        .filter(|(_, response)| !cache_status(response).contains("hit"))
+        .map(|(u, _)| u)
+        .collect();
+    assert!(missed.is_empty(), "{} of 230 not kept: {missed:?}", missed.len());
+
+    // The budget is full of 60 KiB bodies: each new one is still stored (the
+    // oldest give way), and the counted bytes never pass the budget.
+    for n in 0..40 {
+        let uri = format!("/c/full/{n}");
+        let fill = get(&fx.envoy, &uri, &["cache-control: max-age=600"]).header("x-echo-body-size", "61440").send();
+        assert_eq!(fill.status, 200);
+        let again = get(&fx.envoy, &uri, &["cache-control: max-age=600"]).send();
+        assert!(cache_status(&again).contains("hit"), "entry {n} was not stored: {}", cache_status(&again));
+        assert_eq!(again.body.len(), 61440);
+    }
+    assert!(wait_until(Duration::from_secs(5), || fx.envoy.stat("wasmcustom.cache.bytes_stored") > 900_000));
+    assert!(fx.envoy.stat("wasmcustom.cache.bytes_stored") <= 1_048_576);
+}
+
+/// RFC 9111 3 and 4: a response without content is stored like any other.
+#[test]
+fn responses_without_a_body_are_stored() {
+    let fx = shared();
+    let _log = fx.envoy.log_on_failure();
+    for (path, reply) in [
+        ("/c/no-content", Reply::status(204).header("cache-control", "max-age=60")),
+        ("/c/empty", Reply::status(200).header("cache-control", "max-age=60").body("")),
+    ] {
+        fx.upstream.script(path, reply);
+        let first = fx.envoy.get(path).send();
+        assert!(cache_status(&first).contains("stored"), "{path}: {}", cache_status(&first));
+        let second = fx.envoy.get(path).send();
+        assert!(cache_status(&second).contains("hit"), "{path}: {}", cache_status(&second));
+        assert_eq!(second.body.len(), 0);
+        assert_eq!(fx.upstream.served_path(path), 1, "{path}");
+    }
+}
+
+/// RFC 9111 4.3.4: a 304 whose strong validator is not the stored one updates
+/// nothing; the client gets the current representation.
+#[test]
+fn a_304_for_another_representation_updates_nothing_and_is_fetched_again() {
+    let fx = shared();
+    let _log = fx.envoy.log_on_failure();
+    let path = "/c/validator-mismatch";
+    fx.upstream.script(
+        path,
+        Reply::status(200).header("cache-control", "max-age=0").header("etag", "\"v1\"").body("version one"),
+    );
+    fx.envoy.get(path).send();
+    fx.upstream.script(
+        path,
+        Reply::status(200)
+            .header("cache-control", "max-age=60")
+            .header("etag", "\"v2\"")
+            .body("version two")
+            .when_conditional(Reply::status(304).header("etag", "\"v2\"").header("cache-control", "max-age=60")),
+    );
+    let response = fx.envoy.get(path).send();
+    assert_eq!((response.status, response.text().as_str()), (200, "version two"));
+    assert_eq!(response.header("etag").as_deref(), Some("\"v2\""));
+    assert!(cache_status(&response).contains("validator-mismatch"), "{}", cache_status(&response));
+    let hit = fx.envoy.get(path).send();
+    assert_eq!((hit.text().as_str(), cache_status(&hit).contains("hit")), ("version two", true));
+    assert_eq!(fx.upstream.served_path(path), 3, "store, 304, re-fetch; then a hit");
+}
+
+/// RFC 9111 4.3.4: a 304 updates Content-Type but never the fields that
+/// describe the stored content.
+#[test]
+fn a_304_updates_headers_except_those_describing_the_content() {
+    let fx = shared();
+    let _log = fx.envoy.log_on_failure();
+    let path = "/c/304-headers";
+    fx.upstream.script(
+        path,
+        Reply::status(200)
+            .header("cache-control", "max-age=0")
+            .header("etag", "\"e\"")
+            .header("content-type", "text/plain")
+            .header("content-encoding", "identity")
+            .body("body"),
+    );
+    fx.envoy.get(path).send();
+    fx.upstream.script(
+        path,
+        Reply::status(304)
+            .header("etag", "\"e\"")
+            .header("cache-control", "max-age=60")
+            .header("content-type", "text/html")
+            .header("content-encoding", "gzip")
+            .body(""),
+    );
+    let response = fx.envoy.get(path).send();
+    assert_eq!((response.status, response.text().as_str()), (200, "body"));
+    assert_eq!(response.header("content-type").as_deref(), Some("text/html"));
+    assert_eq!(response.header("content-encoding").as_deref(), Some("identity"));
+}
+
+/// RFC 9111 5.1 (list-valued Age), 5.2.2.3 (must-understand), 4.4 (any unsafe method).
+#[test]
+fn age_lists_must_understand_and_every_unsafe_method() {
+    let fx = shared();
+    let _log = fx.envoy.log_on_failure();
+    // Age 7200 (first member) against max-age 3600: stale on arrival, not reused.
+    let aged = "/c/age-list";
+    fx.upstream.script(aged, Reply::status(200).header("cache-control", "max-age=3600").header("age", "7200, 0"));
+    fx.envoy.get(aged).send();
+    fx.envoy.get(aged).send();
+    assert_eq!(fx.upstream.served_path(aged), 2);
+
+    let odd = "/c/must-understand-599";
+    fx.upstream.script(odd, Reply::status(599).header("cache-control", "must-understand, max-age=60"));
+    fx.envoy.get(odd).send();
+    fx.envoy.get(odd).send();
+    assert_eq!(fx.upstream.served_path(odd), 2, "599 is not understood: never stored");
+    let known = "/c/must-understand-200";
+    fx.upstream.script(known, Reply::status(200).header("cache-control", "must-understand, no-store, max-age=60"));
+    fx.envoy.get(known).send();
+    assert!(cache_status(&fx.envoy.get(known).send()).contains("hit"), "must-understand overrides no-store");
+
+    for method in ["PROPPATCH", "LINK", "MKCOL"] {
+        let path = format!("/c/unsafe-{}", method.to_ascii_lowercase());
+        let stored = ["cache-control: max-age=60"];
+        get(&fx.envoy, &path, &stored).send();
+        assert!(cache_status(&get(&fx.envoy, &path, &stored).send()).contains("hit"));
+        let unsafe_request = fx.envoy.request(method, &path).send();
+        assert_eq!(unsafe_request.status, 200, "{method}");
+        let after = get(&fx.envoy, &path, &stored).send();
+        assert!(!cache_status(&after).contains("hit"), "{method} invalidated: {}", cache_status(&after));
+    }
 }
 
 #[test]
