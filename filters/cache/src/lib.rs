@@ -16,7 +16,7 @@ use std::time::Duration;
 use gateway_common::config::ConfigErrors;
 use gateway_common::hash::digests_equal;
 use gateway_common::host::{self, LogLevel, MapType};
-use gateway_common::metrics::Metric;
+use gateway_common::metrics::{BatchedCounter, Metric};
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{read_request_from, unescape_bytes, RequestHeaders};
@@ -43,6 +43,9 @@ const REFETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Decoded metadata values a VM keeps at most (see `Shared::decoded`).
 const DECODED_CAPACITY: usize = 4096;
 
+/// Body bytes a VM keeps for its hits (per worker, outside `max_total_bytes`).
+const LOCAL_BODY_BYTES: usize = 8 * 1024 * 1024;
+
 /// With collapsing on, the root polls other workers' fills this often (ms).
 const COLLAPSE_POLL_MS: u64 = 50;
 
@@ -50,8 +53,9 @@ const COLLAPSE_POLL_MS: u64 = 50;
 const STATUS_PROPERTY: &str = "cache_status";
 
 struct Metrics {
-    hits: Metric,
-    misses: Metric,
+    /// Counted in the VM, handed to the host by the root's tick.
+    hits: BatchedCounter,
+    misses: BatchedCounter,
     stores: Metric,
     revalidated_304: Metric,
     revalidated_200: Metric,
@@ -74,6 +78,8 @@ struct Shared {
     /// Decoded metadata per way and the version the index names: a hit on an
     /// unchanged entry reads only the index and the body.
     decoded: RefCell<DecodedWays>,
+    /// Bodies this VM served recently, per (set, way, position, generation).
+    local_bodies: RefCell<LocalBodies>,
     /// stale-while-revalidate refreshes waiting for the root context's next tick
     /// (streams cannot outlive their answer, the root can), and the keys in flight.
     revalidations: RefCell<Vec<Background>>,
@@ -87,6 +93,31 @@ struct Shared {
 
 /// Per (set, way): the index version and the metadata decoded at it.
 type DecodedWays = HashMap<(u32, usize), (u32, Rc<Meta>)>;
+
+/// Bodies kept in this VM, bounded in bytes (at capacity it starts over).
+#[derive(Default)]
+struct LocalBodies {
+    bodies: HashMap<(u32, usize, usize, u64), Rc<[u8]>>,
+    bytes: usize,
+}
+
+impl LocalBodies {
+    fn get(&self, key: &(u32, usize, usize, u64)) -> Option<&Rc<[u8]>> {
+        self.bodies.get(key)
+    }
+
+    fn insert(&mut self, key: (u32, usize, usize, u64), body: Rc<[u8]>) {
+        self.bytes += body.len();
+        if let Some(old) = self.bodies.insert(key, body) {
+            self.bytes -= old.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.bodies.clear();
+        self.bytes = 0;
+    }
+}
 
 /// An origin response as the response-headers callback sees it.
 struct OriginResponse<'h> {
@@ -118,8 +149,8 @@ impl Shared {
         .ok()?;
         let prefix = metric_prefix(CacheModule::NAME, instance);
         let metrics = Metrics {
-            hits: Metric::counter_on(host, &format!("{prefix}.hits")),
-            misses: Metric::counter_on(host, &format!("{prefix}.misses")),
+            hits: BatchedCounter::counter_on(host, &format!("{prefix}.hits")),
+            misses: BatchedCounter::counter_on(host, &format!("{prefix}.misses")),
             stores: Metric::counter_on(host, &format!("{prefix}.stores")),
             revalidated_304: Metric::counter_on(host, &format!("{prefix}.revalidations.not_modified")),
             revalidated_200: Metric::counter_on(host, &format!("{prefix}.revalidations.replaced")),
@@ -137,6 +168,7 @@ impl Shared {
             table,
             metrics,
             decoded: RefCell::new(HashMap::new()),
+            local_bodies: RefCell::new(LocalBodies::default()),
             revalidations: RefCell::new(Vec::new()),
             in_flight: RefCell::new(HashSet::new()),
             waiting: RefCell::new(Waiting::default()),
@@ -186,6 +218,26 @@ impl Shared {
             .property(STATUS_PROPERTY, status_value.into_bytes())
             .apply(host, &self.metrics.reply_failures);
         action == Action::Pause
+    }
+
+    /// A variant's body: from this VM's copy when it holds that generation (a
+    /// generation's body never changes, and the caller just read the index, so
+    /// the variant is current), else from shared data (then kept, within
+    /// `LOCAL_BODY_BYTES`).
+    fn body(&self, data: &impl Store, location: &Location, variant: &Variant) -> Option<Vec<u8>> {
+        let key = (location.set, location.way, variant.position, variant.generation);
+        if let Some(body) = self.local_bodies.borrow().get(&key) {
+            return Some(body.to_vec());
+        }
+        let body = self.table.body(data, location, variant).ok().flatten()?;
+        let mut local = self.local_bodies.borrow_mut();
+        if local.bytes + body.len() > LOCAL_BODY_BYTES {
+            local.clear();
+        }
+        if body.len() <= LOCAL_BODY_BYTES {
+            local.insert(key, Rc::from(body.as_slice()));
+        }
+        Some(body)
     }
 
     /// Keeps an entry this VM just stored decoded, for its next hits.
@@ -270,6 +322,8 @@ impl Module for CacheModule {
         if let Ok(evictions) = shared.table.evictions(&HostStore) {
             shared.metrics.evictions.record(evictions);
         }
+        shared.metrics.hits.flush_on(&Ffi);
+        shared.metrics.misses.flush_on(&Ffi);
         release_finished_waits(shared, calls.root_context_id());
         let jobs: Vec<Background> = shared.revalidations.borrow_mut().drain(..).collect();
         for job in jobs {
@@ -569,7 +623,7 @@ impl<H: Host> CacheStream<H> {
         now_ms: u64,
     ) -> Action {
         let shared = Rc::clone(&self.shared);
-        shared.metrics.misses.increment_on(&self.host);
+        shared.metrics.misses.increment();
         let timeout_ms = shared.cache.config.collapse_timeout_ms;
         let key = exchange.key.clone();
         if timeout_ms > 0 && !exchange.request_no_store {
@@ -648,8 +702,7 @@ impl<H: Host> CacheStream<H> {
         let variant = found.as_ref().and_then(|(_, meta)| policy::select(meta, &request, &config.upstream_header));
         let plan = policy::plan_lookup(&request_cc, found.is_some(), variant, now);
         let location = found.as_ref().map(|(location, _)| *location);
-        let stored_body =
-            |variant: &Variant| shared.table.body(&SharedData(&self.host), location.as_ref()?, variant).ok().flatten();
+        let stored_body = |variant: &Variant| shared.body(&SharedData(&self.host), location.as_ref()?, variant);
         match (plan, variant) {
             (LookupPlan::GatewayTimeout, _) => self.gateway_timeout(&request),
             (LookupPlan::Serve(detail), Some(variant)) => {
@@ -657,14 +710,14 @@ impl<H: Host> CacheStream<H> {
                     // The body is being replaced: treat as a miss.
                     return self.miss(exchange(&request), &request, head, "fwd=miss", now_ms);
                 };
-                shared.metrics.hits.increment_on(&self.host);
+                shared.metrics.hits.increment();
                 self.serve(variant, body, &request, head, &detail, now)
             }
             (LookupPlan::ServeStaleAndRevalidate(detail), Some(variant)) => {
                 let Some(body) = stored_body(variant) else {
                     return self.miss(exchange(&request), &request, head, "fwd=miss", now_ms);
                 };
-                shared.metrics.hits.increment_on(&self.host);
+                shared.metrics.hits.increment();
                 self.queue_background_revalidation(exchange(&request), variant, &request);
                 self.serve(variant, body, &request, head, &detail, now)
             }
@@ -972,13 +1025,13 @@ mod glue_tests {
         store_once(&host, &shared, b"/a");
         let store_calls = host.calls().len();
         assert_eq!(host.metric("cache.stores"), 1);
-        // Request side (read, clock, both candidate index sets, metric, fill lock
-        // read and CAS) + response side (headers, clock, Cache-Status as header and
+        // Request side (read, clock, both candidate index sets, fill lock read
+        // and CAS; the misses counter goes to the host on the root's tick) + response side (headers, clock, Cache-Status as header and
         // property) + body (chunk, clock; table: both index sets, the way's
         // metadata, the index CAS that claims the way, the occupancy bit (first
         // entry of its set), byte reservation, body, metadata CAS; metric; the
         // fill lock given back: read and write).
-        assert_eq!(store_calls, 26, "{:?}", host.calls());
+        assert_eq!(store_calls, 25, "{:?}", host.calls());
 
         host.reset_calls();
         get(&host, b"/a");
@@ -993,13 +1046,54 @@ mod glue_tests {
             [
                 "header_pairs",
                 "now_nanos",
-                "shared_data", // index set (the metadata decoded at the store is reused)
-                "shared_data", // body
-                "increment_metric",
-                "set_property",
+                "shared_data",  // index set (the metadata decoded at the store is reused)
+                "shared_data",  // body
+                "set_property", // (the hits counter goes to the host on the root's tick)
                 "send_local_response",
             ]
         );
+
+        // The next hit on this worker uses its copy of that body generation.
+        host.reset_calls();
+        let mut again = stream(&host, &shared);
+        assert_eq!(again.on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(host.replies()[1].body, b"hello");
+        assert_eq!(host.calls(), ["header_pairs", "now_nanos", "shared_data", "set_property", "send_local_response"]);
+
+        // Replaced by another worker: the index names a new version, the new body is read.
+        let other_worker = self::shared(&host); // its own VM state, the same shared data
+
+        store_replacement(&host, &other_worker, b"/a", b"world");
+        host.reset_calls();
+        let mut after = stream(&host, &shared);
+        assert_eq!(after.on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(host.replies().last().unwrap().body, b"world");
+    }
+
+    fn store_replacement(host: &FakeHost, other: &Rc<Shared>, path: &[u8], body: &[u8]) {
+        get(host, path);
+        let mut miss = CacheStream::new(host, Rc::clone(other), 99);
+        // Fresh in the cache: force a replacement with a no-cache request.
+        host.replace_headers(
+            MapType::HttpRequestHeaders,
+            &[
+                (":method", b"GET"),
+                (":path", path),
+                (":authority", b"api.test"),
+                ("x-forwarded-proto", b"https"),
+                ("cache-control", b"no-cache"),
+            ],
+        );
+        assert_eq!(miss.on_http_request_headers(0, true), Action::Continue);
+        let length = body.len().to_string();
+        host.replace_headers(
+            MapType::HttpResponseHeaders,
+            &[(":status", b"200"), ("cache-control", b"max-age=60"), ("content-length", length.as_bytes())],
+        );
+        miss.on_http_response_headers(0, false);
+        host.set_response_body(body);
+        miss.on_http_response_body(body.len(), true);
+        get(host, path);
     }
 
     #[test]

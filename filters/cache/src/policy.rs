@@ -92,11 +92,30 @@ pub fn selectors_for(
 
 /// The stored variant this request selects (RFC 9111 4.1).
 pub fn select<'m>(meta: &'m Meta, request: &RequestHeaders, upstream_header: &str) -> Option<&'m Variant> {
+    // Compared selector by selector, as `selectors_for` would build them, without
+    // building them (this runs on every hit).
     meta.variants.iter().find(|variant| {
-        let names: Vec<String> =
-            variant.selectors.iter().map(|(name, _)| name.clone()).filter(|name| name != ":upstream").collect();
-        selectors_for(request, &names, upstream_header) == variant.selectors
+        variant.selectors.last().is_some_and(|(name, _)| name == ":upstream")
+            && variant.selectors.iter().all(|(name, stored)| {
+                let header = if name == ":upstream" { upstream_header } else { name.as_str() };
+                joined_equals(request, header, stored.as_deref())
+            })
     })
+}
+
+/// Whether [`joined`] of `name` equals `stored`, without allocating for the
+/// common cases (absent, or one value that needs no escaping).
+fn joined_equals(request: &RequestHeaders, name: &str, stored: Option<&str>) -> bool {
+    let mut values = request.values(name);
+    match (values.next(), values.next(), stored) {
+        (None, _, None) => true,
+        (None, _, Some(_)) | (Some(_), _, None) => false,
+        // `escape_bytes` keeps printable ASCII but `%` as it is.
+        (Some(only), None, Some(stored)) if only.iter().all(|b| (0x20..=0x7e).contains(b) && *b != b'%') => {
+            only.trim_ascii() == stored.as_bytes()
+        }
+        _ => joined(request, name).as_deref() == stored,
+    }
 }
 
 /// How a stored variant may be used for a request.
@@ -586,6 +605,29 @@ mod tests {
                 // Same key only for the same target and the same (trimmed) tenant bytes.
                 let same_input = a.target() == b.target() && tenant_a.trim_ascii() == tenant_b.trim_ascii();
                 proptest::prop_assert_eq!(primary_key(&c, &a) == primary_key(&c, &b), same_input);
+            }
+        }
+
+        #[test]
+        fn select_picks_exactly_the_variants_whose_selectors_the_request_builds(
+            stored in proptest::collection::vec(proptest::collection::vec(0x1eu8..0x80, 0..6), 0..3),
+            asked in proptest::collection::vec(proptest::collection::vec(0x1eu8..0x80, 0..6), 0..3),
+            upstream in proptest::option::of(proptest::collection::vec(0x61u8..0x63, 1..3)),
+        ) {
+            let view = |values: &[Vec<u8>]| {
+                let mut pairs = vec![(b":path".to_vec(), b"/".to_vec())];
+                pairs.extend(values.iter().map(|value| (b"accept".to_vec(), value.clone())));
+                if let Some(upstream) = &upstream {
+                    pairs.push((b"x-gateway-cluster".to_vec(), upstream.clone()));
+                }
+                RequestHeaders::from_pairs(pairs).ok()
+            };
+            if let (Some(stored), Some(asked)) = (view(&stored), view(&asked)) {
+                let names = vec!["accept".to_string()];
+                let variant = Variant { selectors: selectors_for(&stored, &names, "x-gateway-cluster"), ..stored_with(&[("cache-control", "max-age=1")]) };
+                let meta = Meta { key: "k".into(), variants: vec![variant], next_generation: 2 };
+                let built = selectors_for(&asked, &names, "x-gateway-cluster");
+                proptest::prop_assert_eq!(select(&meta, &asked, "x-gateway-cluster").is_some(), built == meta.variants[0].selectors);
             }
         }
     }

@@ -43,6 +43,33 @@ impl Metric {
     }
 }
 
+/// A counter for the hot path: increments are summed in the VM and handed to the
+/// host in one call per flush (the root's tick), so a request makes no host call
+/// for it. The stat lags by at most one tick period.
+#[derive(Debug, Default)]
+pub struct BatchedCounter {
+    metric: Metric,
+    pending: std::cell::Cell<i64>,
+}
+
+impl BatchedCounter {
+    pub fn counter_on(host: &impl Host, name: &str) -> Self {
+        Self { metric: Metric::counter_on(host, name), pending: std::cell::Cell::new(0) }
+    }
+
+    pub fn increment(&self) {
+        self.pending.set(self.pending.get().saturating_add(1));
+    }
+
+    /// Hands the sum since the last flush to the host.
+    pub fn flush_on(&self, host: &impl Host) {
+        let pending = self.pending.replace(0);
+        if pending > 0 {
+            self.metric.add_on(host, pending);
+        }
+    }
+}
+
 /// Envoy stat name segment: letters, digits, `_` and `-` kept, anything else `_`.
 pub fn stat_segment(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
