@@ -294,10 +294,17 @@ fn concurrent_identical_misses_reach_the_origin_once() {
         Reply::status(200).header("cache-control", "max-age=60").body("filled once").delay(Duration::from_millis(400)),
     );
     // 50 at once over many connections: both workers get some.
+    let started = std::time::Instant::now();
     let responses = send_all((0..50).map(|_| fx.envoy.get(path)).collect(), 50);
+    let took = started.elapsed();
     assert!(responses.iter().all(|response| (response.status, response.text().as_str()) == (200, "filled once")));
     let statuses: std::collections::BTreeSet<String> = responses.iter().map(cache_status).collect();
-    assert_eq!(fx.upstream.served_path(path), 1, "one request filled the entry for all: {statuses:?}");
+    assert_eq!(
+        fx.upstream.served_path(path),
+        1,
+        "one request filled the entry for all: {statuses:?} in {took:?}, forwarded after waiting: {}",
+        fx.envoy.stat("wasmcustom.cache.collapse_forwarded")
+    );
     let collapsed = responses.iter().filter(|response| cache_status(response).contains("collapsed")).count();
     assert!(collapsed >= 40, "{collapsed} of 50 answered as collapsed");
     assert!(wait_until(Duration::from_secs(5), || fx.envoy.stat("wasmcustom.cache.collapsed") >= 40));
