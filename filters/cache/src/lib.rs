@@ -460,7 +460,7 @@ impl<H: Host> Context for CacheStream<H> {
         let headers = lower_case_names(if num_headers > 0 {
             self.host.header_pairs(MapType::HttpCallResponseHeaders).unwrap_or_default()
         } else {
-            Vec::new()
+            Default::default()
         });
         let status = status_of(&headers);
         let body =
@@ -507,8 +507,8 @@ impl<H: Host> Context for CacheStream<H> {
     }
 }
 
-fn lower_case_names(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
-    pairs.into_iter().map(|(name, value)| (String::from_utf8_lossy(&name).to_ascii_lowercase(), value)).collect()
+fn lower_case_names(pairs: gateway_common::request::HeaderPairs) -> Vec<(String, Vec<u8>)> {
+    pairs.iter().map(|(name, value)| (String::from_utf8_lossy(name).to_ascii_lowercase(), value.to_vec())).collect()
 }
 
 impl<H: Host> HttpContext for CacheStream<H> {

@@ -299,12 +299,12 @@ pub fn refetch_headers(client: &RequestHeaders) -> Option<Vec<(String, String)>>
         (":path".to_string(), client.target().to_string()),
         (":authority".to_string(), String::from_utf8(client.authority().to_vec()).ok()?),
     ];
-    for (name, value) in client.pairs() {
-        let name = String::from_utf8(name.clone()).ok()?;
+    for (name, value) in client.pairs().iter() {
+        let name = String::from_utf8(name.to_vec()).ok()?;
         if name.starts_with(':') || LEFT_OUT.contains(&name.as_str()) {
             continue;
         }
-        headers.push((name, String::from_utf8(value.clone()).ok()?));
+        headers.push((name, String::from_utf8(value.to_vec()).ok()?));
     }
     Some(headers)
 }

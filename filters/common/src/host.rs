@@ -237,48 +237,14 @@ pub fn header(map: MapType, name: &str) -> HostResult<Option<Vec<u8>>> {
     })
 }
 
-/// All header pairs (names lower-case as the host gives them, values raw bytes).
-/// Repeated headers appear once per occurrence.
-pub fn headers(map: MapType) -> HostResult<Vec<(Vec<u8>, Vec<u8>)>> {
+/// All header pairs (names lower-case as the host gives them, values raw bytes),
+/// in the buffer the host filled. Repeated headers appear once per occurrence.
+pub fn headers(map: MapType) -> HostResult<crate::request::HeaderPairs> {
     let raw = read_optional(|data, size| {
         // SAFETY: out-pointers are valid for writes.
         unsafe { proxy_get_header_map_pairs(map as u32, data, size) }
     })?;
-    Ok(raw.map(|bytes| decode_header_pairs(&bytes)).unwrap_or_default())
-}
-
-/// Decodes the ABI's serialized header map: a u32 count, then a (name length,
-/// value length) u32 pair per entry, then each name and value NUL-terminated.
-/// Malformed input yields the entries decoded so far, never a panic.
-pub fn decode_header_pairs(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
-        let slice = bytes.get(at..at.checked_add(4)?)?;
-        let array: [u8; 4] = slice.try_into().ok()?;
-        usize::try_from(u32::from_le_bytes(array)).ok()
-    }
-    let mut pairs = Vec::new();
-    let Some(count) = read_u32(bytes, 0) else {
-        return pairs;
-    };
-    let Some(mut cursor) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else {
-        return pairs;
-    };
-    for index in 0..count {
-        let lengths_at = 4 + index * 8;
-        let (Some(name_len), Some(value_len)) = (read_u32(bytes, lengths_at), read_u32(bytes, lengths_at + 4)) else {
-            break;
-        };
-        let Some(name) = cursor.checked_add(name_len).and_then(|end| bytes.get(cursor..end)) else {
-            break;
-        };
-        cursor += name_len + 1;
-        let Some(value) = cursor.checked_add(value_len).and_then(|end| bytes.get(cursor..end)) else {
-            break;
-        };
-        cursor += value_len + 1;
-        pairs.push((name.to_vec(), value.to_vec()));
-    }
-    pairs
+    Ok(raw.map(crate::request::HeaderPairs::decode).unwrap_or_default())
 }
 
 /// Serializes headers in the ABI's map format (for local responses).
@@ -443,20 +409,20 @@ mod tests {
     #[test]
     fn header_pairs_round_trip() {
         let encoded = encode_header_pairs(&[(":path", "/a"), ("cookie", "a=1"), ("cookie", "b=2")]);
-        let decoded = decode_header_pairs(&encoded);
-        assert_eq!(decoded.len(), 3);
-        assert_eq!(decoded[0], (b":path".to_vec(), b"/a".to_vec()));
-        assert_eq!(decoded[2], (b"cookie".to_vec(), b"b=2".to_vec()));
+        let decoded = crate::request::HeaderPairs::decode(encoded);
+        let pairs: Vec<(&[u8], &[u8])> = decoded.iter().collect();
+        assert_eq!(pairs, [(&b":path"[..], &b"/a"[..]), (b"cookie", b"a=1"), (b"cookie", b"b=2")]);
     }
 
     #[test]
     fn malformed_header_pairs_never_panic() {
         let encoded = encode_header_pairs(&[("x", "yz")]);
         for cut in 0..encoded.len() {
-            let _ = decode_header_pairs(&encoded[..cut]);
+            let cut = crate::request::HeaderPairs::decode(encoded[..cut].to_vec());
+            assert!(cut.iter().count() <= 1);
         }
         // A count that claims far more entries than the buffer holds.
-        assert!(decode_header_pairs(&[255, 255, 255, 255, 1, 0]).is_empty());
-        assert!(decode_header_pairs(&[]).is_empty());
+        assert!(crate::request::HeaderPairs::decode(vec![255, 255, 255, 255, 1, 0]).is_empty());
+        assert!(crate::request::HeaderPairs::decode(Vec::new()).is_empty());
     }
 }

@@ -222,6 +222,9 @@ pub struct LocalReply {
     pub context: u32,
 }
 
+/// A header map as `FakeHost` keeps it (editable pairs).
+type FakeMap = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// An in-memory host for native tests: scripted header maps, properties, shared
 /// data with Envoy's CAS semantics and a clock; every call is recorded by name
 /// (`calls()`), writes are applied (and refused by the same `field.rs` rules the
@@ -229,7 +232,7 @@ pub struct LocalReply {
 #[derive(Debug, Default)]
 pub struct FakeHost {
     calls: RefCell<Vec<String>>,
-    maps: RefCell<BTreeMap<u32, HeaderPairs>>,
+    maps: RefCell<BTreeMap<u32, FakeMap>>,
     properties: RefCell<BTreeMap<String, Vec<u8>>>,
     shared: RefCell<BTreeMap<String, (Vec<u8>, u32)>>,
     next_cas: Cell<u32>,
@@ -358,7 +361,7 @@ impl FakeHost {
         self.metric_names.borrow().get(id as usize).cloned().unwrap_or_default()
     }
 
-    fn edit(&self, map: MapType, edit: impl FnOnce(&mut HeaderPairs)) {
+    fn edit(&self, map: MapType, edit: impl FnOnce(&mut FakeMap)) {
         edit(self.maps.borrow_mut().entry(map as u32).or_default());
     }
 }
@@ -375,7 +378,7 @@ fn writable(name: &str, value: &[u8]) -> HostResult<()> {
 impl Host for FakeHost {
     fn header_pairs(&self, map: MapType) -> HostResult<HeaderPairs> {
         self.record("header_pairs");
-        Ok(self.maps.borrow().get(&(map as u32)).cloned().unwrap_or_default())
+        Ok(self.maps.borrow().get(&(map as u32)).map(|pairs| pairs.iter().cloned().collect()).unwrap_or_default())
     }
     fn header(&self, map: MapType, name: &str) -> HostResult<Option<Vec<u8>>> {
         self.record("header");

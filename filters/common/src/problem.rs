@@ -130,10 +130,8 @@ impl RequestFacts {
     }
 
     /// The facts of raw header pairs (a request that failed its checks).
-    pub fn from_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Self {
-        let first =
-            |name: &str| pairs.iter().find(|(key, _)| key.as_slice() == name.as_bytes()).map(|(_, v)| v.as_slice());
-        Self::from_values(first("content-type"), first("x-request-id"))
+    pub fn from_pairs(pairs: &crate::request::HeaderPairs) -> Self {
+        Self::from_values(pairs.first("content-type"), pairs.first("x-request-id"))
     }
 
     /// Reads `content-type` and `x-request-id` of the current request.

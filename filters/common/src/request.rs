@@ -43,8 +43,92 @@ pub enum ReadError {
     },
 }
 
-/// Header (name, value) pairs as the host hands them over.
-pub type HeaderPairs = Vec<(Vec<u8>, Vec<u8>)>;
+/// Header (name, value) pairs as the host serialized them: the one buffer the
+/// host handed over and the spans of each name and value in it, so reading a map
+/// costs two allocations, not two per header. Names are as the host gives them
+/// (lower-case), values raw bytes; a repeated header appears once per occurrence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderPairs {
+    bytes: Vec<u8>,
+    /// (name start, name length, value start, value length) per pair.
+    spans: Vec<[u32; 4]>,
+}
+
+impl HeaderPairs {
+    /// Decodes the ABI's serialized map: a u32 count, then a (name length, value
+    /// length) u32 pair per entry, then each name and value NUL-terminated.
+    /// Malformed input keeps the entries decoded so far, never panics.
+    pub fn decode(bytes: Vec<u8>) -> Self {
+        let read_u32 = |at: usize| -> Option<usize> {
+            let array: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+            usize::try_from(u32::from_le_bytes(array)).ok()
+        };
+        let mut spans = Vec::new();
+        if let Some(count) = read_u32(0) {
+            let mut cursor = count.checked_mul(8).and_then(|n| n.checked_add(4)).unwrap_or(usize::MAX);
+            for index in 0..count.min(bytes.len() / 8) {
+                let lengths_at = 4 + index * 8;
+                let (Some(name_len), Some(value_len)) = (read_u32(lengths_at), read_u32(lengths_at + 4)) else {
+                    break;
+                };
+                let name_at = cursor;
+                let Some(value_at) = name_at.checked_add(name_len).and_then(|end| end.checked_add(1)) else { break };
+                let Some(next) = value_at.checked_add(value_len).and_then(|end| end.checked_add(1)) else { break };
+                if value_at.saturating_add(value_len) > bytes.len() {
+                    break;
+                }
+                let span = [name_at, name_len, value_at, value_len].map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+                spans.push(span);
+                cursor = next;
+            }
+        }
+        Self { bytes, spans }
+    }
+
+    /// Every pair, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.spans.iter().filter_map(|[name_at, name_len, value_at, value_len]| {
+            let slice = |at: u32, len: u32| self.bytes.get(at as usize..(at as usize).checked_add(len as usize)?);
+            Some((slice(*name_at, *name_len)?, slice(*value_at, *value_len)?))
+        })
+    }
+
+    /// The first value of `name`.
+    pub fn first(&self, name: &str) -> Option<&[u8]> {
+        self.iter().find(|(key, _)| *key == name.as_bytes()).map(|(_, value)| value)
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+}
+
+impl<N: AsRef<[u8]>, V: AsRef<[u8]>> FromIterator<(N, V)> for HeaderPairs {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(pairs: I) -> Self {
+        let mut built = HeaderPairs::default();
+        for (name, value) in pairs {
+            let (name, value) = (name.as_ref(), value.as_ref());
+            let at = |bytes: &Vec<u8>| u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            let name_at = at(&built.bytes);
+            built.bytes.extend_from_slice(name);
+            let value_at = at(&built.bytes);
+            built.bytes.extend_from_slice(value);
+            let len = |bytes: &[u8]| u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            built.spans.push([name_at, len(name), value_at, len(value)]);
+        }
+        built
+    }
+}
+
+impl From<Vec<(Vec<u8>, Vec<u8>)>> for HeaderPairs {
+    fn from(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+        pairs.into_iter().collect()
+    }
+}
 
 /// The request headers as the host handed them over (names lower-case), with
 /// a request target that passed [`check_target`].
@@ -85,7 +169,8 @@ impl RequestHeaders {
     }
 
     /// Builds the view; a malformed target gives the pairs back with the reason.
-    pub fn from_pairs(pairs: HeaderPairs) -> Result<Self, (BadRequest, HeaderPairs)> {
+    pub fn from_pairs(pairs: impl Into<HeaderPairs>) -> Result<Self, (BadRequest, HeaderPairs)> {
+        let pairs = pairs.into();
         let checked = (|| {
             let path = first_of(&pairs, ":path").ok_or(BadRequest::MissingPath)?;
             let target = check_target(path)?.to_string();
@@ -106,7 +191,7 @@ impl RequestHeaders {
 
     /// Every value of a header, in order (a repeated header yields several).
     pub fn values<'s, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = &'s [u8]> + use<'s, 'n> {
-        self.pairs.iter().filter(move |(key, _)| key.as_slice() == name.as_bytes()).map(|(_, value)| value.as_slice())
+        self.pairs.iter().filter(move |(key, _)| *key == name.as_bytes()).map(|(_, value)| value)
     }
 
     pub fn first(&self, name: &str) -> Option<&[u8]> {
@@ -153,9 +238,8 @@ impl RequestHeaders {
     /// The same headers with another target (e.g. a `Location` path); `None`
     /// when that target would not pass the check.
     pub fn with_target(&self, target: &[u8]) -> Option<RequestHeaders> {
-        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> =
-            self.pairs.iter().filter(|(name, _)| name.as_slice() != b":path").cloned().collect();
-        pairs.push((b":path".to_vec(), target.to_vec()));
+        let others = self.pairs.iter().filter(|(name, _)| *name != b":path");
+        let pairs: HeaderPairs = others.chain(std::iter::once((&b":path"[..], target))).collect();
         RequestHeaders::from_pairs(pairs).ok()
     }
 
@@ -186,8 +270,8 @@ pub fn read_request_from(host: &impl Host) -> Result<RequestHeaders, proxy_wasm:
     }
 }
 
-fn first_of<'p>(pairs: &'p [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'p [u8]> {
-    pairs.iter().find(|(key, _)| key.as_slice() == name.as_bytes()).map(|(_, value)| value.as_slice())
+fn first_of<'p>(pairs: &'p HeaderPairs, name: &str) -> Option<&'p [u8]> {
+    pairs.first(name)
 }
 
 /// Text that stands for bytes without losing any: printable ASCII other than `%`
@@ -279,7 +363,7 @@ mod tests {
     }
 
     fn try_headers(pairs: &[(&str, &[u8])]) -> Result<RequestHeaders, BadRequest> {
-        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect())
+        RequestHeaders::from_pairs(pairs.iter().map(|(k, v)| (k.as_bytes(), *v)).collect::<HeaderPairs>())
             .map_err(|(reason, _)| reason)
     }
 
