@@ -170,9 +170,17 @@ fn integral_floats_as_integers(value: &mut serde_json::Value) {
     }
 }
 
+/// The first 16 hex digits of the configuration's SHA-256: equal digests, equal
+/// configurations (as the host handed them over).
+pub fn config_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().take(8).map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// The `on_configure` step every filter shares: reads the plugin configuration,
 /// parses it strictly, compiles it, and logs one line per problem (each naming
-/// its field). `None` means "refuse this configuration" (return `false`).
+/// its field), or one line with the module version and the configuration's
+/// digest when it is accepted. `None` means "refuse this configuration".
 pub fn load_plugin_config<C: DeserializeOwned, T>(
     module: &str,
     compile: impl FnOnce(&C) -> Result<T, ConfigErrors>,
@@ -187,7 +195,18 @@ pub fn load_plugin_config<C: DeserializeOwned, T>(
         }
     };
     match parse_json::<C>(&bytes).and_then(|config| compile(&config)) {
-        Ok(compiled) => Some(compiled),
+        Ok(compiled) => {
+            // One line per VM start: which build runs which configuration.
+            host::log(
+                LogLevel::Info,
+                &format!(
+                    "{module} {}: configuration accepted, sha256 {}",
+                    env!("CARGO_PKG_VERSION"),
+                    config_digest(&bytes)
+                ),
+            );
+            Some(compiled)
+        }
         Err(errors) => {
             for message in errors.messages() {
                 host::log(LogLevel::Error, &format!("{module}: invalid configuration: {message}"));

@@ -108,3 +108,25 @@ fn integral_doubles_in_a_configuration_work_as_integers() {
     let statuses: Vec<u16> = (0..3).map(|_| envoy.get("/").send().status).collect();
     assert_eq!(statuses, vec![200, 200, 429]);
 }
+
+#[test]
+fn every_vm_logs_its_version_and_configuration_digest_once() {
+    use gateway_tests::envoy::{EnvoyConfig, WasmFilter};
+    use gateway_tests::upstream::EchoUpstream;
+    let upstream = EchoUpstream::start("backend");
+    let config = serde_json::json!({"routes": []});
+    let envoy =
+        gateway_tests::envoy::Envoy::start(&EnvoyConfig::new(&upstream).filter(WasmFilter::new("routing", config)));
+    let version = env!("CARGO_PKG_VERSION");
+    let prefix = format!("routing {version}: configuration accepted, sha256 ");
+    let lines: Vec<String> = envoy.log().lines().filter(|line| line.contains(&prefix)).map(str::to_string).collect();
+    // Each worker's VM once (2 workers), and the main thread's (where Envoy also
+    // configures the plugin once to check it).
+    let thread = |line: &str| line.split("][").nth(1).unwrap_or_default().to_string();
+    let main_thread = thread(&lines[0]);
+    let workers: Vec<String> = lines.iter().map(|line| thread(line)).filter(|t| *t != main_thread).collect();
+    assert_eq!(workers.len(), 2, "one line per worker: {lines:?}");
+    assert_ne!(workers[0], workers[1], "{lines:?}");
+    let digest = |line: &str| line.rsplit(' ').next().unwrap_or_default().to_string();
+    assert!(lines.iter().all(|line| digest(line) == digest(&lines[0]) && digest(line).len() == 16), "{lines:?}");
+}
