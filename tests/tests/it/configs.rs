@@ -130,3 +130,27 @@ fn every_vm_logs_its_version_and_configuration_digest_once() {
     let digest = |line: &str| line.rsplit(' ').next().unwrap_or_default().to_string();
     assert!(lines.iter().all(|line| digest(line) == digest(&lines[0]) && digest(line).len() == 16), "{lines:?}");
 }
+
+/// Prometheus sees one family per counter with the names as labels, not one
+/// family per route, rule or reason (issue 16).
+#[test]
+fn the_demo_gateway_exports_labelled_prometheus_families() {
+    let yaml = std::fs::read_to_string(paths::workspace_root().join("envoy/gateway.yaml")).unwrap();
+    let envoy = Envoy::try_start_yaml(&with_free_ports(&yaml), 2).unwrap_or_else(|failure| panic!("{}", failure.log));
+    let (status, metrics) = envoy.admin("/stats/prometheus");
+    assert_eq!(status, 200);
+    let family = |name: &str| -> Vec<&str> { metrics.lines().filter(|line| line.starts_with(name)).collect() };
+    let routes = family("routing_route_requests{");
+    assert!(routes.iter().any(|line| line.contains("route=\"")), "{routes:?}");
+    let rules = family("ratelimit_rule_allowed{");
+    assert!(rules.iter().any(|line| line.contains("plugin=\"ratelimit-ip\"") && line.contains("rule=\"")), "{rules:?}");
+    let denials = family("auth_denied{");
+    assert!(denials.iter().any(|line| line.contains("reason=\"expired\"")), "{denials:?}");
+    // No name is baked into a family any more.
+    let baked: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("routing_route_") && !line.starts_with("routing_route_requests"))
+        .chain(metrics.lines().filter(|line| line.starts_with("ratelimit_ratelimit")))
+        .collect();
+    assert!(baked.is_empty(), "{baked:?}");
+}
