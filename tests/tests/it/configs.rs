@@ -153,4 +153,27 @@ fn the_demo_gateway_exports_labelled_prometheus_families() {
         .chain(metrics.lines().filter(|line| line.starts_with("ratelimit_ratelimit")))
         .collect();
     assert!(baked.is_empty(), "{baked:?}");
+
+    // Every family the shipped Grafana dashboard queries exists.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(paths::workspace_root().join("envoy/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let tokens = expr.split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+            queried.extend(
+                tokens
+                    .filter(|token| {
+                        ["auth_", "ratelimit_", "routing_", "cache_", "aggregate_"].iter().any(|m| token.starts_with(m))
+                    })
+                    .map(str::to_string),
+            );
+        }
+    }
+    assert!(queried.len() >= 20, "{queried:?}");
+    let missing: Vec<&String> = queried.iter().filter(|name| !metrics.contains(&format!("# TYPE {name} "))).collect();
+    assert!(missing.is_empty(), "the dashboard queries families Envoy does not export: {missing:?}");
 }
