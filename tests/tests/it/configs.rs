@@ -177,3 +177,23 @@ fn the_demo_gateway_exports_labelled_prometheus_families() {
     let missing: Vec<&String> = queried.iter().filter(|name| !metrics.contains(&format!("# TYPE {name} "))).collect();
     assert!(missing.is_empty(), "the dashboard queries families Envoy does not export: {missing:?}");
 }
+
+/// The example configuration of every module's reference (`docs/<module>.md`,
+/// the first JSON block under "Example") loads into real Envoy as written.
+#[test]
+fn every_documented_example_configuration_loads() {
+    use gateway_tests::envoy::{EnvoyConfig, WasmFilter};
+    use gateway_tests::upstream::EchoUpstream;
+    let upstream = EchoUpstream::start("backend");
+    for module in ["routing", "ratelimit", "auth", "cache", "aggregate"] {
+        let doc = std::fs::read_to_string(paths::workspace_root().join(format!("docs/{module}.md"))).unwrap();
+        let example = doc.split("\n## Example").nth(1).unwrap_or_else(|| panic!("docs/{module}.md has no Example"));
+        let json = example.split("```json\n").nth(1).and_then(|rest| rest.split("\n```").next()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|error| panic!("docs/{module}.md example: {error}"));
+        let envoy =
+            Envoy::try_start_yaml(&EnvoyConfig::new(&upstream).filter(WasmFilter::new(module, config)).render(), 1)
+                .unwrap_or_else(|failure| panic!("docs/{module}.md example refused:\n{}", failure.log));
+        drop(envoy);
+    }
+}

@@ -94,8 +94,9 @@ fn modules_export_the_abi_0_2_1_entry_points() {
 
 /// The "adding a filter" checklist of ARCHITECTURE.md, kept true: every crate
 /// under `filters/` (except `common`) is a shipped module, built by the Makefile,
-/// checked here, loaded by the demo gateway, documented in the README and mapped
-/// in ARCHITECTURE.md, and its stream glue is tested on `FakeHost`.
+/// checked here, loaded by the demo gateway, documented in the README and in
+/// `docs/<module>.md`, mapped in ARCHITECTURE.md, and its stream glue is tested
+/// on `FakeHost`.
 #[test]
 fn every_filter_crate_is_built_checked_wired_and_documented() {
     let root = paths::workspace_root();
@@ -120,6 +121,9 @@ fn every_filter_crate_is_built_checked_wired_and_documented() {
         assert!(workspace.contains(&format!("\"filters/{module}\"")), "{module} missing from the workspace members");
         assert!(gateway.contains(&format!("{module}.wasm")), "{module} is not loaded by envoy/gateway.yaml");
         assert!(readme.contains(&format!("(`{module}.wasm`)")), "README has no section for {module}.wasm");
+        let reference = std::fs::read_to_string(root.join(format!("docs/{module}.md"))).unwrap_or_default();
+        assert!(reference.contains("## Fields"), "docs/{module}.md is missing or has no field reference");
+        assert!(readme.contains(&format!("(docs/{module}.md)")), "README does not link docs/{module}.md");
         assert!(architecture.contains(&format!("filters/{module}/")), "ARCHITECTURE.md does not map filters/{module}/");
         let glue = read(&format!("filters/{module}/src/lib.rs"));
         assert!(glue.contains("mod glue_tests") && glue.contains("FakeHost"), "{module}: no glue tests on FakeHost");
