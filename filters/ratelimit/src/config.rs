@@ -180,7 +180,7 @@ impl RateLimitConfig {
         errors.into_result(Policy {
             rules,
             trusted_hops: self.client_ip.trusted_hops,
-            table: Table { slots: self.slots, cas_retries: self.cas_retries },
+            table: Table::new(self.slots, self.cas_retries),
             on_contention: self.on_contention,
             response_headers: self.response_headers,
         })

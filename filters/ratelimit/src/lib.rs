@@ -90,9 +90,9 @@ impl Module for RateLimit {
 
     /// Creates every bucket key before traffic; metrics are named after the
     /// instance (two instances in one chain must not share stat names).
-    fn start(host: &Ffi, policy: Policy, instance: &str) -> Option<Shared> {
+    fn start(host: &Ffi, mut policy: Policy, instance: &str) -> Option<Shared> {
         let limits: Vec<_> = policy.limits().cloned().collect();
-        if policy.table.initialize(&SharedData(host), &limits).is_err() {
+        if policy.table.initialize(&SharedData(host), &limits, instance).is_err() {
             host.log(LogLevel::Error, "ratelimit: cannot initialize the bucket table in shared data");
             return None;
         }
@@ -244,9 +244,9 @@ mod glue_tests {
 
     fn stream(host: FakeHost) -> RateLimitStream<FakeHost> {
         let config: RateLimitConfig = gateway_common::config::parse_json(PER_IP.as_bytes()).unwrap();
-        let policy = config.compile().unwrap();
+        let mut policy = config.compile().unwrap();
         let limits: Vec<_> = policy.limits().cloned().collect();
-        policy.table.initialize(&SharedData(&host), &limits).unwrap();
+        policy.table.initialize(&SharedData(&host), &limits, "ratelimit").unwrap();
         let shared = Rc::new(Shared::new(&host, policy, "rl"));
         host.reset_calls();
         RateLimitStream { host, shared, allowed_status: None }

@@ -291,14 +291,17 @@ mod tests {
 
     #[test]
     fn a_denial_by_one_limit_gives_back_the_others() {
-        let policy = policy(
+        let mut policy = policy(
             r#"{"slots": 64, "rules": [
                 {"name": "roomy", "key": [{"constant": "all"}], "limits": [{"name": "l", "requests": 100, "per_seconds": 60}]},
                 {"name": "tight", "key": [{"header": "x-user"}], "limits": [{"name": "l", "requests": 1, "per_seconds": 60}]}
             ]}"#,
         );
         let store = MemoryStore::default();
-        policy.table.initialize(&store, &policy.limits().cloned().collect::<Vec<_>>()).unwrap();
+        {
+            let limits = policy.limits().cloned().collect::<Vec<_>>();
+            policy.table.initialize(&store, &limits, "rl").unwrap();
+        }
         let request = headers(&[(":path", "/"), ("x-user", "a")]);
         let view = RequestView { headers: &request, client_ip: None };
         let now = 100 * SECOND;
@@ -324,7 +327,7 @@ mod tests {
 
     #[test]
     fn missing_key_policies_and_shadow_mode() {
-        let policy = policy(
+        let mut policy = policy(
             r#"{"slots": 64, "rules": [
                 {"name": "skip", "key": [{"header": "x-a"}], "missing_key": "skip", "limits": [{"name": "l", "requests": 1, "per_seconds": 60}]},
                 {"name": "shadow", "key": [{"constant": "c"}], "shadow": true, "limits": [{"name": "l", "requests": 1, "per_seconds": 60}]},
@@ -332,7 +335,10 @@ mod tests {
             ]}"#,
         );
         let store = MemoryStore::default();
-        policy.table.initialize(&store, &policy.limits().cloned().collect::<Vec<_>>()).unwrap();
+        {
+            let limits = policy.limits().cloned().collect::<Vec<_>>();
+            policy.table.initialize(&store, &limits, "rl").unwrap();
+        }
         let now = 100 * SECOND;
         let plain = headers(&[(":path", "/")]);
         let view = RequestView { headers: &plain, client_ip: None };

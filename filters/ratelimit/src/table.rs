@@ -1,35 +1,34 @@
 //! The bounded bucket table in shared data.
 //!
 //! Shared data never forgets a key, so every key name comes from a fixed set:
-//! `slots` slot keys, one overflow key per limit, and one counter. A bucket's
-//! identity (`<limit id>\0<client key>`) hashes to two candidate slots; the value
-//! stores the full identity next to the bucket's TAT, so collisions are detected.
-//! A slot whose bucket is full again (TAT <= now) carries no information and is
-//! reused. When both candidates hold live buckets of other keys, the request is
-//! counted in the limit's single overflow bucket: new keys share it until slots
-//! free up, which never lets anyone exceed a limit (it can only limit early).
+//! one group key per [`WAYS`] buckets of `slots`, one overflow key per limit, one
+//! counter, all under the instance's prefix (two instances never share buckets).
+//! A bucket's identity (`<limit id>\0<client key>`) hashes, keyed with a secret
+//! the workers share (so no client can aim at a group), to two candidate groups;
+//! each group value holds up to [`WAYS`] buckets with their full identities, so
+//! collisions are detected. A new identity takes a free place in the candidate
+//! group with more room: at half the table's capacity practically every new key
+//! finds one. A bucket that is full again (TAT <= now) carries no information and
+//! its place is reused. When both groups are full of live buckets of other keys,
+//! the request is counted in the limit's single overflow bucket: new keys share it
+//! until places free up, which never lets anyone exceed a limit (it can only limit
+//! early).
 //!
 //! Every update is a compare-and-swap of one value with bounded retries.
 
-use gateway_common::hash::fnv1a64;
-use gateway_common::shared::{add_to_counter, read_counter};
+use gateway_common::hash::KeyedHash;
+use gateway_common::shared::{add_to_counter, read_counter, shared_secret};
 pub use gateway_common::shared::{Store, StoreError};
+use gateway_common::wire::{Reader, Writer};
 
 use crate::bucket::{Limit, Verdict};
 
 /// Format version carried by every value: old and new VMs overlap during a
 /// listener update and must not misread each other's values.
-pub const FORMAT_VERSION: u8 = 1;
-pub const TRACKED_KEY: &str = "rl:v1:tracked";
+pub const FORMAT_VERSION: u8 = 2;
+/// Buckets per group value.
+pub const WAYS: usize = 4;
 const OVERFLOW_IDENTITY: &[u8] = b"\0*overflow*";
-
-pub fn slot_key(slot: u32) -> String {
-    format!("rl:v1:slot:{slot}")
-}
-
-pub fn overflow_key(limit: &Limit) -> String {
-    format!("rl:v1:overflow:{}", limit.id)
-}
 
 /// The identity stored in a limit's overflow bucket (no client key can equal it:
 /// client identities are `<limit id>\0<encoded key>`).
@@ -46,25 +45,29 @@ pub struct Entry {
     pub identity: Vec<u8>,
 }
 
-impl Entry {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(9 + self.identity.len());
-        out.push(FORMAT_VERSION);
-        out.extend_from_slice(&self.tat.to_le_bytes());
-        out.extend_from_slice(&self.identity);
-        out
+/// The buckets of one group value, in order.
+pub fn encode_group(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Writer::with_capacity(2 + entries.iter().map(|e| 12 + e.identity.len()).sum::<usize>());
+    out.u8(FORMAT_VERSION).u8(u8::try_from(entries.len()).unwrap_or(u8::MAX));
+    for entry in entries.iter().take(usize::from(u8::MAX)) {
+        out.u64(entry.tat).bytes(&entry.identity);
     }
+    out.finish()
+}
 
-    /// `None` for an empty placeholder, another format version, or garbage:
-    /// all of which the table treats as a free slot.
-    pub fn decode(bytes: &[u8]) -> Option<Entry> {
-        let (&version, rest) = bytes.split_first()?;
-        if version != FORMAT_VERSION {
-            return None;
-        }
-        let tat = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-        Some(Entry { tat, identity: rest.get(8..)?.to_vec() })
+/// `None` for an empty placeholder, another format version, or garbage: all of
+/// which the table treats as a free group.
+pub fn decode_group(bytes: &[u8]) -> Option<Vec<Entry>> {
+    let mut input = Reader::new(bytes);
+    if input.u8()? != FORMAT_VERSION {
+        return None;
     }
+    let count = input.u8()?;
+    let mut entries = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        entries.push(Entry { tat: input.u64()?, identity: input.bytes()?.to_vec() });
+    }
+    input.is_done().then_some(entries)
 }
 
 /// What taking a token did.
@@ -83,71 +86,121 @@ pub enum Take {
     Contended,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub slots: u32,
     pub cas_retries: u32,
+    /// Set by [`Table::initialize`]: the key prefix and the shared hash secret.
+    prefix: String,
+    hash: KeyedHash,
 }
 
-struct Read {
+struct Group {
     key: String,
-    entry: Option<Entry>,
-    /// The slot was never used (placeholder or unset).
-    unused: bool,
+    entries: Vec<Entry>,
     cas: Option<u32>,
 }
 
+impl Group {
+    fn position(&self, identity: &[u8]) -> Option<usize> {
+        self.entries.iter().position(|entry| entry.identity == identity)
+    }
+
+    /// A place for a new bucket: a bucket that is full again, or room to grow.
+    fn free_place(&self, now: u64) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|entry| entry.tat <= now)
+            .or((self.entries.len() < WAYS).then_some(self.entries.len()))
+    }
+
+    fn free_places(&self, now: u64) -> usize {
+        self.entries.iter().filter(|entry| entry.tat <= now).count() + WAYS.saturating_sub(self.entries.len())
+    }
+}
+
 impl Table {
-    /// The two candidate slots for an identity.
-    pub fn candidates(&self, identity: &[u8]) -> [u32; 2] {
-        let slots = u64::from(self.slots.max(1));
-        let hash = fnv1a64(identity);
-        let first = hash % slots;
-        let mut second = hash.rotate_left(32).wrapping_mul(0x9e37_79b9_7f4a_7c15) % slots;
-        if second == first && slots > 1 {
-            second = (first + 1) % slots;
+    pub fn new(slots: u32, cas_retries: u32) -> Self {
+        Self { slots, cas_retries, prefix: "rl:v2:".into(), hash: KeyedHash::new([0; 16]) }
+    }
+
+    fn groups(&self) -> u32 {
+        self.slots.max(1).div_ceil(WAYS as u32)
+    }
+
+    pub fn group_key(&self, group: u32) -> String {
+        format!("{}g:{group}", self.prefix)
+    }
+
+    pub fn overflow_key(&self, limit: &Limit) -> String {
+        format!("{}o:{}", self.prefix, limit.id)
+    }
+
+    pub fn tracked_key(&self) -> String {
+        format!("{}tracked", self.prefix)
+    }
+
+    /// The two candidate groups for an identity.
+    fn candidates(&self, identity: &[u8]) -> [u32; 2] {
+        let groups = u64::from(self.groups());
+        let hash = self.hash.hash(identity);
+        let first = ((hash & 0xffff_ffff) * groups) >> 32;
+        let mut second = ((hash >> 32) * groups) >> 32;
+        if second == first && groups > 1 {
+            second = (first + 1) % groups;
         }
         [u32::try_from(first).unwrap_or(0), u32::try_from(second).unwrap_or(0)]
     }
 
-    /// Creates every slot, overflow and counter key as an empty placeholder, so
-    /// that every later write is a real compare-and-swap (a first write to an
-    /// unset key cannot be one). Existing values are left alone.
-    pub fn initialize(&self, store: &impl Store, limits: &[Limit]) -> Result<(), StoreError> {
-        let keys = (0..self.slots).map(slot_key).chain(limits.iter().map(overflow_key));
-        for key in keys.chain(std::iter::once(TRACKED_KEY.to_string())) {
+    /// Names the keys after `instance`, reads (or, first VM, creates) the hash
+    /// secret, and creates every group, overflow and counter key as an empty
+    /// placeholder, so that every later write is a real compare-and-swap (a first
+    /// write to an unset key cannot be one). Existing values are left alone.
+    pub fn initialize(&mut self, store: &impl Store, limits: &[Limit], instance: &str) -> Result<(), StoreError> {
+        self.prefix = format!("rl:v2:{}:{instance}:", instance.len());
+        self.hash = KeyedHash::new(shared_secret(store, &format!("{}secret", self.prefix))?);
+        let keys =
+            (0..self.groups()).map(|group| self.group_key(group)).chain(limits.iter().map(|l| self.overflow_key(l)));
+        for key in keys.chain(std::iter::once(self.tracked_key())) {
             store.ensure(&key)?;
         }
         Ok(())
     }
 
-    fn read(&self, store: &impl Store, key: String) -> Result<Read, StoreError> {
+    fn read(&self, store: &impl Store, key: String) -> Result<Group, StoreError> {
         let (value, cas) = store.get(&key)?;
-        let unused = value.as_ref().is_none_or(|bytes| bytes.is_empty());
-        let entry = value.as_deref().and_then(Entry::decode);
-        Ok(Read { key, entry, unused, cas })
+        let entries = value.as_deref().and_then(decode_group).unwrap_or_default();
+        Ok(Group { key, entries, cas })
     }
 
     /// Takes one token for `identity` under `limit` at time `now` (nanoseconds).
     pub fn take(&self, store: &impl Store, limit: &Limit, identity: &[u8], now: u64) -> Result<Take, StoreError> {
         let [first, second] = self.candidates(identity);
-        let owns = |read: &Read| read.entry.as_ref().is_some_and(|entry| entry.identity == identity);
-        let free = |read: &Read| read.entry.as_ref().is_none_or(|entry| entry.tat <= now);
         for _ in 0..=self.cas_retries {
-            let a = self.read(store, slot_key(first))?;
-            let outcome = if owns(&a) {
-                self.take_owned(store, limit, a, now)?
+            let a = self.read(store, self.group_key(first))?;
+            let outcome = if let Some(place) = a.position(identity) {
+                self.take_owned(store, limit, a, place, now)?
             } else {
-                let b = self.read(store, slot_key(second))?;
-                if owns(&b) {
-                    self.take_owned(store, limit, b, now)?
-                } else if free(&a) {
-                    self.claim(store, limit, a, identity, now)?
-                } else if free(&b) {
-                    self.claim(store, limit, b, identity, now)?
-                } else {
-                    let overflow = self.read(store, overflow_key(limit))?;
-                    self.take_owned_as(store, limit, overflow, overflow_identity(limit), now)?
+                let b = if second != first { Some(self.read(store, self.group_key(second))?) } else { None };
+                match b {
+                    Some(b) if b.position(identity).is_some() => {
+                        let place = b.position(identity).unwrap_or(0);
+                        self.take_owned(store, limit, b, place, now)?
+                    }
+                    b => {
+                        // The candidate with more room; the first on a tie.
+                        let roomier = match b {
+                            Some(b) if b.free_places(now) > a.free_places(now) => b,
+                            _ => a,
+                        };
+                        match roomier.free_place(now) {
+                            Some(place) => self.claim(store, limit, roomier, place, identity, now)?,
+                            None => {
+                                let overflow = self.read(store, self.overflow_key(limit))?;
+                                self.take_overflow(store, limit, overflow, now)?
+                            }
+                        }
+                    }
                 }
             };
             if let Some(take) = outcome {
@@ -162,54 +215,66 @@ impl Table {
         &self,
         store: &impl Store,
         limit: &Limit,
-        target: Read,
+        mut group: Group,
+        place: usize,
         now: u64,
     ) -> Result<Option<Take>, StoreError> {
-        let identity = target.entry.as_ref().map(|entry| entry.identity.clone()).unwrap_or_default();
-        self.take_owned_as(store, limit, target, identity, now)
+        let Some(entry) = group.entries.get_mut(place) else { return Ok(None) };
+        let verdict = limit.take(entry.tat, now);
+        if !verdict.allowed {
+            return Ok(Some(Take::Denied { verdict }));
+        }
+        entry.tat = verdict.new_tat;
+        let identity = entry.identity.clone();
+        if !store.set(&group.key, &encode_group(&group.entries), group.cas)? {
+            return Ok(None);
+        }
+        Ok(Some(Take::Taken { verdict, key: group.key, identity }))
     }
 
-    fn take_owned_as(
+    /// Takes from the limit's overflow bucket (a group of one).
+    fn take_overflow(
         &self,
         store: &impl Store,
         limit: &Limit,
-        target: Read,
-        identity: Vec<u8>,
+        overflow: Group,
         now: u64,
     ) -> Result<Option<Take>, StoreError> {
-        let tat = target.entry.as_ref().filter(|entry| entry.identity == identity).map_or(0, |entry| entry.tat);
+        let identity = overflow_identity(limit);
+        let tat = overflow.entries.iter().find(|entry| entry.identity == identity).map_or(0, |entry| entry.tat);
         let verdict = limit.take(tat, now);
         if !verdict.allowed {
             return Ok(Some(Take::Denied { verdict }));
         }
         let entry = Entry { tat: verdict.new_tat, identity };
-        if !store.set(&target.key, &entry.encode(), target.cas)? {
+        if !store.set(&overflow.key, &encode_group(std::slice::from_ref(&entry)), overflow.cas)? {
             return Ok(None);
         }
-        Ok(Some(Take::Taken { verdict, key: target.key, identity: entry.identity }))
+        Ok(Some(Take::Taken { verdict, key: overflow.key, identity: entry.identity }))
     }
 
-    /// Gives a free slot to an identity that holds none. The identity may have been
-    /// counted in the overflow bucket while the table was full, and that history is
-    /// not in any slot: while the overflow bucket is not full again, the new bucket
-    /// starts from the overflow's TAT (a conservative start, never a full bucket)
-    /// and the request is also charged to the overflow, so a concurrent overflow
-    /// admission of the same identity on another worker is serialized by that
-    /// bucket's compare-and-swap instead of counting twice from the same state.
+    /// Gives a free place to an identity that holds none. The identity may have
+    /// been counted in the overflow bucket while the table was full, and that
+    /// history is not in any group: while the overflow bucket is not full again,
+    /// the new bucket starts from the overflow's TAT (a conservative start, never
+    /// a full bucket) and the request is also charged to the overflow, so a
+    /// concurrent overflow admission of the same identity on another worker is
+    /// serialized by that bucket's compare-and-swap instead of counting twice.
     fn claim(
         &self,
         store: &impl Store,
         limit: &Limit,
-        target: Read,
+        mut group: Group,
+        place: usize,
         identity: &[u8],
         now: u64,
     ) -> Result<Option<Take>, StoreError> {
-        let overflow = self.read(store, overflow_key(limit))?;
+        let overflow = self.read(store, self.overflow_key(limit))?;
         let overflow_identity = overflow_identity(limit);
         let overflow_tat = overflow
-            .entry
-            .as_ref()
-            .filter(|entry| entry.identity == overflow_identity && entry.tat > now)
+            .entries
+            .iter()
+            .find(|entry| entry.identity == overflow_identity && entry.tat > now)
             .map(|entry| entry.tat);
         let verdict = limit.take(overflow_tat.unwrap_or(0), now);
         if !verdict.allowed {
@@ -217,25 +282,31 @@ impl Table {
         }
         if overflow_tat.is_some() {
             let charged = Entry { tat: verdict.new_tat, identity: overflow_identity.clone() };
-            if !store.set(&overflow.key, &charged.encode(), overflow.cas)? {
+            if !store.set(&overflow.key, &encode_group(std::slice::from_ref(&charged)), overflow.cas)? {
                 return Ok(None);
             }
         }
         let entry = Entry { tat: verdict.new_tat, identity: identity.to_vec() };
-        if !store.set(&target.key, &entry.encode(), target.cas)? {
+        let first_use = place >= group.entries.len();
+        if first_use {
+            group.entries.push(entry);
+        } else if let Some(reused) = group.entries.get_mut(place) {
+            *reused = entry;
+        }
+        if !store.set(&group.key, &encode_group(&group.entries), group.cas)? {
             if overflow_tat.is_some() {
                 self.give_back(store, limit, &overflow.key, &overflow_identity, now)?;
             }
             return Ok(None);
         }
-        if target.unused {
+        if first_use {
             self.add_tracked(store)?;
         }
-        Ok(Some(Take::Taken { verdict, key: target.key, identity: entry.identity }))
+        Ok(Some(Take::Taken { verdict, key: group.key, identity: identity.to_vec() }))
     }
 
     /// Gives back a token taken earlier (the request was denied by another limit).
-    /// Best effort: if the slot changed hands meanwhile, there is nothing to undo.
+    /// Best effort: if the bucket changed hands meanwhile, there is nothing to undo.
     pub fn give_back(
         &self,
         store: &impl Store,
@@ -245,25 +316,25 @@ impl Table {
         now: u64,
     ) -> Result<(), StoreError> {
         for _ in 0..=self.cas_retries {
-            let read = self.read(store, key.to_string())?;
-            let Some(entry) = read.entry.filter(|entry| entry.identity == identity) else {
+            let mut group = self.read(store, key.to_string())?;
+            let Some(entry) = group.entries.iter_mut().find(|entry| entry.identity == identity) else {
                 return Ok(());
             };
-            let restored = Entry { tat: limit.give_back(entry.tat, now), identity: entry.identity };
-            if store.set(key, &restored.encode(), read.cas)? {
+            entry.tat = limit.give_back(entry.tat, now);
+            if store.set(key, &encode_group(&group.entries), group.cas)? {
                 return Ok(());
             }
         }
         Ok(())
     }
 
-    /// Slots that have ever held a bucket (bounded by `slots`).
+    /// Places that have ever held a bucket (bounded by the groups' capacity).
     pub fn tracked(&self, store: &impl Store) -> Result<u64, StoreError> {
-        read_counter(store, TRACKED_KEY)
+        read_counter(store, &self.tracked_key())
     }
 
     fn add_tracked(&self, store: &impl Store) -> Result<(), StoreError> {
-        add_to_counter(store, TRACKED_KEY, 1, self.cas_retries).map(|_| ())
+        add_to_counter(store, &self.tracked_key(), 1, self.cas_retries).map(|_| ())
     }
 }
 
@@ -273,6 +344,37 @@ mod tests {
     use gateway_common::shared::MemoryStore;
     use std::collections::BTreeSet;
 
+    /// New clients throttled by the table itself (both groups full of live
+    /// buckets of others) on their very first request, out of `clients`.
+    fn throttled_newcomers(slots: u32, clients: u32, sequential: bool) -> usize {
+        let mut table = Table::new(slots, 4);
+        let store = MemoryStore::default();
+        let l = limit(1, 3600, 1); // one request per hour: every bucket stays live
+        table.initialize(&store, std::slice::from_ref(&l), "rl").unwrap();
+        (0..clients)
+            .filter(|n| {
+                let id = if sequential {
+                    format!("rule/limit\0client-{n:05}")
+                } else {
+                    format!("rule/limit\0{:x}", n.wrapping_mul(2_654_435_761) ^ 0x5bd1e995)
+                };
+                matches!(table.take(&store, &l, id.as_bytes(), 100 * SECOND).unwrap(), Take::Denied { .. })
+            })
+            .count()
+    }
+
+    /// Issue 15: at most 0.1 % of new clients throttled by the table at up to 50 %
+    /// load, sequential ids or random.
+    #[test]
+    fn the_table_holds_its_clients_up_to_half_its_capacity() {
+        for sequential in [true, false] {
+            let at_20 = throttled_newcomers(10_000, 2_000, sequential);
+            let at_50 = throttled_newcomers(10_000, 5_000, sequential);
+            assert!(at_20 <= 2, "20 % load, sequential {sequential}: {at_20} of 2000 throttled");
+            assert!(at_50 <= 5, "50 % load, sequential {sequential}: {at_50} of 5000 throttled");
+        }
+    }
+
     const SECOND: u64 = 1_000_000_000;
 
     fn limit(requests: u64, period: u64, burst: u64) -> Limit {
@@ -281,14 +383,15 @@ mod tests {
 
     #[test]
     fn one_million_keys_stay_in_the_slot_set() {
-        let table = Table { slots: 1_000, cas_retries: 4 };
+        let mut table = Table::new(1_000, 4);
         let store = MemoryStore::default();
         let limits = [limit(10, 60, 10)];
-        table.initialize(&store, &limits).unwrap();
-        let allowed_names: BTreeSet<String> = (0..table.slots)
-            .map(slot_key)
-            .chain(limits.iter().map(overflow_key))
-            .chain(std::iter::once(TRACKED_KEY.to_string()))
+        table.initialize(&store, &limits, "rl").unwrap();
+        let allowed_names: BTreeSet<String> = (0..table.groups())
+            .map(|group| table.group_key(group))
+            .chain(limits.iter().map(|l| table.overflow_key(l)))
+            .chain(std::iter::once(table.tracked_key()))
+            .chain(std::iter::once("rl:v2:2:rl:secret".to_string()))
             .collect();
         let mut now = 1_000 * SECOND;
         for key in 0..1_000_000u64 {
@@ -306,10 +409,10 @@ mod tests {
 
     #[test]
     fn a_live_key_keeps_its_bucket_while_other_keys_churn() {
-        let table = Table { slots: 64, cas_retries: 4 };
+        let mut table = Table::new(64, 4);
         let store = MemoryStore::default();
         let hot = limit(5, 3600, 5);
-        table.initialize(&store, std::slice::from_ref(&hot)).unwrap();
+        table.initialize(&store, std::slice::from_ref(&hot), "rl").unwrap();
         let now = 10_000 * SECOND;
         let mut hot_allowed = 0;
         for round in 0..10_000u64 {
@@ -324,10 +427,10 @@ mod tests {
 
     #[test]
     fn a_full_table_shares_the_overflow_bucket_and_never_overadmits() {
-        let table = Table { slots: 4, cas_retries: 4 };
+        let mut table = Table::new(4, 4);
         let store = MemoryStore::default();
         let one_per_hour = limit(1, 3600, 1);
-        table.initialize(&store, std::slice::from_ref(&one_per_hour)).unwrap();
+        table.initialize(&store, std::slice::from_ref(&one_per_hour), "rl").unwrap();
         let now = 10_000 * SECOND;
         let allowed = (0..100)
             .filter(|n| {
@@ -335,7 +438,7 @@ mod tests {
                 matches!(table.take(&store, &one_per_hour, identity.as_bytes(), now).unwrap(), Take::Taken { .. })
             })
             .count();
-        // At most one per slot plus one for the shared overflow bucket.
+        // At most one per place plus one for the shared overflow bucket.
         assert!(allowed <= 5, "{allowed}");
         assert!(allowed >= 2);
     }
@@ -346,10 +449,10 @@ mod tests {
     #[test]
     fn a_key_moving_from_overflow_into_a_slot_keeps_its_history() {
         for (slots, requests, period, hogs) in [(1u32, 3u64, 6u64, 1usize), (4, 5, 10, 4), (16, 2, 4, 16)] {
-            let table = Table { slots, cas_retries: 4 };
+            let mut table = Table::new(slots, 4);
             let store = MemoryStore::default();
             let l = limit(requests, period, requests);
-            table.initialize(&store, std::slice::from_ref(&l)).unwrap();
+            table.initialize(&store, std::slice::from_ref(&l), "rl").unwrap();
             let start = 1_000 * SECOND;
             let interval = period * SECOND / requests;
             // Hog keys fill every slot, each bucket emptied at a staggered time
@@ -389,33 +492,35 @@ mod tests {
 
     #[test]
     fn idle_slots_are_reused() {
-        let table = Table { slots: 1, cas_retries: 4 };
+        let mut table = Table::new(1, 4);
         let store = MemoryStore::default();
         let l = limit(1, 1, 1);
-        table.initialize(&store, std::slice::from_ref(&l)).unwrap();
+        table.initialize(&store, std::slice::from_ref(&l), "rl").unwrap();
         let start = 100 * SECOND;
         assert!(matches!(table.take(&store, &l, b"a", start).unwrap(), Take::Taken { .. }));
-        // Two seconds later a's bucket is full again: b takes over the slot.
+        // Two seconds later a's bucket is full again: b takes over its place.
         let Take::Taken { key, .. } = table.take(&store, &l, b"b", start + 2 * SECOND).unwrap() else { panic!() };
-        assert_eq!(key, slot_key(0));
+        assert_eq!(key, table.group_key(0));
         assert_eq!(table.tracked(&store).unwrap(), 1);
     }
 
     #[test]
-    fn other_format_versions_and_garbage_are_free_slots() {
-        assert_eq!(Entry::decode(b""), None);
-        assert_eq!(Entry::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, b'k']), None);
-        assert_eq!(Entry::decode(&[1, 1, 2]), None);
-        let entry = Entry { tat: 42, identity: b"id".to_vec() };
-        assert_eq!(Entry::decode(&entry.encode()), Some(entry));
+    fn other_format_versions_and_garbage_are_free_groups() {
+        assert_eq!(decode_group(b""), None);
+        assert_eq!(decode_group(&[1, 0, 0, 0, 0, 0, 0, 0, 0, b'k']), None, "version 1 slots");
+        assert_eq!(decode_group(&[2, 1, 2]), None);
+        let entries = vec![Entry { tat: 42, identity: b"id".to_vec() }, Entry { tat: 7, identity: b"\0x".to_vec() }];
+        assert_eq!(decode_group(&encode_group(&entries)), Some(entries.clone()));
+        let encoded = encode_group(&entries);
+        assert_eq!(decode_group(&encoded[..encoded.len() - 1]), None);
     }
 
     #[test]
     fn give_back_undoes_a_take() {
-        let table = Table { slots: 8, cas_retries: 4 };
+        let mut table = Table::new(8, 4);
         let store = MemoryStore::default();
         let l = limit(1, 60, 1);
-        table.initialize(&store, std::slice::from_ref(&l)).unwrap();
+        table.initialize(&store, std::slice::from_ref(&l), "rl").unwrap();
         let now = 100 * SECOND;
         let Take::Taken { key, identity, .. } = table.take(&store, &l, b"x", now).unwrap() else { panic!() };
         assert!(matches!(table.take(&store, &l, b"x", now).unwrap(), Take::Denied { .. }));
