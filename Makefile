@@ -79,7 +79,7 @@ unit:
 	cargo test --workspace --exclude gateway-tests
 
 ## integration: the suite against real Envoy.
-integration: build envoy tls
+integration: build bench-modules envoy tls
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests --test it -- --test-threads $(TEST_THREADS)
 
 ## test: everything CI runs, then proof that nothing it started still runs.

@@ -23,19 +23,36 @@ pub struct WasmFilter {
     pub configuration: String,
     /// Defaults to the module name.
     pub vm_id: Option<String>,
+    /// Envoy's `failure_policy`; `FAIL_CLOSED` unless set.
+    pub failure_policy: &'static str,
 }
 
 impl WasmFilter {
     pub fn new(module: &str, configuration: Value) -> Self {
-        Self { module: module.to_string(), configuration: configuration.to_string(), vm_id: None }
+        Self {
+            module: module.to_string(),
+            configuration: configuration.to_string(),
+            vm_id: None,
+            failure_policy: "FAIL_CLOSED",
+        }
     }
 
     pub fn raw(module: &str, configuration: &str) -> Self {
-        Self { module: module.to_string(), configuration: configuration.to_string(), vm_id: None }
+        Self {
+            module: module.to_string(),
+            configuration: configuration.to_string(),
+            vm_id: None,
+            failure_policy: "FAIL_CLOSED",
+        }
     }
 
     pub fn vm_id(mut self, vm_id: &str) -> Self {
         self.vm_id = Some(vm_id.to_string());
+        self
+    }
+
+    pub fn failure_policy(mut self, policy: &'static str) -> Self {
+        self.failure_policy = policy;
         self
     }
 }
@@ -117,7 +134,7 @@ impl EnvoyConfig {
               config:
                 name: {vm_id}
                 root_id: {module}
-                failure_policy: FAIL_CLOSED
+                failure_policy: {failure_policy}
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
                   value: {configuration}
@@ -128,6 +145,7 @@ impl EnvoyConfig {
                     local:
                       filename: {filename}"#,
                 module = filter.module,
+                failure_policy = filter.failure_policy,
                 configuration = serde_json::to_string(&filter.configuration).unwrap_or_default(),
                 filename = module.display(),
             );
