@@ -181,7 +181,7 @@ fn decision_verdict(shared: &Shared, decision: &Decision, facts: &RequestFacts) 
             RuleOutcome::Allowed => verdict = verdict.count(metrics.allowed),
             RuleOutcome::Denied => verdict = verdict.count(metrics.denied),
             RuleOutcome::ShadowDenied => verdict = verdict.count(metrics.shadow_denied),
-            RuleOutcome::Skipped => {}
+            RuleOutcome::Skipped | RuleOutcome::GivenBack => {}
         }
     }
     if decision.contended > 0 {

@@ -54,7 +54,11 @@ pub enum Denial {
 /// Per-rule outcomes, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuleOutcome {
+    /// The rule's limits let the request through, and so did every other rule.
     Allowed,
+    /// The rule let the request through but a later rule denied it: its tokens
+    /// were given back, and it counts neither as allowed nor as denied.
+    GivenBack,
     Denied,
     ShadowDenied,
     Skipped,
@@ -178,6 +182,11 @@ impl Policy {
                 self.table.give_back(store, taken.limit, &taken.key, &taken.identity, now)?;
             }
             decision.tightest = None;
+            for (_, outcome) in &mut decision.outcomes {
+                if *outcome == RuleOutcome::Allowed {
+                    *outcome = RuleOutcome::GivenBack;
+                }
+            }
         }
         Ok(decision)
     }
@@ -309,9 +318,12 @@ mod tests {
         assert!(first.denial.is_none());
         assert_eq!(first.tightest.as_ref().unwrap().name, "l");
         assert_eq!(first.tightest.as_ref().unwrap().remaining, 0, "the tight limit is the most restrictive");
+        assert_eq!(first.outcomes, [(0, RuleOutcome::Allowed), (1, RuleOutcome::Allowed)]);
         for _ in 0..5 {
             let denied = policy.decide(&store, &view, now).unwrap();
             assert!(matches!(denied.denial, Some(Denial::Exhausted { rule: 1, .. })));
+            // The roomy rule let it through, but the request did not go on.
+            assert_eq!(denied.outcomes, [(0, RuleOutcome::GivenBack), (1, RuleOutcome::Denied)]);
         }
         // The global bucket only paid for the one allowed request.
         let other = headers(&[(":path", "/"), ("x-user", "b")]);

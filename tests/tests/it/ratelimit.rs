@@ -214,6 +214,23 @@ fn two_instances_in_one_chain_keep_separate_state_and_stats() {
     assert_eq!(envoy.stat("wasmcustom.ratelimit.ratelimit-ip.rule.ip.allowed"), 3);
 }
 
+/// Issue 15: a rule's `allowed` counts only requests that went on; a request a
+/// later rule denied gives its tokens back and is not counted as allowed.
+#[test]
+fn allowed_counts_only_requests_that_went_on() {
+    let roomy = limit_rule("roomy", json!([{"constant": "all"}]), 100, 60);
+    let tight = limit_rule("tight", json!([{"header": "x-user"}]), 2, 60);
+    let (envoy, upstream) = start(json!({"rules": [roomy, tight]}), 2);
+    let _log = envoy.log_on_failure();
+    let statuses: Vec<u16> = (0..7).map(|_| envoy.get("/").header("x-user", "u").send().status).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "{statuses:?}");
+    assert_eq!(upstream.served(), 2);
+    let stat = |name: &str| envoy.stat(&format!("wasmcustom.ratelimit.ratelimit.rule.{name}"));
+    assert!(wait_until(Duration::from_secs(5), || stat("tight.denied") == 5), "tight denied {}", stat("tight.denied"));
+    assert_eq!(stat("roomy.allowed"), 2, "roomy counted only what went on");
+    assert_eq!(stat("tight.allowed"), 2);
+}
+
 /// Issue 15: with 10,000 places and 5,000 new users (half the capacity), the table
 /// itself throttles at most 0.1 % of them on their first request (it was 4 % at a
 /// fifth of the capacity, with sequential ids).
