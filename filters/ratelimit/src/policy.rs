@@ -211,7 +211,9 @@ pub fn client_ip(peer: Option<&[u8]>, forwarded_for: Option<&[u8]>, trusted_hops
         .unwrap_or_default();
     let hops = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
     match entries.len().checked_sub(hops + 1).and_then(|index| entries.get(index)) {
-        Some(entry) if !entry.is_empty() => Some(entry.to_vec()),
+        // A forwarded entry may carry a port (`1.2.3.4:5678`, `[2001:db8::1]:443`):
+        // the client is the address, not each of its source ports.
+        Some(entry) if !entry.is_empty() => Some(strip_port(entry)),
         _ => peer,
     }
 }
@@ -388,6 +390,13 @@ mod tests {
         assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(xff), 2).unwrap(), b"203.0.113.7");
         assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(xff), 3).unwrap(), b"10.0.0.9", "too few entries: the peer");
         assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(b""), 1).unwrap(), b"10.0.0.9");
+        // Issue 15: a port in the trusted entry is not part of the client.
+        for entry in [&b"198.51.100.2:40001"[..], b"198.51.100.2:40002", b"198.51.100.2"] {
+            let xff = [entry, b", 10.0.0.1"].concat();
+            assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(&xff), 1).unwrap(), b"198.51.100.2");
+        }
+        let v6 = b"[2001:db8::1]:443, 10.0.0.1";
+        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(v6), 1).unwrap(), b"2001:db8::1");
     }
 
     #[test]
