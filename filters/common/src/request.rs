@@ -311,6 +311,71 @@ pub fn percent_decode_path(input: &[u8]) -> Vec<u8> {
     decode(input, false)
 }
 
+/// A path in the normal form RFC 3986 §6.2.2 defines, with repeated slashes
+/// merged: percent-encoded unreserved characters decoded (`%69` is `i`), other
+/// escapes with upper-case hex, dot segments removed (§5.2.4, after decoding, so
+/// `%2e%2E` is `..` too), `//` as `/`. Letters keep their case: paths are
+/// case-sensitive. Two spellings of one resource give the same bytes.
+pub fn normalized_path(path: &[u8]) -> Vec<u8> {
+    let hex = |byte: u8| char::from(byte).to_digit(16).and_then(|digit| u8::try_from(digit).ok());
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut index = 0;
+    while let Some(&byte) = path.get(index) {
+        let escape = (byte == b'%').then(|| Some((hex(*path.get(index + 1)?)?, hex(*path.get(index + 2)?)?))).flatten();
+        match escape {
+            Some((high, low)) => {
+                let value = high << 4 | low;
+                if value.is_ascii_alphanumeric() || b"-._~".contains(&value) {
+                    decoded.push(value);
+                } else {
+                    decoded.extend_from_slice(format!("%{value:02X}").as_bytes());
+                }
+                index += 3;
+            }
+            None => {
+                if !(byte == b'/' && decoded.last() == Some(&b'/')) {
+                    decoded.push(byte);
+                }
+                index += 1;
+            }
+        }
+    }
+    remove_dot_segments(&decoded)
+}
+
+/// RFC 3986 §5.2.4 on a path of segments separated by `/`.
+fn remove_dot_segments(path: &[u8]) -> Vec<u8> {
+    let absolute = path.first() == Some(&b'/');
+    let segments: Vec<&[u8]> = path.split(|byte| *byte == b'/').skip(usize::from(absolute)).collect();
+    let mut kept: Vec<&[u8]> = Vec::new();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (position, segment) in segments.iter().enumerate() {
+        match *segment {
+            b"." => trailing_slash = position == last,
+            b".." => {
+                kept.pop();
+                trailing_slash = position == last;
+            }
+            other => {
+                kept.push(other);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(path.len());
+    for segment in &kept {
+        if absolute || !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(segment);
+    }
+    if trailing_slash || (absolute && out.is_empty()) {
+        out.push(b'/');
+    }
+    out
+}
+
 fn decode(input: &[u8], plus_is_space: bool) -> Vec<u8> {
     fn hex(byte: u8) -> Option<u8> {
         match byte {
@@ -357,6 +422,28 @@ pub fn cookie_values<'h, 'n>(header: &'h [u8], name: &'n str) -> impl Iterator<I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3986_6_2_2_spellings_of_one_path_normalize_alike() {
+        for spelling in [
+            &b"/p/items"[..],
+            b"/p/%69tems",
+            b"/p//items",
+            b"/p/./items",
+            b"/p/x/../items",
+            b"/p/%2e/items",
+            b"/q/%2E%2e/p/items",
+        ] {
+            assert_eq!(normalized_path(spelling), b"/p/items", "{}", String::from_utf8_lossy(spelling));
+        }
+        assert_eq!(normalized_path(b"/p/ITEMS"), b"/p/ITEMS", "case is significant in a path");
+        assert_eq!(normalized_path(b"/a%2fb"), b"/a%2Fb", "a reserved escape stays one, hex upper-cased");
+        assert_eq!(normalized_path(b"/a/.."), b"/");
+        assert_eq!(normalized_path(b"/a/b/."), b"/a/b/");
+        assert_eq!(normalized_path(b"/../../x"), b"/x");
+        assert_eq!(normalized_path(b"/a/%zz"), b"/a/%zz", "an invalid escape is kept as written");
+        assert_eq!(normalized_path(b"/"), b"/");
+    }
 
     fn headers(pairs: &[(&str, &[u8])]) -> RequestHeaders {
         try_headers(pairs).unwrap()

@@ -88,6 +88,7 @@ pub fn bucket_key(rule: &Rule, request: &RequestView<'_>) -> Option<Vec<u8>> {
     let mut key = Vec::new();
     for part in &rule.key {
         let query_value;
+        let path_value;
         let bytes: &[u8] = match part {
             KeyPart::ClientIp => request.client_ip?,
             KeyPart::Header(name) => request.headers.first(name)?,
@@ -95,7 +96,11 @@ pub fn bucket_key(rule: &Rule, request: &RequestView<'_>) -> Option<Vec<u8>> {
                 query_value = request.headers.query_values(name).into_iter().next()?;
                 &query_value
             }
-            KeyPart::Path => request.headers.path().as_bytes(),
+            // One bucket per resource, however the client spells its path.
+            KeyPart::Path => {
+                path_value = gateway_common::request::normalized_path(request.headers.path().as_bytes());
+                &path_value
+            }
             KeyPart::Method => request.headers.method(),
             KeyPart::Constant(value) => value.as_bytes(),
         };

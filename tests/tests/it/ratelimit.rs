@@ -231,6 +231,22 @@ fn allowed_counts_only_requests_that_went_on() {
     assert_eq!(stat("tight.allowed"), 2);
 }
 
+/// Issue 15: a per-path limit is not dodged by re-spelling the path (RFC 3986
+/// §6.2.2 normalization of the key, repeated slashes merged), even when Envoy's
+/// own `normalize_path` is off (it is off in this harness).
+#[test]
+fn a_per_path_limit_holds_for_every_spelling_of_the_path() {
+    let rule = limit_rule("per-path", json!([{"path": true}]), 1, 60);
+    let (envoy, upstream) = start(json!({"rules": [rule]}), 2);
+    let _log = envoy.log_on_failure();
+    assert_eq!(envoy.get("/p/items").send().status, 200);
+    for spelling in ["/p/%69tems", "/p//items", "/p/./items", "/p/x/../items", "/p/%2e/items"] {
+        assert_eq!(envoy.get(spelling).send().status, 429, "{spelling} got its own bucket");
+    }
+    assert_eq!(envoy.get("/p/ITEMS").send().status, 200, "another path (paths are case-sensitive)");
+    assert_eq!(upstream.served(), 2);
+}
+
 /// Issue 15: with 10,000 places and 5,000 new users (half the capacity), the table
 /// itself throttles at most 0.1 % of them on their first request (it was 4 % at a
 /// fifth of the capacity, with sequential ids).
