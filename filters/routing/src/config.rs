@@ -138,8 +138,29 @@ pub struct RequestHeadersSpec {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResponseHeadersSpec {
+    /// Replace every value of the header (or add it).
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Add a value, keeping the upstream's.
     #[serde(default)]
     pub add: BTreeMap<String, String>,
+    /// Remove the header from the upstream's response.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A route's response header edits, applied in this order: remove, set, add.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseEdits {
+    pub remove: Vec<String>,
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+}
+
+impl ResponseEdits {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
 }
 
 // ---- compiled form -------------------------------------------------------------
@@ -160,7 +181,7 @@ pub struct Route {
     pub action: Action,
     pub rewrite: Rewrite,
     pub request_headers: RequestHeadersSpec,
-    pub response_headers: Vec<(String, String)>,
+    pub response_headers: ResponseEdits,
 }
 
 #[derive(Debug, Clone)]
@@ -252,9 +273,23 @@ impl RouteSpec {
         for name in &self.request_headers.remove {
             check_mutable_header(name, &format!("{field}.request_headers.remove"), errors);
         }
-        for (name, value) in &self.response_headers.add {
-            check_mutable_header(name, &format!("{field}.response_headers.add"), errors);
-            errors.check_header_value(format!("{field}.response_headers.add.{name}"), value);
+        let responses = &self.response_headers;
+        for (kind, map) in [("set", &responses.set), ("add", &responses.add)] {
+            for (name, value) in map {
+                check_mutable_header(name, &format!("{field}.response_headers.{kind}"), errors);
+                errors.check_header_value(format!("{field}.response_headers.{kind}.{name}"), value);
+            }
+        }
+        for name in &responses.remove {
+            check_mutable_header(name, &format!("{field}.response_headers.remove"), errors);
+        }
+        for name in
+            responses.set.keys().filter(|name| responses.add.contains_key(*name) || responses.remove.contains(name))
+        {
+            errors.add(
+                format!("{field}.response_headers.set.{name}"),
+                "is also added or removed: use one edit per header",
+            );
         }
         Some(Route {
             name: self.name.clone(),
@@ -262,7 +297,11 @@ impl RouteSpec {
             action: action?,
             rewrite: rewrite?,
             request_headers: self.request_headers.clone(),
-            response_headers: self.response_headers.add.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            response_headers: ResponseEdits {
+                remove: responses.remove.clone(),
+                set: responses.set.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                add: responses.add.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            },
         })
     }
 

@@ -207,7 +207,9 @@ fn local_answer(router: &Router, request: &RequestHeaders, answer: &LocalAnswer,
     let Some(route) = router.routes.get(answer.route) else {
         return Verdict::forward();
     };
-    let mut headers: Vec<(String, String)> = route.response_headers.clone();
+    // A local answer has no upstream headers to remove or replace: set and add both apply.
+    let edits = &route.response_headers;
+    let mut headers: Vec<(String, String)> = edits.set.iter().chain(&edits.add).cloned().collect();
     if let Some(name) = &router.route_name_response_header {
         headers.push((name.clone(), route.name.clone()));
     }
@@ -234,8 +236,16 @@ fn local_answer(router: &Router, request: &RequestHeaders, answer: &LocalAnswer,
 fn response_verdict(router: &Router, index: usize) -> Verdict {
     let mut verdict = Verdict::forward();
     if let Some(route) = router.routes.get(index) {
-        for (name, value) in &route.response_headers {
-            verdict = verdict.edit(Edit::Add(MapType::HttpResponseHeaders, name.clone(), value.clone().into_bytes()));
+        let map = MapType::HttpResponseHeaders;
+        let edits = &route.response_headers;
+        for name in &edits.remove {
+            verdict = verdict.edit(Edit::Remove(map, name.clone()));
+        }
+        for (name, value) in &edits.set {
+            verdict = verdict.edit(Edit::Set(map, name.clone(), value.clone().into_bytes()));
+        }
+        for (name, value) in &edits.add {
+            verdict = verdict.edit(Edit::Add(map, name.clone(), value.clone().into_bytes()));
         }
         if let Some(name) = &router.route_name_response_header {
             verdict =

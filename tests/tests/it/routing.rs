@@ -44,7 +44,8 @@ fn routes() -> Value {
             {"name": "users-rewrite", "match": {"path": {"prefix": "/api/users"}}, "cluster": "users",
              "rewrite": {"prefix": "/users"},
              "request_headers": {"set": {"x-routed-by": "gateway"}, "add": {"x-extra": "1"}, "remove": ["x-internal"]},
-             "response_headers": {"add": {"x-served-via": "routing"}}},
+             "response_headers": {"add": {"x-served-via": "routing"}, "set": {"cache-control": "no-store"},
+                                  "remove": ["x-upstream"]}},
             {"name": "items-regex", "match": {"path": {"regex": "/v1/items/[0-9]+"}}, "cluster": "products",
              "rewrite": {"regex": {"pattern": "^/v1/items/([0-9]+)$", "substitution": "/items/$1"}, "host": "items.internal"}},
             {"name": "users", "match": {"path": {"prefix": "/users"}}, "cluster": "users"},
@@ -162,8 +163,12 @@ fn rewrites_and_header_edits_reach_the_upstream() {
     let fx = shared();
     let envoy = &fx.envoy;
     let _log = envoy.log_on_failure();
-    let response =
-        envoy.get("/api/users/7?full=1").header("x-internal", "secret").header("x-routed-by", "client").send();
+    let response = envoy
+        .get("/api/users/7?full=1")
+        .header("x-internal", "secret")
+        .header("x-routed-by", "client")
+        .header("x-echo-header", "cache-control: max-age=60")
+        .send();
     let echo = response.echo();
     assert_eq!(echo.upstream(), "users");
     assert_eq!(echo.path(), "/users/7");
@@ -172,6 +177,9 @@ fn rewrites_and_header_edits_reach_the_upstream() {
     assert_eq!(echo.header("x-extra"), Some("1"));
     assert_eq!(echo.header("x-internal"), None);
     assert_eq!(response.header("x-served-via").as_deref(), Some("routing"));
+    // Issue 17: `set` replaces the upstream's value, `remove` drops its header.
+    assert_eq!(response.header_all("cache-control"), vec!["no-store".to_string()]);
+    assert_eq!(response.header("x-upstream"), None, "removed from the upstream's response");
     assert_eq!(response.header("x-gateway-route").as_deref(), Some("users-rewrite"));
 
     let response = envoy.get("/v1/items/42").send();
@@ -304,6 +312,14 @@ fn invalid_configuration_is_refused_with_the_field_named() {
         ),
         (r#"{"routes":[{"name":"a","match":{"path":{"prefix":"/"}}}]}"#, "routes[0]: needs exactly one action"),
         (r#"{"routes":[{"name":"a","clustr":"users"}]}"#, "unknown field `clustr`"),
+        (
+            r#"{"routes":[{"name":"a","cluster":"users","response_headers":{"set":{"x-a":"1"},"remove":["x-a"]}}]}"#,
+            "routes[0].response_headers.set.x-a: is also added or removed",
+        ),
+        (
+            r#"{"routes":[{"name":"a","cluster":"users","response_headers":{"remove":["Bad Name"]}}]}"#,
+            "routes[0].response_headers.remove.Bad Name",
+        ),
     ] {
         assert_config_refused(&upstream, "routing", config, field);
     }
