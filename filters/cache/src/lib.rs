@@ -29,7 +29,6 @@ use sha2::{Digest, Sha256};
 
 use crate::collapse::{Waiter, Waiting};
 use crate::config::{Cache, CacheConfig};
-use crate::http::CacheControl;
 use crate::policy::{Exchange, LookupPlan};
 use crate::store::{FillRole, Location, Meta, Table, Variant};
 
@@ -204,13 +203,9 @@ impl Shared {
         let now = host.now_nanos() / 1_000_000_000;
         let Some((location, meta)) = self.lookup(&SharedData(host), key) else { return false };
         let Some(variant) = policy::select(&meta, &waiter.request, &config.upstream_header) else { return false };
-        let request_cc = if config.ignore_request_cache_control {
-            CacheControl::default()
-        } else {
-            CacheControl::parse(waiter.request.values("cache-control"))
-        };
+        let request_cc = policy::request_cache_control(config, &waiter.request);
         let LookupPlan::Serve(_) = policy::plan_lookup(&request_cc, true, Some(variant), now) else { return false };
-        let Ok(Some(body)) = self.table.body(&SharedData(host), &location, variant) else { return false };
+        let Some(body) = self.body(&SharedData(host), &location, variant) else { return false };
         let status_value = format!("{}; {}; collapsed", config.cache_status_name, waiter.forward);
         let reply = policy::stored_reply(variant, body, &waiter.request, waiter.head, &status_value, now);
         // `Continue` on a refused reply: the caller then sends the waiter on.
@@ -492,7 +487,7 @@ impl<H: Host> Context for CacheStream<H> {
                 "Bad Gateway",
                 "the origin's 304 did not match the stored response, and fetching it again failed",
             )
-            .reply(&RequestFacts::from_pairs(exchange.selectors_request.pairs()))
+            .reply(&RequestFacts::of(&exchange.selectors_request))
         } else {
             let headers = policy::replayed_headers(&headers);
             Reply { status: u32::from(status), headers, body: if head { Vec::new() } else { body }, grpc_status: None }
@@ -683,11 +678,7 @@ impl<H: Host> CacheStream<H> {
         let now_ms = self.host.now_nanos() / 1_000_000;
         let now = now_ms / 1000;
         let head = request.method() == b"HEAD";
-        let request_cc = if config.ignore_request_cache_control {
-            CacheControl::default()
-        } else {
-            CacheControl::parse(request.values("cache-control"))
-        };
+        let request_cc = policy::request_cache_control(config, &request);
         let key = policy::primary_key(config, &request);
         let authenticated = request.first("authorization").is_some()
             || config.identity_headers.iter().any(|name| request.first(name).is_some());
@@ -830,9 +821,9 @@ impl<H: Host> CacheStream<H> {
         if status == 304 {
             let updated = policy::refreshed(&shared.cache.config, &variant, headers, exchange.request_time, now);
             let _ = shared.table.refresh(&SharedData(&self.host), &exchange.key, &updated);
-            let found = shared.table.lookup(&SharedData(&self.host), &exchange.key).ok().flatten();
-            if let Some(Ok(Some(body))) =
-                found.map(|found| shared.table.body(&SharedData(&self.host), &found.location, &updated))
+            let stored = shared.lookup(&SharedData(&self.host), &exchange.key);
+            if let Some(body) =
+                stored.and_then(|(location, _)| shared.body(&SharedData(&self.host), &location, &updated))
             {
                 shared.metrics.revalidated_304.increment_on(&self.host);
                 return self.serve(&updated, body, &client, head, "fwd=stale; fwd-status=304", now);
@@ -844,9 +835,9 @@ impl<H: Host> CacheStream<H> {
         if status >= 500 {
             let staleness = u64::try_from(-variant.ttl(now)).unwrap_or(0);
             if variant.stale_if_error.is_some_and(|window| staleness <= window) {
-                let found = shared.table.lookup(&SharedData(&self.host), &exchange.key).ok().flatten();
-                if let Some(Ok(Some(body))) =
-                    found.map(|found| shared.table.body(&SharedData(&self.host), &found.location, &variant))
+                let stored = shared.lookup(&SharedData(&self.host), &exchange.key);
+                if let Some(body) =
+                    stored.and_then(|(location, _)| shared.body(&SharedData(&self.host), &location, &variant))
                 {
                     shared.metrics.stale_if_error.increment_on(&self.host);
                     let detail = format!("hit; fwd=stale; fwd-status={status}");

@@ -78,6 +78,16 @@ fn joined(request: &RequestHeaders, name: &str) -> Option<String> {
     (!values.is_empty()).then(|| values.join(", "))
 }
 
+/// The request's Cache-Control as the cache honours it (none when configured to
+/// ignore clients' directives).
+pub fn request_cache_control(config: &CacheConfig, request: &RequestHeaders) -> CacheControl {
+    if config.ignore_request_cache_control {
+        CacheControl::default()
+    } else {
+        CacheControl::parse(request.values("cache-control"))
+    }
+}
+
 /// The selectors a request presents for a stored variant's Vary header names.
 pub fn selectors_for(
     request: &RequestHeaders,

@@ -172,9 +172,9 @@ impl RequestHeaders {
     pub fn from_pairs(pairs: impl Into<HeaderPairs>) -> Result<Self, (BadRequest, HeaderPairs)> {
         let pairs = pairs.into();
         let checked = (|| {
-            let path = first_of(&pairs, ":path").ok_or(BadRequest::MissingPath)?;
+            let path = pairs.first(":path").ok_or(BadRequest::MissingPath)?;
             let target = check_target(path)?.to_string();
-            let authority = first_of(&pairs, ":authority").or_else(|| first_of(&pairs, "host"));
+            let authority = pairs.first(":authority").or_else(|| pairs.first("host"));
             if authority.is_some_and(|value| !is_authority(value)) {
                 return Err(BadRequest::InvalidAuthority);
             }
@@ -270,10 +270,6 @@ pub fn read_request_from(host: &impl Host) -> Result<RequestHeaders, proxy_wasm:
     }
 }
 
-fn first_of<'p>(pairs: &'p HeaderPairs, name: &str) -> Option<&'p [u8]> {
-    pairs.first(name)
-}
-
 /// Text that stands for bytes without losing any: printable ASCII other than `%`
 /// as is, every other byte as `%XX`. Two different byte strings never give the
 /// same text, so it is safe inside keys and selectors ([`unescape_bytes`] inverts it).
@@ -317,7 +313,6 @@ pub fn percent_decode_path(input: &[u8]) -> Vec<u8> {
 /// `%2e%2E` is `..` too), `//` as `/`. Letters keep their case: paths are
 /// case-sensitive. Two spellings of one resource give the same bytes.
 pub fn normalized_path(path: &[u8]) -> Vec<u8> {
-    let hex = |byte: u8| char::from(byte).to_digit(16).and_then(|digit| u8::try_from(digit).ok());
     let mut decoded = Vec::with_capacity(path.len());
     let mut index = 0;
     while let Some(&byte) = path.get(index) {
@@ -376,15 +371,17 @@ fn remove_dot_segments(path: &[u8]) -> Vec<u8> {
     out
 }
 
-fn decode(input: &[u8], plus_is_space: bool) -> Vec<u8> {
-    fn hex(byte: u8) -> Option<u8> {
-        match byte {
-            b'0'..=b'9' => Some(byte - b'0'),
-            b'a'..=b'f' => Some(byte - b'a' + 10),
-            b'A'..=b'F' => Some(byte - b'A' + 10),
-            _ => None,
-        }
+/// The value of one hex digit of a percent escape.
+fn hex(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
     }
+}
+
+fn decode(input: &[u8], plus_is_space: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(input.len());
     let mut index = 0;
     while let Some(&byte) = input.get(index) {

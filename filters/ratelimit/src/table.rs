@@ -193,12 +193,9 @@ impl Table {
                 self.take_owned(store, limit, a, place, now)?
             } else {
                 let b = if second != first { Some(self.read(store, self.group_key(second))?) } else { None };
-                match b {
-                    Some(b) if b.position(identity).is_some() => {
-                        let place = b.position(identity).unwrap_or(0);
-                        self.take_owned(store, limit, b, place, now)?
-                    }
-                    b => {
+                match (b.as_ref().and_then(|b| b.position(identity)), b) {
+                    (Some(place), Some(b)) => self.take_owned(store, limit, b, place, now)?,
+                    (_, b) => {
                         // The candidate with more room; the first on a tie.
                         let roomier = match b {
                             Some(b) if b.free_places(now) > a.free_places(now) => b,
