@@ -38,10 +38,9 @@ impl Waiting {
         self.waiters.entry(key.to_string()).or_default().push(waiter);
     }
 
-    /// The fill of `key` ended (here): its waiters, to be answered or released.
-    pub fn finish(&mut self, key: &str) -> Vec<Waiter> {
+    /// The fill this VM led ended; its waiters stay until the root's tick.
+    pub fn release_lead(&mut self, key: &str) {
         self.led_here.remove(key);
-        self.waiters.remove(key).unwrap_or_default()
     }
 
     /// A waiting stream went away (its client gave up).
@@ -52,8 +51,9 @@ impl Waiting {
         self.waiters.retain(|_, waiters| !waiters.is_empty());
     }
 
-    /// Keys waited for whose fill runs on another worker (polled by the tick).
-    pub fn followed_elsewhere(&self) -> Vec<String> {
+    /// Keys waited for whose fill this VM does not lead (any more): the tick
+    /// checks their fill lock.
+    pub fn not_led_here(&self) -> Vec<String> {
         self.waiters.keys().filter(|key| !self.led_here.contains(*key)).cloned().collect()
     }
 
@@ -100,12 +100,14 @@ mod tests {
         waiting.follow("a", waiter(2, 100));
         waiting.follow("a", waiter(3, 50));
         waiting.follow("b", waiter(4, 100));
-        assert_eq!(waiting.followed_elsewhere(), vec!["b".to_string()]);
+        assert_eq!(waiting.not_led_here(), vec!["b".to_string()]);
         let expired = waiting.take_expired(60);
         assert_eq!(expired.iter().map(|(key, w)| (key.as_str(), w.context_id)).collect::<Vec<_>>(), [("a", 3)]);
         waiting.forget(4);
-        assert!(waiting.followed_elsewhere().is_empty());
-        let released: Vec<u32> = waiting.finish("a").iter().map(|w| w.context_id).collect();
+        assert!(waiting.not_led_here().is_empty());
+        waiting.release_lead("a");
+        assert_eq!(waiting.not_led_here(), vec!["a".to_string()], "its waiters wait for the tick");
+        let released: Vec<u32> = waiting.take("a").iter().map(|w| w.context_id).collect();
         assert_eq!(released, [2]);
         assert!(waiting.is_empty() && !waiting.is_led_here("a"));
     }

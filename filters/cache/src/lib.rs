@@ -319,7 +319,7 @@ impl Module for CacheModule {
         }
         shared.metrics.hits.flush_on(&Ffi);
         shared.metrics.misses.flush_on(&Ffi);
-        release_finished_waits(shared, calls.root_context_id());
+        release_finished_waits(shared, &Ffi, calls.root_context_id());
         let jobs: Vec<Background> = shared.revalidations.borrow_mut().drain(..).collect();
         for job in jobs {
             let headers: Vec<(&str, &str)> = job.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
@@ -359,22 +359,25 @@ impl Module for CacheModule {
     }
 }
 
-/// Root tick: waiters past their deadline, and waiters whose fill ran on another
-/// worker and ended, are released (answered from the cache or sent on).
-fn release_finished_waits(shared: &Shared, root_context_id: u32) {
+/// Root tick: waiters past their deadline, and waiters whose fill (on this worker
+/// or another) ended, are released: answered from the cache or sent on. Only the
+/// root answers waiters: a local reply sent on a waiting stream from another
+/// stream's callback never reached an HTTP/2 client (measured: the stream hung),
+/// while one sent from the root's tick does, over HTTP/1.1 and HTTP/2.
+fn release_finished_waits(shared: &Shared, host: &impl Host, root_context_id: u32) {
     if shared.waiting.borrow().is_empty() {
         return;
     }
-    let now_ms = host::now_nanos() / 1_000_000;
+    let now_ms = host.now_nanos() / 1_000_000;
     let expired = shared.waiting.borrow_mut().take_expired(now_ms);
     for (key, waiter) in expired {
-        shared.wake(&Ffi, &key, vec![waiter], root_context_id);
+        shared.wake(host, &key, vec![waiter], root_context_id);
     }
-    let followed = shared.waiting.borrow().followed_elsewhere();
-    for key in followed {
-        if shared.table.fill_running(&HostStore, &key, now_ms) != Ok(true) {
+    let unled = shared.waiting.borrow().not_led_here();
+    for key in unled {
+        if shared.table.fill_running(&SharedData(host), &key, now_ms) != Ok(true) {
             let waiters = shared.waiting.borrow_mut().take(&key);
-            shared.wake(&Ffi, &key, waiters, root_context_id);
+            shared.wake(host, &key, waiters, root_context_id);
         }
     }
 }
@@ -654,14 +657,12 @@ impl<H: Host> CacheStream<H> {
         Action::Continue
     }
 
-    /// Ends the fill this stream leads: the lock goes back, and this VM's
-    /// waiters are answered from the entry (or sent on when there is none).
+    /// Ends the fill this stream leads: the lock goes back; the root's next tick
+    /// answers the waiters (see `release_finished_waits`).
     fn finish_fill(&mut self) {
         let Some(key) = self.leading.take() else { return };
-        let shared = Rc::clone(&self.shared);
-        let _ = shared.table.end_fill(&SharedData(&self.host), &key);
-        let waiters = shared.waiting.borrow_mut().finish(&key);
-        shared.wake(&self.host, &key, waiters, self.context_id);
+        let _ = self.shared.table.end_fill(&SharedData(&self.host), &key);
+        self.shared.waiting.borrow_mut().release_lead(&key);
     }
 
     fn now_seconds(&self) -> u64 {
@@ -1105,6 +1106,8 @@ mod glue_tests {
         leader.on_http_response_headers(0, false);
         host.set_response_body(b"hello");
         leader.on_http_response_body(5, true);
+        assert!(host.replies().is_empty(), "waiters are answered by the root, not in the leader's callback");
+        release_finished_waits(&shared, &host, 1);
         let replies = host.replies();
         assert_eq!(replies.iter().map(|reply| reply.context).collect::<Vec<_>>(), [8, 9], "each on its own stream");
         assert!(replies.iter().all(|reply| reply.body == b"hello"));
@@ -1112,7 +1115,7 @@ mod glue_tests {
             reply.headers.iter().find(|(name, _)| name == "cache-status").map(|(_, value)| value.clone())
         };
         assert_eq!(status(&replies[0]).as_deref(), Some("wasm-cache; fwd=uri-miss; collapsed"));
-        assert_eq!(host.effective_context(), 7, "host calls act on the leader again");
+        assert_eq!(host.effective_context(), 1, "host calls act on the root again");
         assert_eq!(host.metric("cache.collapsed"), 2);
         assert_eq!(host.resumed(), 0);
     }
@@ -1128,6 +1131,7 @@ mod glue_tests {
         assert_eq!(waiter.on_http_request_headers(0, true), Action::Pause);
         host.replace_headers(MapType::HttpResponseHeaders, &[(":status", b"200"), ("cache-control", b"private")]);
         leader.on_http_response_headers(0, false);
+        release_finished_waits(&shared, &host, 1);
         assert_eq!(host.resumed_contexts(), [8], "sent on to the origin");
         assert_eq!(host.metric("cache.collapse_forwarded"), 1);
         // Its own response then passes through as a miss that says it waited.

@@ -427,6 +427,52 @@ fn a_304_for_another_representation_updates_nothing_and_is_fetched_again() {
     assert_eq!(fx.upstream.served_path(path), 3, "store, 304, re-fetch; then a hit");
 }
 
+/// The re-fetch after a mismatching 304 forwards the client's headers: over
+/// HTTP/2 a value may be bytes that are not text (Envoy's h2 codec passes
+/// 0x80-0xFF). Such a request gets a clear 502, never a broken call or a hang;
+/// and identical misses carrying such bytes still collapse and are answered.
+#[test]
+fn raw_bytes_over_http2_reach_the_refetch_and_collapsing_safely() {
+    use gateway_tests::raw;
+    let fx = shared();
+    let _log = fx.envoy.log_on_failure();
+    let path = "/c/raw-refetch";
+    fx.upstream
+        .script(path, Reply::status(200).header("cache-control", "max-age=0").header("etag", "\"v1\"").body("one"));
+    let token: (&[u8], &[u8]) = (b"x-token", b"\xff\xfe");
+    assert_eq!(raw::get(fx.envoy.listener, path.as_bytes(), &[token]).response().status, 200);
+    fx.upstream.script(
+        path,
+        Reply::status(200)
+            .header("cache-control", "max-age=60")
+            .header("etag", "\"v2\"")
+            .body("two")
+            .when_conditional(Reply::status(304).header("etag", "\"v2\"")),
+    );
+    let refetched = raw::get(fx.envoy.listener, path.as_bytes(), &[token]).response();
+    assert_eq!(refetched.status, 502, "{:?}", String::from_utf8_lossy(&refetched.body));
+    assert!(String::from_utf8_lossy(&refetched.body).contains("refetch-failed"));
+    // A text request afterwards gets the current representation.
+    assert_eq!(fx.envoy.get(path).send().text(), "two");
+
+    let stampede = "/c/raw-stampede";
+    fx.upstream.script(
+        stampede,
+        Reply::status(200).header("cache-control", "max-age=60").body("once").delay(Duration::from_millis(300)),
+    );
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let listener = fx.envoy.listener;
+            std::thread::spawn(move || raw::get(listener, stampede.as_bytes(), &[(b"x-token", b"\xff")]).response())
+        })
+        .collect();
+    for handle in handles {
+        let response = handle.join().unwrap();
+        assert_eq!((response.status, response.body.as_slice()), (200, &b"once"[..]));
+    }
+    assert_eq!(fx.upstream.served_path(stampede), 1);
+}
+
 /// RFC 9111 4.3.4: a 304 updates Content-Type but never the fields that
 /// describe the stored content.
 #[test]
