@@ -24,7 +24,7 @@ ENVOY_STAMP :=
 ENVOY_BIN_RESOLVED = $(ENVOY_BIN)
 endif
 
-.PHONY: build toolchain binaryen envoy tls run test lint unit integration test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
+.PHONY: build toolchain binaryen envoy tls run test lint unit integration redis rls-service test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
 
 ## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
 toolchain:
@@ -76,10 +76,10 @@ lint: toolchain
 
 ## unit: native unit tests of the filter logic.
 unit:
-	cargo test --workspace --exclude gateway-tests
+	cargo test --workspace --exclude gateway-tests --exclude rls-service
 
-## integration: the suite against real Envoy.
-integration: build bench-modules envoy tls
+## integration: the suite against real Envoy (and the real servers some modules talk to).
+integration: build bench-modules envoy tls redis rls-service
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests --test it -- --test-threads $(TEST_THREADS)
 
 ## test: everything CI runs, then proof that nothing it started still runs.
@@ -110,6 +110,16 @@ check-no-leftovers:
 	  for f in $$leftovers; do tr '\0' ' ' < "$$f" 2>/dev/null; echo; done; \
 	  echo "processes from the test run are still running" >&2; exit 1; \
 	fi; echo "no test processes left running"
+
+## redis: redis-server from Debian (the rate-limit service fixture counts in it).
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+## rls-service: the rate-limit service fixture (Limitador's engine; its RocksDB
+## dependency needs libclang for bindgen).
+rls-service:
+	@ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev; }
+	cargo build -p rls-service
 
 ## wrk: the load generator, from Debian.
 wrk:

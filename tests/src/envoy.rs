@@ -73,6 +73,8 @@ pub struct EnvoyConfig {
     pub filters: Vec<WasmFilter>,
     /// Clusters by name; each is an echo upstream (or any HTTP/1.1 server).
     pub clusters: Vec<(String, SocketAddr)>,
+    /// HTTP/2 clusters for gRPC services (a rate-limit service).
+    pub grpc_clusters: Vec<(String, SocketAddr)>,
     pub routes: Routes,
     /// Worker threads (`--concurrency`).
     pub concurrency: u32,
@@ -87,6 +89,7 @@ impl EnvoyConfig {
             filters: Vec::new(),
             clusters: vec![(upstream.name().to_string(), upstream.addr)],
             routes: Routes::Cluster(upstream.name().to_string()),
+            grpc_clusters: Vec::new(),
             concurrency: 2,
             xff_trusted_hops: 0,
         }
@@ -105,6 +108,12 @@ impl EnvoyConfig {
 
     pub fn cluster(mut self, upstream: &EchoUpstream) -> Self {
         self.clusters.push((upstream.name().to_string(), upstream.addr));
+        self
+    }
+
+    /// An HTTP/2 cluster `name` for a gRPC service at `addr`.
+    pub fn grpc_cluster(mut self, name: &str, addr: SocketAddr) -> Self {
+        self.grpc_clusters.push((name.to_string(), addr));
         self
     }
 
@@ -160,13 +169,20 @@ impl EnvoyConfig {
             Routes::Yaml(yaml) => yaml.clone(),
         };
         let mut clusters = String::new();
-        for (name, addr) in &self.clusters {
+        let plain = self.clusters.iter().map(|cluster| (cluster, ""));
+        let http2 = r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }"#;
+        let grpc = self.grpc_clusters.iter().map(|cluster| (cluster, http2));
+        for ((name, addr), options) in plain.chain(grpc) {
             let _ = write!(
                 clusters,
                 r#"
   - name: {name}
     type: STATIC
-    connect_timeout: 2s
+    connect_timeout: 2s{options}
     load_assignment:
       cluster_name: {name}
       endpoints:

@@ -13,6 +13,7 @@ pub mod envoy;
 pub mod paths;
 pub mod process;
 pub mod raw;
+pub mod services;
 pub mod tokens;
 pub mod upstream;
 

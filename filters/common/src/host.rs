@@ -192,6 +192,32 @@ pub fn dispatch_http_call(cluster: &str, headers: &[(&str, &str)], timeout: std:
         .map_err(|status| HostError(status as u32))
 }
 
+/// Starts a unary gRPC call to an Envoy cluster; the answer arrives in the
+/// calling context's `on_grpc_call_response`. Through the SDK, whose dispatcher
+/// must register the token; Envoy reports an unknown cluster as ParseFailure,
+/// which the SDK returns as an error.
+pub fn dispatch_grpc_call(call: &crate::platform::GrpcCall<'_>) -> HostResult<u32> {
+    proxy_wasm::hostcalls::dispatch_grpc_call(
+        call.cluster,
+        call.service,
+        call.method,
+        Vec::new(),
+        Some(call.message),
+        call.timeout,
+    )
+    .map_err(|status| HostError(status as u32))
+}
+
+/// The message of the gRPC call response being delivered (empty if none).
+pub fn grpc_call_response_body(size: usize) -> HostResult<Vec<u8>> {
+    const GRPC_RECEIVE_BUFFER: u32 = 5;
+    read_optional(|data, out_size| {
+        // SAFETY: out-pointers are valid for writes.
+        unsafe { proxy_get_buffer_bytes(GRPC_RECEIVE_BUFFER, 0, size, data, out_size) }
+    })
+    .map(Option::unwrap_or_default)
+}
+
 /// The body of the HTTP call response being delivered (empty if none).
 pub fn http_call_response_body(size: usize) -> HostResult<Vec<u8>> {
     const HTTP_CALL_RESPONSE_BODY: u32 = 4;

@@ -43,6 +43,11 @@ pub trait Host {
     fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32>;
     /// The body of the HTTP call response being delivered (at most `size` bytes).
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>>;
+    /// Starts a unary gRPC call (`message`: the serialized request); the answer
+    /// arrives in the calling context's `on_grpc_call_response` with this token.
+    fn dispatch_grpc_call(&self, call: &GrpcCall<'_>) -> HostResult<u32>;
+    /// The message of the gRPC call response being delivered (at most `size` bytes).
+    fn grpc_call_response_body(&self, size: usize) -> HostResult<Vec<u8>>;
     /// Resumes a request paused by `Action::Pause`.
     fn resume_request(&self) -> HostResult<()>;
     /// Makes the next calls act on another context of this VM (a paused stream),
@@ -113,6 +118,12 @@ impl<H: Host + ?Sized> Host for &H {
     }
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
         (**self).http_call_response_body(size)
+    }
+    fn dispatch_grpc_call(&self, call: &GrpcCall<'_>) -> HostResult<u32> {
+        (**self).dispatch_grpc_call(call)
+    }
+    fn grpc_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        (**self).grpc_call_response_body(size)
     }
     fn resume_request(&self) -> HostResult<()> {
         (**self).resume_request()
@@ -191,6 +202,12 @@ impl Host for Ffi {
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
         host::http_call_response_body(size)
     }
+    fn dispatch_grpc_call(&self, call: &GrpcCall<'_>) -> HostResult<u32> {
+        host::dispatch_grpc_call(call)
+    }
+    fn grpc_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        host::grpc_call_response_body(size)
+    }
     fn resume_request(&self) -> HostResult<()> {
         host::resume_request()
     }
@@ -208,6 +225,28 @@ pub struct DispatchedCall {
     pub token: u32,
     pub cluster: String,
     pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+}
+
+/// A unary gRPC call to start: the Envoy cluster, the service and method, and
+/// the serialized request message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcCall<'a> {
+    pub cluster: &'a str,
+    pub service: &'a str,
+    pub method: &'a str,
+    pub message: &'a [u8],
+    pub timeout: Duration,
+}
+
+/// A gRPC call as `FakeHost` received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchedGrpcCall {
+    pub token: u32,
+    pub cluster: String,
+    pub service: String,
+    pub method: String,
+    pub message: Vec<u8>,
     pub timeout: Duration,
 }
 
@@ -242,6 +281,7 @@ pub struct FakeHost {
     replies: RefCell<Vec<LocalReply>>,
     logs: RefCell<Vec<String>>,
     dispatched: RefCell<Vec<DispatchedCall>>,
+    grpc_dispatched: RefCell<Vec<DispatchedGrpcCall>>,
     call_body: RefCell<Vec<u8>>,
     response_body: RefCell<Vec<u8>>,
     resumed: Cell<u32>,
@@ -324,6 +364,16 @@ impl FakeHost {
     /// The HTTP calls started so far.
     pub fn dispatched(&self) -> Vec<DispatchedCall> {
         self.dispatched.borrow().clone()
+    }
+
+    /// The gRPC calls started so far.
+    pub fn grpc_dispatched(&self) -> Vec<DispatchedGrpcCall> {
+        self.grpc_dispatched.borrow().clone()
+    }
+
+    /// Scripts the message the next `on_grpc_call_response` will read.
+    pub fn answer_grpc_call(&self, message: &[u8]) {
+        *self.call_body.borrow_mut() = message.to_vec();
     }
 
     /// Scripts the answer the next `on_http_call_response` will read.
@@ -514,6 +564,28 @@ impl Host for FakeHost {
     }
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
         self.record("http_call_response_body");
+        let body = self.call_body.borrow();
+        Ok(body.get(..size.min(body.len())).unwrap_or_default().to_vec())
+    }
+    fn dispatch_grpc_call(&self, call: &GrpcCall<'_>) -> HostResult<u32> {
+        self.record("dispatch_grpc_call");
+        if self.unknown_clusters.borrow().iter().any(|unknown| unknown == call.cluster) {
+            return Err(HostError(2));
+        }
+        let mut dispatched = self.grpc_dispatched.borrow_mut();
+        let token = u32::try_from(dispatched.len() + 1).map_err(|_| HostError(1))?;
+        dispatched.push(DispatchedGrpcCall {
+            token,
+            cluster: call.cluster.to_string(),
+            service: call.service.to_string(),
+            method: call.method.to_string(),
+            message: call.message.to_vec(),
+            timeout: call.timeout,
+        });
+        Ok(token)
+    }
+    fn grpc_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        self.record("grpc_call_response_body");
         let body = self.call_body.borrow();
         Ok(body.get(..size.min(body.len())).unwrap_or_default().to_vec())
     }

@@ -27,6 +27,45 @@ pub struct RateLimitConfig {
     /// Add `RateLimit-Policy` / `RateLimit` to allowed responses too.
     #[serde(default = "default_true")]
     pub response_headers: bool,
+    /// The rate-limit service that rules with `global: true` ask.
+    pub global: Option<GlobalSpec>,
+}
+
+/// A rate-limit service speaking Envoy's RLS protocol, reached through an Envoy
+/// cluster (HTTP/2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalSpec {
+    pub cluster: String,
+    pub domain: String,
+    /// Envoy's rate-limit filter waits 20 ms by default.
+    #[serde(default = "default_global_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// The status of the answer when the service fails and `failure_mode` is `deny`.
+    #[serde(default = "default_status_on_error")]
+    pub status_on_error: u16,
+}
+
+fn default_global_timeout_ms() -> u64 {
+    20
+}
+fn default_status_on_error() -> u16 {
+    500
+}
+
+/// What a request gets when the rate-limit service times out, is unreachable
+/// or answers something that is not a verdict.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Let it through (Envoy's default: the service is an optimization of
+    /// availability, not an authorization).
+    #[default]
+    Allow,
+    /// Answer `status_on_error`.
+    Deny,
 }
 
 fn default_slots() -> u32 {
@@ -78,10 +117,15 @@ pub struct RuleSpec {
     pub key: Vec<KeyPartSpec>,
     #[serde(default)]
     pub missing_key: MissingKey,
+    /// Local limits; may be empty for a `global` rule.
+    #[serde(default)]
     pub limits: Vec<LimitSpec>,
     /// Count and report what would be denied; deny nothing.
     #[serde(default)]
     pub shadow: bool,
+    /// Also ask the rate-limit service (`global`), after the local limits allowed.
+    #[serde(default)]
+    pub global: bool,
 }
 
 /// Exactly one field per key part.
@@ -127,11 +171,23 @@ pub struct Rule {
     pub missing_key: MissingKey,
     pub limits: Vec<Limit>,
     pub shadow: bool,
+    /// Whether the rate-limit service is asked too.
+    pub global: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalService {
+    pub cluster: String,
+    pub domain: String,
+    pub timeout: std::time::Duration,
+    pub failure_mode: FailureMode,
+    pub status_on_error: u16,
 }
 
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub rules: Vec<Rule>,
+    pub global: Option<GlobalService>,
     pub trusted_hops: u32,
     pub table: Table,
     pub on_contention: OnContention,
@@ -164,6 +220,7 @@ impl RateLimitConfig {
         if self.client_ip.trusted_hops > 16 {
             errors.add("client_ip.trusted_hops", "must be at most 16");
         }
+        let global = self.global.as_ref().and_then(|spec| spec.compile(&mut errors));
         let mut names = BTreeSet::new();
         let mut rules = Vec::new();
         for (index, spec) in self.rules.iter().enumerate() {
@@ -173,12 +230,16 @@ impl RateLimitConfig {
             } else if !names.insert(spec.name.as_str()) {
                 errors.add(format!("{field}.name"), format!("duplicate rule name `{}`", spec.name));
             }
+            if spec.global && self.global.is_none() {
+                errors.add(format!("{field}.global"), "needs the top-level `global` service");
+            }
             if let Some(rule) = spec.compile(&field, &mut errors) {
                 rules.push(rule);
             }
         }
         errors.into_result(Policy {
             rules,
+            global,
             trusted_hops: self.client_ip.trusted_hops,
             table: Table::new(self.slots, self.cas_retries),
             on_contention: self.on_contention,
@@ -202,8 +263,8 @@ impl RuleSpec {
             .enumerate()
             .filter_map(|(index, part)| part.compile(&format!("{field}.key[{index}]"), errors))
             .collect();
-        if self.limits.is_empty() {
-            errors.add(format!("{field}.limits"), "must list at least one limit");
+        if self.limits.is_empty() && !self.global {
+            errors.add(format!("{field}.limits"), "must list at least one limit (or set global: true)");
         }
         let mut limit_names = BTreeSet::new();
         let mut limits = Vec::new();
@@ -239,6 +300,32 @@ impl RuleSpec {
             missing_key: self.missing_key,
             limits,
             shadow: self.shadow,
+            global: self.global,
+        })
+    }
+}
+
+impl GlobalSpec {
+    fn compile(&self, errors: &mut ConfigErrors) -> Option<GlobalService> {
+        let before = errors.messages().len();
+        if self.cluster.is_empty() {
+            errors.add("global.cluster", "must name an Envoy cluster");
+        }
+        if self.domain.is_empty() || !self.domain.bytes().all(|byte| (0x21..=0x7e).contains(&byte)) {
+            errors.add("global.domain", "must be non-empty printable ASCII without spaces");
+        }
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            errors.add("global.timeout_ms", "must be between 1 and 60000");
+        }
+        if !(400..=599).contains(&self.status_on_error) {
+            errors.add("global.status_on_error", "must be a 4xx or 5xx status");
+        }
+        (errors.messages().len() == before).then(|| GlobalService {
+            cluster: self.cluster.clone(),
+            domain: self.domain.clone(),
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            failure_mode: self.failure_mode,
+            status_on_error: self.status_on_error,
         })
     }
 }

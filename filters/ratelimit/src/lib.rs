@@ -4,7 +4,9 @@
 
 pub mod bucket;
 pub mod config;
+pub mod global;
 pub mod policy;
+pub mod rls;
 pub mod table;
 
 use std::rc::Rc;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use gateway_common::config::ConfigErrors;
 use gateway_common::host::{LogLevel, MapType};
 use gateway_common::metrics::{stat_segment, Metric};
-use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
+use gateway_common::platform::{Ffi, GrpcCall, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::read_request_from;
 use gateway_common::skeleton::{Module, RootCalls};
@@ -21,7 +23,8 @@ use gateway_common::verdict::{Edit, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use crate::config::{Policy, RateLimitConfig};
+use crate::config::{FailureMode, Policy, RateLimitConfig};
+use crate::global::GlobalVerdict;
 use crate::policy::{Decision, Denial, LimitStatus, RequestView, RuleOutcome};
 use gateway_common::shared::{HostStore, SharedData, StoreError};
 
@@ -38,9 +41,32 @@ struct RuleMetrics {
     shadow_denied: Metric,
 }
 
+/// Outcomes of the calls to the rate-limit service (names as Envoy's filter).
+struct GlobalMetrics {
+    ok: Metric,
+    over_limit: Metric,
+    error: Metric,
+    failure_mode_allowed: Metric,
+    headers_refused: Metric,
+}
+
+impl GlobalMetrics {
+    fn new(host: &impl Host, plugin: &str) -> Self {
+        let name = |what: &str| format!("ratelimit.{plugin}.global.{what}");
+        Self {
+            ok: Metric::counter_on(host, &name("ok")),
+            over_limit: Metric::counter_on(host, &name("over_limit")),
+            error: Metric::counter_on(host, &name("error")),
+            failure_mode_allowed: Metric::counter_on(host, &name("failure_mode_allowed")),
+            headers_refused: Metric::counter_on(host, &name("headers_refused")),
+        }
+    }
+}
+
 struct Shared {
     policy: Policy,
     rules: Vec<RuleMetrics>,
+    global: GlobalMetrics,
     cas_exhausted: Metric,
     store_errors: Metric,
     tracked_keys: Metric,
@@ -65,6 +91,7 @@ impl Shared {
             .collect();
         Self {
             rules,
+            global: GlobalMetrics::new(host, plugin),
             cas_exhausted: Metric::counter_on(host, &format!("ratelimit.{plugin}.cas_retries_exhausted")),
             store_errors: Metric::counter_on(host, &format!("ratelimit.{plugin}.shared_data_errors")),
             tracked_keys: Metric::gauge_on(host, &format!("ratelimit.{plugin}.tracked_keys")),
@@ -100,7 +127,7 @@ impl Module for RateLimit {
     }
 
     fn stream(shared: &Rc<Shared>, _context_id: u32) -> Box<dyn HttpContext> {
-        Box::new(RateLimitStream { host: Ffi, shared: Rc::clone(shared), allowed_status: None })
+        Box::new(RateLimitStream::new(Ffi, Rc::clone(shared)))
     }
 
     fn tick_period(_shared: &Shared) -> Option<Duration> {
@@ -121,9 +148,136 @@ struct RateLimitStream<H: Host> {
     shared: Rc<Shared>,
     /// RateLimit headers for the response of an allowed request.
     allowed_status: Option<LimitStatus>,
+    /// Headers the rate-limit service asked to add to the response.
+    service_response_headers: Vec<(String, Vec<u8>)>,
+    /// The request waiting for the rate-limit service.
+    waiting: Option<Waiting>,
 }
 
-impl<H: Host> Context for RateLimitStream<H> {}
+/// What a request paused for the rate-limit service carries until the answer.
+struct Waiting {
+    token: u32,
+    decision: Decision,
+    facts: RequestFacts,
+}
+
+impl<H: Host> RateLimitStream<H> {
+    fn new(host: H, shared: Rc<Shared>) -> Self {
+        Self { host, shared, allowed_status: None, service_response_headers: Vec::new(), waiting: None }
+    }
+
+    /// Answers or forwards a request whose decision is final.
+    fn conclude(&mut self, decision: &Decision, facts: &RequestFacts, extra: Vec<Edit>) -> Action {
+        let shared = Rc::clone(&self.shared);
+        if decision.denial.is_none() && shared.policy.response_headers {
+            self.allowed_status = decision.tightest.clone();
+        }
+        let mut verdict = decision_verdict(&shared, decision, facts);
+        verdict.edits.extend(extra);
+        if let Some((reply, _)) = verdict.reply.as_mut() {
+            reply.headers.extend(
+                self.service_response_headers
+                    .drain(..)
+                    .map(|(name, value)| (name, String::from_utf8(value).unwrap_or_default())),
+            );
+        }
+        verdict.apply(&self.host, &shared.reply_failures)
+    }
+
+    /// The service failed (unreachable, timed out, no verdict): `failure_mode` says what the request gets.
+    fn service_failed(&mut self, mut decision: Decision, facts: &RequestFacts) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let Some(service) = &shared.policy.global else { return Action::Continue };
+        shared.global.error.increment_on(&self.host);
+        if service.failure_mode == FailureMode::Allow {
+            shared.global.failure_mode_allowed.increment_on(&self.host);
+            return self.conclude(&decision, facts, Vec::new());
+        }
+        decision.deny(Denial::ServiceFailed { status: service.status_on_error });
+        if shared.policy.give_back(&SharedData(&self.host), &mut decision, self.host.now_nanos()).is_err() {
+            shared.store_errors.increment_on(&self.host);
+        }
+        self.conclude(&decision, facts, Vec::new())
+    }
+
+    /// Asks the rate-limit service about the global rules of an allowed request;
+    /// `None` when the call could not start.
+    fn ask_service(&self, decision: &Decision) -> Option<u32> {
+        let service = self.shared.policy.global.as_ref()?;
+        let descriptors: Vec<_> = decision.global.iter().map(|check| check.descriptor.clone()).collect();
+        let message = rls::encode_request(&service.domain, &descriptors, 1);
+        let call = GrpcCall {
+            cluster: &service.cluster,
+            service: rls::SERVICE,
+            method: rls::METHOD,
+            message: &message,
+            timeout: service.timeout,
+        };
+        self.host.dispatch_grpc_call(&call).ok()
+    }
+
+    /// The service's answer to a waiting request: a verdict, or a failure.
+    fn on_service_answer(&mut self, waiting: Waiting, status_code: u32, size: usize) -> Action {
+        let Waiting { mut decision, facts, .. } = waiting;
+        let shared = Rc::clone(&self.shared);
+        let body = if status_code == 0 { self.host.grpc_call_response_body(size).ok() } else { None };
+        let Some(response) = body.and_then(|body| rls::decode_response(&body).ok()) else {
+            return self.service_failed(decision, &facts);
+        };
+        let (response_headers, refused_response) = global::checked_headers(&response.response_headers_to_add);
+        let (request_headers, refused_request) = global::checked_headers(&response.request_headers_to_add);
+        let refused = refused_response + refused_request;
+        if refused > 0 {
+            shared.global.headers_refused.add_on(&self.host, i64::try_from(refused).unwrap_or(i64::MAX));
+        }
+        match global::interpret(&decision.global, &response) {
+            GlobalVerdict::Invalid => self.service_failed(decision, &facts),
+            GlobalVerdict::Allowed { statuses, shadow_denied } => {
+                shared.global.ok.increment_on(&self.host);
+                mark(&mut decision, &shadow_denied, RuleOutcome::ShadowDenied);
+                for status in statuses {
+                    if decision.tightest.as_ref().is_none_or(|tightest| policy::tighter(&status, tightest)) {
+                        decision.tightest = Some(status);
+                    }
+                }
+                self.service_response_headers = response_headers;
+                let map = MapType::HttpRequestHeaders;
+                let edits = request_headers.into_iter().map(|(name, value)| Edit::Set(map, name, value)).collect();
+                self.conclude(&decision, &facts, edits)
+            }
+            GlobalVerdict::Denied { rules, status, retry_after_seconds } => {
+                shared.global.over_limit.increment_on(&self.host);
+                let rule = rules.first().copied().unwrap_or_default();
+                decision.deny(Denial::Global { rule, status, retry_after_seconds });
+                mark(&mut decision, &rules, RuleOutcome::Denied);
+                if shared.policy.give_back(&SharedData(&self.host), &mut decision, self.host.now_nanos()).is_err() {
+                    shared.store_errors.increment_on(&self.host);
+                }
+                self.service_response_headers = response_headers;
+                self.conclude(&decision, &facts, Vec::new())
+            }
+        }
+    }
+}
+
+/// Sets the outcome of `rules` in a decision.
+fn mark(decision: &mut Decision, rules: &[usize], outcome: RuleOutcome) {
+    for (rule, current) in &mut decision.outcomes {
+        if rules.contains(rule) {
+            *current = outcome;
+        }
+    }
+}
+
+impl<H: Host> Context for RateLimitStream<H> {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some(waiting) = self.waiting.take_if(|waiting| waiting.token == token_id) else { return };
+        if let Action::Continue = self.on_service_answer(waiting, status_code, response_size) {
+            let resumed = self.host.resume_request();
+            self.shared.reply_failures.host_call(&self.host, "resume_request", resumed);
+        }
+    }
+}
 
 impl<H: Host> HttpContext for RateLimitStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -149,17 +303,28 @@ impl<H: Host> HttpContext for RateLimitStream<H> {
                 return Action::Continue;
             }
         };
-        if decision.denial.is_none() && policy.response_headers {
-            self.allowed_status = decision.tightest.clone();
+        let facts = RequestFacts::of(&headers);
+        // The local limits allowed; global rules wait for the service.
+        if decision.denial.is_none() && !decision.global.is_empty() {
+            return match self.ask_service(&decision) {
+                Some(token) => {
+                    self.waiting = Some(Waiting { token, decision, facts });
+                    Action::Pause
+                }
+                None => self.service_failed(decision, &facts),
+            };
         }
-        decision_verdict(&shared, &decision, &RequestFacts::of(&headers)).apply(&self.host, &shared.reply_failures)
+        self.conclude(&decision, &facts, Vec::new())
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match &self.allowed_status {
-            Some(status) => response_verdict(status).apply(&self.host, &self.shared.reply_failures),
-            None => Action::Continue,
-        }
+        let mut verdict = match &self.allowed_status {
+            Some(status) => response_verdict(status),
+            None => Verdict::forward(),
+        };
+        let map = MapType::HttpResponseHeaders;
+        verdict.edits.extend(self.service_response_headers.drain(..).map(|(name, value)| Edit::Add(map, name, value)));
+        verdict.apply(&self.host, &self.shared.reply_failures)
     }
 }
 
@@ -223,6 +388,29 @@ fn denial_problem(policy: &Policy, denial: &Denial) -> Problem {
             "Missing rate-limit key",
             format!("rule {} requires a request attribute this request lacks", rule_name(*rule)),
         ),
+        Denial::Global { rule, status, retry_after_seconds } => {
+            let mut problem = Problem::new(
+                429,
+                "rate-limited",
+                "Too Many Requests",
+                format!("rate limit {} exceeded (global)", rule_name(*rule)),
+            );
+            if let Some(seconds) = retry_after_seconds {
+                problem = problem.with_header("retry-after", seconds.to_string());
+            }
+            if let Some(status) = status {
+                problem = problem
+                    .with_header("ratelimit-policy", status.policy_header())
+                    .with_header("ratelimit", status.limit_header());
+            }
+            problem
+        }
+        Denial::ServiceFailed { status } => Problem::new(
+            u32::from(*status),
+            "rate-limit-service-failed",
+            "Rate limit service unavailable",
+            "the rate-limit service did not answer in time or answered no verdict".to_string(),
+        ),
         Denial::Contended { rule } => Problem::new(
             429,
             "rate-limit-contended",
@@ -249,7 +437,7 @@ mod glue_tests {
         policy.table.initialize(&SharedData(&host), &limits, "ratelimit").unwrap();
         let shared = Rc::new(Shared::new(&host, policy, "rl"));
         host.reset_calls();
-        RateLimitStream { host, shared, allowed_status: None }
+        RateLimitStream::new(host, shared)
     }
 
     fn request(peer: &[u8]) -> FakeHost {
@@ -313,5 +501,82 @@ mod glue_tests {
         assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
         assert_eq!(stream.host.metric("ratelimit.rl.local_reply_failed"), 2);
         assert_eq!(stream.host.logs().len(), 1);
+    }
+
+    const GLOBAL: &str = r#"{"slots": 64, "global": {"cluster": "rls", "domain": "gw", "failure_mode": "deny"},
+        "rules": [{"name": "per-user", "key": [{"header": "x-user"}], "global": true,
+                   "limits": [{"name": "local", "requests": 1, "per_seconds": 60}]}]}"#;
+
+    fn global_stream(host: FakeHost) -> RateLimitStream<FakeHost> {
+        let config: RateLimitConfig = gateway_common::config::parse_json(GLOBAL.as_bytes()).unwrap();
+        let mut policy = config.compile().unwrap();
+        let limits: Vec<_> = policy.limits().cloned().collect();
+        policy.table.initialize(&SharedData(&host), &limits, "ratelimit").unwrap();
+        let shared = Rc::new(Shared::new(&host, policy, "rl"));
+        host.reset_calls();
+        RateLimitStream::new(host, shared)
+    }
+
+    fn user_request(user: &[u8]) -> FakeHost {
+        FakeHost::new()
+            .with_headers(MapType::HttpRequestHeaders, &[(":method", b"GET"), (":path", b"/"), ("x-user", user)])
+    }
+
+    #[test]
+    fn a_global_rule_asks_the_service_and_its_over_limit_gives_the_local_token_back() {
+        let mut stream = global_stream(user_request(b"\xffalice"));
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        let calls = stream.host.grpc_dispatched();
+        assert_eq!(calls.len(), 1);
+        assert_eq!((calls[0].cluster.as_str(), calls[0].service.as_str()), ("rls", rls::SERVICE));
+        let descriptor = rls::Descriptor {
+            entries: vec![("rule".into(), "per-user".into()), ("header.x-user".into(), "%FFalice".into())],
+        };
+        assert_eq!(calls[0].message, rls::encode_request("gw", &[descriptor], 1));
+        // OVER_LIMIT with one status: 10 per minute, 0 left, reset in 42 s.
+        let over: &[u8] = &[0x08, 2, 0x12, 14, 0x08, 2, 0x12, 4, 0x08, 10, 0x10, 2, 0x18, 0, 0x22, 2, 0x08, 42];
+        stream.host.answer_grpc_call(over);
+        stream.on_grpc_call_response(calls[0].token, 0, over.len());
+        let reply = &stream.host.replies()[0];
+        assert_eq!(reply.status, 429);
+        let header = |name: &str| reply.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        assert_eq!(header("retry-after").as_deref(), Some("42"));
+        assert_eq!(header("ratelimit-policy").as_deref(), Some("\"per-user\";q=10;w=60"));
+        assert_eq!(stream.host.metric("ratelimit.rl.global.over_limit"), 1);
+        assert_eq!(stream.host.metric("ratelimit.rl.rule.per-user.denied"), 1);
+        // The local token was given back: the same user is asked again, not denied locally.
+        stream.waiting = None;
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        assert_eq!(stream.host.grpc_dispatched().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_call_gets_the_failure_mode_and_ok_resumes_with_checked_headers() {
+        let mut stream = global_stream(user_request(b"bob"));
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        stream.on_grpc_call_response(1, 14, 0); // UNAVAILABLE
+        assert_eq!(stream.host.replies()[0].status, 500);
+        assert_eq!(stream.host.metric("ratelimit.rl.global.error"), 1);
+
+        let mut stream = global_stream(user_request(b"carol"));
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        // OK, with a request header to add and one with a CR/LF value.
+        let mut ok = vec![0x08, 1];
+        for (name, value) in [(&b"x-quota"[..], &b"gold"[..]), (b"x-evil", b"a\r\nb")] {
+            let mut header = vec![0x0a, name.len() as u8];
+            header.extend_from_slice(name);
+            header.extend_from_slice(&[0x12, value.len() as u8]);
+            header.extend_from_slice(value);
+            ok.push(0x22);
+            ok.push(header.len() as u8);
+            ok.extend_from_slice(&header);
+        }
+        stream.host.answer_grpc_call(&ok);
+        stream.on_grpc_call_response(1, 0, ok.len());
+        assert_eq!(stream.host.resumed(), 1);
+        assert_eq!(stream.host.header_values(MapType::HttpRequestHeaders, "x-quota"), vec![b"gold".to_vec()]);
+        assert!(stream.host.header_values(MapType::HttpRequestHeaders, "x-evil").is_empty());
+        assert_eq!(stream.host.metric("ratelimit.rl.global.headers_refused"), 1);
+        assert_eq!(stream.host.metric("ratelimit.rl.rule.per-user.allowed"), 1);
     }
 }

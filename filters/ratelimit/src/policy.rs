@@ -1,10 +1,13 @@
 //! The per-request decision: which rules apply, which buckets to take from, and
 //! what to answer. Plain Rust over plain inputs and a `Store`.
 
+use std::borrow::Cow;
+
 use gateway_common::request::RequestHeaders;
 
 use crate::bucket::{Limit, Verdict};
 use crate::config::{KeyPart, MissingKey, OnContention, Policy, Rule};
+use crate::rls::{self, Descriptor};
 use crate::table::{Store, StoreError, Take};
 
 /// What one limit said, for the RateLimit header fields.
@@ -49,6 +52,10 @@ pub enum Denial {
     MissingKey { rule: usize },
     /// Compare-and-swap retries ran out (`on_contention: deny`).
     Contended { rule: usize },
+    /// The rate-limit service said the rule is over its limit.
+    Global { rule: usize, status: Option<LimitStatus>, retry_after_seconds: Option<u64> },
+    /// The rate-limit service failed and `failure_mode` is `deny`.
+    ServiceFailed { status: u16 },
 }
 
 /// Per-rule outcomes, for metrics.
@@ -71,6 +78,24 @@ pub struct Decision {
     pub tightest: Option<LimitStatus>,
     pub outcomes: Vec<(usize, RuleOutcome)>,
     pub contended: u32,
+    /// Local tokens this request holds.
+    pub taken: Vec<TakenToken>,
+    /// Rules the rate-limit service must still agree to (when nothing denied).
+    pub global: Vec<GlobalCheck>,
+}
+
+impl Decision {
+    /// Marks the request denied: rules that had let it through now count as
+    /// given back (their tokens are returned by [`Policy::give_back`]).
+    pub fn deny(&mut self, denial: Denial) {
+        self.denial = Some(denial);
+        self.tightest = None;
+        for (_, outcome) in &mut self.outcomes {
+            if *outcome == RuleOutcome::Allowed {
+                *outcome = RuleOutcome::GivenBack;
+            }
+        }
+    }
 }
 
 /// Everything the decision needs to know about the request.
@@ -80,6 +105,19 @@ pub struct RequestView<'a> {
     pub client_ip: Option<&'a [u8]>,
 }
 
+/// The bytes of one key part of the request; `None` when the request lacks it.
+fn key_part_value<'a>(part: &'a KeyPart, request: &RequestView<'a>) -> Option<Cow<'a, [u8]>> {
+    Some(match part {
+        KeyPart::ClientIp => Cow::Borrowed(request.client_ip?),
+        KeyPart::Header(name) => Cow::Borrowed(request.headers.first(name)?),
+        KeyPart::Query(name) => Cow::Owned(request.headers.query_values(name).into_iter().next()?),
+        // One bucket per resource, however the client spells its path.
+        KeyPart::Path => Cow::Owned(gateway_common::request::normalized_path(request.headers.path().as_bytes())),
+        KeyPart::Method => Cow::Borrowed(request.headers.method()),
+        KeyPart::Constant(value) => Cow::Borrowed(value.as_bytes()),
+    })
+}
+
 /// Builds the bucket key of a rule; `None` when the request lacks a part.
 /// Each part is the raw bytes the client sent, prefixed with a marker and its
 /// length: two different requests can never share a key, whatever bytes their
@@ -87,28 +125,37 @@ pub struct RequestView<'a> {
 pub fn bucket_key(rule: &Rule, request: &RequestView<'_>) -> Option<Vec<u8>> {
     let mut key = Vec::new();
     for part in &rule.key {
-        let query_value;
-        let path_value;
-        let bytes: &[u8] = match part {
-            KeyPart::ClientIp => request.client_ip?,
-            KeyPart::Header(name) => request.headers.first(name)?,
-            KeyPart::Query(name) => {
-                query_value = request.headers.query_values(name).into_iter().next()?;
-                &query_value
-            }
-            // One bucket per resource, however the client spells its path.
-            KeyPart::Path => {
-                path_value = gateway_common::request::normalized_path(request.headers.path().as_bytes());
-                &path_value
-            }
-            KeyPart::Method => request.headers.method(),
-            KeyPart::Constant(value) => value.as_bytes(),
-        };
+        let bytes = key_part_value(part, request)?;
         key.push(PRESENT_PART);
         key.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
-        key.extend_from_slice(bytes);
+        key.extend_from_slice(&bytes);
     }
     Some(key)
+}
+
+/// The descriptor a global rule sends: `("rule", <name>)`, then one entry per
+/// key part (`remote_address`, `header.<name>`, `query.<name>`, `path`,
+/// `method`, `generic_key`), each value escaped by [`rls::entry_value`]. A
+/// request that lacks a part (`missing_key: shared`) sends the rule entry alone.
+pub fn descriptor(rule: &Rule, request: &RequestView<'_>) -> Descriptor {
+    let mut entries = vec![("rule".to_string(), rule.name.clone())];
+    let parts: Option<Vec<(String, String)>> = rule
+        .key
+        .iter()
+        .map(|part| {
+            let name = match part {
+                KeyPart::ClientIp => "remote_address".to_string(),
+                KeyPart::Header(header) => format!("header.{header}"),
+                KeyPart::Query(query) => format!("query.{}", rls::entry_value(query.as_bytes())),
+                KeyPart::Path => "path".to_string(),
+                KeyPart::Method => "method".to_string(),
+                KeyPart::Constant(_) => "generic_key".to_string(),
+            };
+            Some((name, rls::entry_value(&key_part_value(part, request)?)))
+        })
+        .collect();
+    entries.extend(parts.unwrap_or_default());
+    Descriptor { entries }
 }
 
 /// Marks a key part in [`bucket_key`]; the key of requests that lack a part
@@ -116,10 +163,21 @@ pub fn bucket_key(rule: &Rule, request: &RequestView<'_>) -> Option<Vec<u8>> {
 const PRESENT_PART: u8 = 1;
 const MISSING_KEY: &[u8] = &[0];
 
-struct Taken<'p> {
-    limit: &'p Limit,
+/// A token taken from a local bucket, to give back if the request is denied later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenToken {
+    rule: usize,
+    limit: usize,
     key: String,
     identity: Vec<u8>,
+}
+
+/// A rule whose verdict the rate-limit service gives (`global: true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalCheck {
+    pub rule: usize,
+    pub descriptor: Descriptor,
+    pub shadow: bool,
 }
 
 impl Policy {
@@ -127,12 +185,13 @@ impl Policy {
     /// given back (a compensating CAS per bucket).
     pub fn decide(&self, store: &impl Store, request: &RequestView<'_>, now: u64) -> Result<Decision, StoreError> {
         let mut decision = Decision::default();
-        let mut taken: Vec<Taken<'_>> = Vec::new();
         'rules: for (index, rule) in self.rules.iter().enumerate() {
             if !rule.conditions.matches(request.headers) {
                 continue;
             }
-            let key = match (bucket_key(rule, request), rule.missing_key) {
+            let built = bucket_key(rule, request);
+            let key_is_missing = built.is_none();
+            let key = match (built, rule.missing_key) {
                 (Some(key), _) => key,
                 (None, MissingKey::Shared) => MISSING_KEY.to_vec(),
                 (None, MissingKey::Skip) => {
@@ -146,7 +205,7 @@ impl Policy {
                 }
             };
             let mut outcome = RuleOutcome::Allowed;
-            for limit in &rule.limits {
+            for (limit_index, limit) in rule.limits.iter().enumerate() {
                 let mut identity = limit.id.as_bytes().to_vec();
                 identity.push(0);
                 identity.extend_from_slice(&key);
@@ -158,7 +217,7 @@ impl Policy {
                                 decision.tightest = Some(status);
                             }
                         }
-                        taken.push(Taken { limit, key, identity });
+                        decision.taken.push(TakenToken { rule: index, limit: limit_index, key, identity });
                     }
                     Take::Denied { verdict } if rule.shadow => {
                         let _ = verdict;
@@ -180,25 +239,38 @@ impl Policy {
                     }
                 }
             }
+            if rule.global {
+                let descriptor = if key_is_missing {
+                    Descriptor { entries: vec![("rule".to_string(), rule.name.clone())] }
+                } else {
+                    descriptor(rule, request)
+                };
+                decision.global.push(GlobalCheck { rule: index, descriptor, shadow: rule.shadow });
+            }
             decision.outcomes.push((index, outcome));
         }
-        if decision.denial.is_some() {
-            for taken in &taken {
-                self.table.give_back(store, taken.limit, &taken.key, &taken.identity, now)?;
-            }
-            decision.tightest = None;
-            for (_, outcome) in &mut decision.outcomes {
-                if *outcome == RuleOutcome::Allowed {
-                    *outcome = RuleOutcome::GivenBack;
-                }
-            }
+        if let Some(denial) = decision.denial.take() {
+            decision.deny(denial);
+            decision.global.clear();
+            self.give_back(store, &mut decision, now)?;
         }
         Ok(decision)
+    }
+
+    /// Returns the local tokens a denied request took.
+    pub fn give_back(&self, store: &impl Store, decision: &mut Decision, now: u64) -> Result<(), StoreError> {
+        for taken in std::mem::take(&mut decision.taken) {
+            let limit = self.rules.get(taken.rule).and_then(|rule| rule.limits.get(taken.limit));
+            if let Some(limit) = limit {
+                self.table.give_back(store, limit, &taken.key, &taken.identity, now)?;
+            }
+        }
+        Ok(())
     }
 }
 
 /// Fewer remaining requests is tighter; on a tie, the longer wait.
-fn tighter(candidate: &LimitStatus, current: &LimitStatus) -> bool {
+pub fn tighter(candidate: &LimitStatus, current: &LimitStatus) -> bool {
     (candidate.remaining, std::cmp::Reverse(candidate.reset_seconds))
         < (current.remaining, std::cmp::Reverse(current.reset_seconds))
 }

@@ -10,4 +10,5 @@ mod harness;
 mod hostile;
 mod modules;
 mod ratelimit;
+mod ratelimit_global;
 mod routing;
