@@ -135,7 +135,7 @@ bench-modules: build
 
 ## bench: every module vs Envoy's native filters (bench/results.md, bench/results.png);
 ## QUICK=1 for a short run.
-bench: bench-modules bench-tools
+bench: bench-modules bench-tools redis rls-service
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" $(VENV)/bin/python bench/run.py $(if $(QUICK),--quick,)
 
 ## bench-smoke: the benchmark's code path on one scenario for a few seconds (part of make test).

@@ -192,12 +192,83 @@ def native_header_routes():
     return routes
 
 
+# The rate-limit service of the global scenario (an HTTP/2 cluster), once started.
+RLS_PORT = None
+
+
+def grpc_cluster_yaml(name, port):
+    return cluster_yaml(name, port).replace("""
+    load_assignment:""", """
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+    load_assignment:""")
+
+
+def native_global_ratelimit_filter():
+    return """
+          - name: envoy.filters.http.ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+              domain: gateway
+              timeout: 1s
+              failure_mode_deny: true
+              rate_limit_service:
+                transport_api_version: V3
+                grpc_service: { envoy_grpc: { cluster_name: rls } }"""
+
+
+def native_global_routes():
+    # The descriptor ratelimit.wasm sends for the rule below: rule, then generic_key.
+    return """
+              - match: { prefix: "/" }
+                route:
+                  cluster: upstream
+                  rate_limits:
+                  - actions:
+                    - generic_key: { descriptor_key: rule, descriptor_value: global-bench }
+                    - generic_key: { descriptor_key: generic_key, descriptor_value: all }"""
+
+
+def ours_global_ratelimit_config():
+    return {"global": {"cluster": "rls", "domain": "gateway", "timeout_ms": 1000, "failure_mode": "deny"},
+            "rules": [{"name": "global-bench", "key": [{"constant": "all"}], "global": True}]}
+
+
+def start_rate_limit_service(workdir):
+    """Redis and the rls-service fixture (Limitador), with one huge limit; returns the processes."""
+    global RLS_PORT
+    redis_port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", workdir],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    limits = Path(workdir) / "limits.json"
+    limits.write_text(json.dumps([{"namespace": "gateway", "name": "huge", "max_value": 1_000_000_000,
+                                   "seconds": 60, "conditions": ['descriptors[0]["rule"] == "global-bench"'],
+                                   "variables": []}]))
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", redis_port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    rls = subprocess.Popen([str(ROOT / "target" / "debug" / "rls-service"), "--redis",
+                            f"redis://127.0.0.1:{redis_port}", "--limits", str(limits)],
+                           stdout=subprocess.PIPE, text=True)
+    line = rls.stdout.readline().strip()
+    RLS_PORT = int(line.rsplit(":", 1)[1])
+    return [rls, redis]
+
+
 def envoy_yaml(admin_port, port, upstream_port, filters="", routes=None):
     routes = routes or """
               - match: { prefix: "/" }
                 route: { cluster: upstream }"""
     clusters = cluster_yaml("upstream", upstream_port) + "".join(cluster_yaml(f"c{n}", upstream_port)
                                                                   for n in range(ROUTES))
+    if RLS_PORT:
+        clusters += grpc_cluster_yaml("rls", RLS_PORT)
     return f"""admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
 static_resources:
@@ -400,6 +471,11 @@ def scenarios():
         ("ratelimit, allowed path, per-IP",
          [("native local_ratelimit", native_ratelimit_filter(), None, {}, []),
           ("ratelimit.wasm", wasm_filter("ratelimit", ours_ratelimit_config()), None, {}, [])]),
+        # Every request asks the rate-limit service (a debug build of the fixture,
+        # shared by both variants): what a global check costs Envoy per request.
+        ("ratelimit global (RLS), allowed path",
+         [("native ratelimit filter", native_global_ratelimit_filter(), native_global_routes(), {}, []),
+          ("ratelimit.wasm global", wasm_filter("ratelimit", ours_global_ratelimit_config()), None, {}, [])]),
         (f"routing, {ROUTES} header routes",
          [("native route matcher", "", header_routes, route_header, []),
           ("routing.wasm", wasm_filter("routing", ours_routing_config()), cluster_header_route, route_header, [])]),
@@ -461,6 +537,9 @@ def main():
     upstream = Envoy("upstream", upstream_yaml, workdir, core=1)
     envoys.append(upstream)
     rows = []
+    services = []
+    if any("global" in scenario for scenario, _ in chosen):
+        services = start_rate_limit_service(workdir)
     try:
         for scenario, variants in chosen:
             print(f"== {scenario}", flush=True)
@@ -499,6 +578,8 @@ def main():
     finally:
         for envoy in envoys:
             envoy.stop()
+        for service in services:
+            service.kill()
     elapsed = time.time() - started
     if args.only:
         shutil.rmtree(workdir, ignore_errors=True)

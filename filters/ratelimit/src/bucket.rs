@@ -39,23 +39,19 @@ impl Limit {
         let new_tat = tat.max(now).saturating_add(self.interval_nanos);
         let ahead = new_tat - now;
         if ahead <= self.capacity_nanos() {
+            let room = self.capacity_nanos() - ahead;
             Verdict {
                 allowed: true,
                 new_tat,
-                remaining: (self.capacity_nanos() - ahead) / self.interval_nanos,
-                reset_seconds: ceil_seconds(ahead),
+                remaining: room / self.interval_nanos,
+                // The next token lands when `room` reaches the next whole interval.
+                next_quota_seconds: ceil_seconds(self.interval_nanos - room % self.interval_nanos),
                 retry_after_seconds: 0,
             }
         } else {
-            let current_ahead = tat.max(now) - now;
-            Verdict {
-                allowed: false,
-                new_tat: tat,
-                remaining: 0,
-                reset_seconds: ceil_seconds(current_ahead),
-                // One token is back when `ahead` shrinks to the capacity.
-                retry_after_seconds: ceil_seconds(ahead - self.capacity_nanos()).max(1),
-            }
+            // One token is back when `ahead` shrinks to the capacity.
+            let wait = ceil_seconds(ahead - self.capacity_nanos()).max(1);
+            Verdict { allowed: false, new_tat: tat, remaining: 0, next_quota_seconds: wait, retry_after_seconds: wait }
         }
     }
 
@@ -72,8 +68,9 @@ pub struct Verdict {
     pub new_tat: u64,
     /// Tokens left after this request.
     pub remaining: u64,
-    /// Seconds until the bucket is full again (RateLimit `t`).
-    pub reset_seconds: u64,
+    /// Seconds until the next token is back (RateLimit `t` per draft-11:
+    /// "until additional quota is made available"); equals Retry-After on a denial.
+    pub next_quota_seconds: u64,
     /// Seconds until one request would be allowed (Retry-After); 0 when allowed.
     pub retry_after_seconds: u64,
 }
@@ -102,11 +99,22 @@ mod tests {
         let denied = limit.take(tat, now);
         assert!(!denied.allowed);
         assert_eq!(denied.retry_after_seconds, 1, "a token refills in 100 ms, rounded up");
-        assert_eq!(denied.reset_seconds, 2, "full again after 2 s");
+        assert_eq!(denied.next_quota_seconds, 1, "t never points before Retry-After (draft-11)");
         // 100 ms later exactly one token is back.
         assert!(limit.take(tat, now + SECOND / 10).allowed);
         let after = limit.take(tat, now + SECOND / 10).new_tat;
         assert!(!limit.take(after, now + SECOND / 10).allowed);
+    }
+
+    #[test]
+    fn t_is_the_time_until_the_next_token() {
+        // 100 per hour: a token every 36 s.
+        let limit = Limit::new("r/l".into(), "l".into(), 100, 3600, 100);
+        let now = 1_000 * SECOND;
+        let first = limit.take(0, now);
+        assert_eq!((first.remaining, first.next_quota_seconds), (99, 36));
+        let later = limit.take(first.new_tat, now + 10 * SECOND);
+        assert_eq!((later.remaining, later.next_quota_seconds), (98, 26), "the first token is back 26 s later");
     }
 
     #[test]

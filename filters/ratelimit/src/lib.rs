@@ -470,7 +470,7 @@ mod glue_tests {
         assert_eq!(stream.host.calls(), ["set_header", "set_header"]);
         assert_eq!(
             stream.host.header_values(MapType::HttpResponseHeaders, "ratelimit"),
-            vec![b"\"l\";r=0;t=60".to_vec()]
+            vec![b"\"l\";r=0;t=30".to_vec()]
         );
     }
 

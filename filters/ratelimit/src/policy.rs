@@ -17,28 +17,40 @@ pub struct LimitStatus {
     pub quota: u64,
     pub window_seconds: u64,
     pub remaining: u64,
+    /// RateLimit `t`: seconds until additional quota is made available.
     pub reset_seconds: u64,
     pub retry_after_seconds: u64,
 }
 
 impl LimitStatus {
+    /// A token bucket as draft-11 fields: the quota is the bucket's capacity
+    /// (`burst`) over the time it takes to refill it, so `r` never exceeds `q`
+    /// and `q / w` is the refill rate (the window rounded up: a client pacing
+    /// itself by `q / w` is never faster than the bucket refills).
     fn new(limit: &Limit, verdict: &Verdict) -> Self {
+        let window_seconds = if limit.burst == limit.requests {
+            limit.period_seconds
+        } else {
+            let refill = u128::from(limit.burst) * u128::from(limit.period_seconds);
+            u64::try_from(refill.div_ceil(u128::from(limit.requests.max(1)))).unwrap_or(u64::MAX).max(1)
+        };
         Self {
             name: limit.name.clone(),
-            quota: limit.requests,
-            window_seconds: limit.period_seconds,
+            quota: limit.burst,
+            window_seconds,
             remaining: verdict.remaining,
-            reset_seconds: verdict.reset_seconds,
+            reset_seconds: verdict.next_quota_seconds,
             retry_after_seconds: verdict.retry_after_seconds,
         }
     }
 
-    /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-09).
+    /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-11).
     pub fn policy_header(&self) -> String {
         format!("\"{}\";q={};w={}", self.name, self.quota, self.window_seconds)
     }
 
-    /// `RateLimit` (draft-ietf-httpapi-ratelimit-headers-09).
+    /// `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11): `t` is the time
+    /// until more quota is available, never earlier than Retry-After.
     pub fn limit_header(&self) -> String {
         format!("\"{}\";r={};t={}", self.name, self.remaining, self.reset_seconds)
     }
@@ -444,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn headers_use_the_draft_09_syntax() {
+    fn headers_use_the_draft_11_syntax() {
         let status = LimitStatus {
             name: "burst".into(),
             quota: 100,

@@ -80,7 +80,8 @@ fn denials_carry_retry_after_ratelimit_fields_and_problem_json() {
     let (name, status) = parse_item(&denied.header("ratelimit").unwrap());
     assert_eq!(name, "burst");
     assert_eq!(param(&status, "r"), 0);
-    assert!((40..=60).contains(&param(&status, "t")), "full again within 60 s: {status:?}");
+    // draft-11: `t` is when more quota is available, and Retry-After is not earlier.
+    assert_eq!(param(&status, "t"), retry_after, "{status:?}");
     assert_eq!(denied.header("ratelimit-policy").as_deref(), Some("\"burst\";q=3;w=60"));
     assert_eq!(denied.header("content-type").as_deref(), Some("application/problem+json"));
     let problem = denied.json();
@@ -305,4 +306,30 @@ fn invalid_configuration_is_refused_with_the_field_named() {
     ] {
         assert_config_refused(&upstream, "ratelimit", config, field);
     }
+}
+
+/// Issue 15 part 3 (draft-ietf-httpapi-ratelimit-headers-11): with a burst above
+/// the rate, the policy advertises the bucket (capacity over refill time) so `r`
+/// never exceeds `q`, and a client that waits `t` after `r=0` is admitted.
+#[test]
+fn a_bursty_bucket_is_advertised_so_a_client_reading_the_fields_is_never_denied() {
+    let rule = json!({"name": "bursty", "key": [{"header": "x-user-id"}],
+        "limits": [{"name": "fast", "requests": 10, "per_seconds": 1, "burst": 20}]});
+    let (envoy, _upstream) = start(json!({"rules": [rule]}), 1);
+    let _log = envoy.log_on_failure();
+    let first = envoy.get("/").header("x-user-id", "reader").send();
+    assert_eq!(first.header("ratelimit-policy").as_deref(), Some("\"fast\";q=20;w=2"));
+    let (_, status) = parse_item(&first.header("ratelimit").unwrap());
+    assert_eq!(param(&status, "r"), 19, "r <= q");
+    // Spend what r says is left: every one of them is admitted.
+    let mut remaining = param(&status, "r");
+    while remaining > 0 {
+        let response = envoy.get("/").header("x-user-id", "reader").send();
+        assert_eq!(response.status, 200, "r promised this request");
+        let (_, status) = parse_item(&response.header("ratelimit").unwrap());
+        remaining = param(&status, "r");
+        assert_eq!(param(&status, "t"), 1, "the next token is back within a second");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(envoy.get("/").header("x-user-id", "reader").send().status, 200, "after t, quota is available");
 }
