@@ -146,8 +146,8 @@ impl Module for RateLimit {
 struct RateLimitStream<H: Host> {
     host: H,
     shared: Rc<Shared>,
-    /// RateLimit headers for the response of an allowed request.
-    allowed_status: Option<LimitStatus>,
+    /// `RateLimit-Policy` and `RateLimit` for the response of an allowed request.
+    allowed_fields: Option<(String, String)>,
     /// Headers the rate-limit service asked to add to the response.
     service_response_headers: Vec<(String, Vec<u8>)>,
     /// The request waiting for the rate-limit service.
@@ -163,14 +163,15 @@ struct Waiting {
 
 impl<H: Host> RateLimitStream<H> {
     fn new(host: H, shared: Rc<Shared>) -> Self {
-        Self { host, shared, allowed_status: None, service_response_headers: Vec::new(), waiting: None }
+        Self { host, shared, allowed_fields: None, service_response_headers: Vec::new(), waiting: None }
     }
 
     /// Answers or forwards a request whose decision is final.
     fn conclude(&mut self, decision: &Decision, facts: &RequestFacts, extra: Vec<Edit>) -> Action {
         let shared = Rc::clone(&self.shared);
-        if decision.denial.is_none() && shared.policy.response_headers {
-            self.allowed_status = decision.tightest.clone();
+        if decision.denial.is_none() && shared.policy.response_headers && !decision.statuses.is_empty() {
+            self.allowed_fields =
+                Some((policy::policy_field(&decision.policy), policy::limit_field(&decision.statuses)));
         }
         let mut verdict = decision_verdict(&shared, decision, facts);
         verdict.edits.extend(extra);
@@ -235,11 +236,8 @@ impl<H: Host> RateLimitStream<H> {
             GlobalVerdict::Allowed { statuses, shadow_denied } => {
                 shared.global.ok.increment_on(&self.host);
                 mark(&mut decision, &shadow_denied, RuleOutcome::ShadowDenied);
-                for status in statuses {
-                    if decision.tightest.as_ref().is_none_or(|tightest| policy::tighter(&status, tightest)) {
-                        decision.tightest = Some(status);
-                    }
-                }
+                decision.policy.extend(statuses.iter().cloned());
+                decision.statuses.extend(statuses);
                 self.service_response_headers = response_headers;
                 let map = MapType::HttpRequestHeaders;
                 let edits = request_headers.into_iter().map(|(name, value)| Edit::Set(map, name, value)).collect();
@@ -248,6 +246,7 @@ impl<H: Host> RateLimitStream<H> {
             GlobalVerdict::Denied { rules, status, retry_after_seconds } => {
                 shared.global.over_limit.increment_on(&self.host);
                 let rule = rules.first().copied().unwrap_or_default();
+                decision.policy.extend(status.iter().cloned());
                 decision.deny(Denial::Global { rule, status, retry_after_seconds });
                 mark(&mut decision, &rules, RuleOutcome::Denied);
                 if shared.policy.give_back(&SharedData(&self.host), &mut decision, self.host.now_nanos()).is_err() {
@@ -318,8 +317,8 @@ impl<H: Host> HttpContext for RateLimitStream<H> {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let mut verdict = match &self.allowed_status {
-            Some(status) => response_verdict(status),
+        let mut verdict = match &self.allowed_fields {
+            Some((policy, limit)) => response_verdict(policy, limit),
             None => Verdict::forward(),
         };
         let map = MapType::HttpResponseHeaders;
@@ -336,7 +335,7 @@ fn decision_verdict(shared: &Shared, decision: &Decision, facts: &RequestFacts) 
     let mut verdict = match &decision.denial {
         None => Verdict::forward().property(OUTCOME_PROPERTY, b"allowed".to_vec()),
         Some(denial) => {
-            let reply = denial_problem(&shared.policy, denial).reply(facts);
+            let reply = denial_problem(&shared.policy, denial, &decision.policy).reply(facts);
             Verdict::answer(reply, OnRefusedReply::Hold).property(OUTCOME_PROPERTY, b"denied".to_vec())
         }
     };
@@ -355,15 +354,18 @@ fn decision_verdict(shared: &Shared, decision: &Decision, facts: &RequestFacts) 
     verdict
 }
 
-/// The RateLimit fields of the tightest limit on an allowed response.
-fn response_verdict(status: &LimitStatus) -> Verdict {
+/// The RateLimit fields of an allowed response (every applying limit).
+fn response_verdict(policy: &str, limit: &str) -> Verdict {
     let map = MapType::HttpResponseHeaders;
-    Verdict::forward()
-        .edit(Edit::Set(map, "ratelimit-policy".into(), status.policy_header().into_bytes()))
-        .edit(Edit::Set(map, "ratelimit".into(), status.limit_header().into_bytes()))
+    Verdict::forward().edit(Edit::Set(map, "ratelimit-policy".into(), policy.as_bytes().to_vec())).edit(Edit::Set(
+        map,
+        "ratelimit".into(),
+        limit.as_bytes().to_vec(),
+    ))
 }
 
-fn denial_problem(policy: &Policy, denial: &Denial) -> Problem {
+/// The answer to a denied request; `quotas` are the policies that applied to it.
+fn denial_problem(policy: &Policy, denial: &Denial, quotas: &[LimitStatus]) -> Problem {
     let rule_name = |index: usize| policy.rules.get(index).map_or("?", |rule| rule.name.as_str());
     match denial {
         Denial::Exhausted { rule, status } => Problem::new(
@@ -380,7 +382,7 @@ fn denial_problem(policy: &Policy, denial: &Denial) -> Problem {
             ),
         )
         .with_header("retry-after", status.retry_after_seconds.to_string())
-        .with_header("ratelimit-policy", status.policy_header())
+        .with_header("ratelimit-policy", policy::policy_field(quotas))
         .with_header("ratelimit", status.limit_header()),
         Denial::MissingKey { rule } => Problem::new(
             400,
@@ -400,7 +402,7 @@ fn denial_problem(policy: &Policy, denial: &Denial) -> Problem {
             }
             if let Some(status) = status {
                 problem = problem
-                    .with_header("ratelimit-policy", status.policy_header())
+                    .with_header("ratelimit-policy", policy::policy_field(quotas))
                     .with_header("ratelimit", status.limit_header());
             }
             problem
@@ -451,7 +453,7 @@ mod glue_tests {
         let mut stream = stream(request(b"10.0.0.1:5000"));
         assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
         stream.host.reset_calls();
-        stream.allowed_status = None;
+        stream.allowed_fields = None;
         assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
         assert_eq!(
             stream.host.calls(),
@@ -541,7 +543,9 @@ mod glue_tests {
         assert_eq!(reply.status, 429);
         let header = |name: &str| reply.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
         assert_eq!(header("retry-after").as_deref(), Some("42"));
-        assert_eq!(header("ratelimit-policy").as_deref(), Some("\"per-user\";q=10;w=60"));
+        // The local limit and the service's: the policies that apply to this client, allowed or denied.
+        assert_eq!(header("ratelimit-policy").as_deref(), Some("\"local\";q=1;w=60, \"per-user\";q=10;w=60"));
+        assert_eq!(header("ratelimit").as_deref(), Some("\"per-user\";r=0;t=42"));
         assert_eq!(stream.host.metric("ratelimit.rl.global.over_limit"), 1);
         assert_eq!(stream.host.metric("ratelimit.rl.rule.per-user.denied"), 1);
         // The local token was given back: the same user is asked again, not denied locally.

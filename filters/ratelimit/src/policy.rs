@@ -28,6 +28,16 @@ impl LimitStatus {
     /// and `q / w` is the refill rate (the window rounded up: a client pacing
     /// itself by `q / w` is never faster than the bucket refills).
     fn new(limit: &Limit, verdict: &Verdict) -> Self {
+        Self {
+            remaining: verdict.remaining,
+            reset_seconds: verdict.next_quota_seconds,
+            retry_after_seconds: verdict.retry_after_seconds,
+            ..Self::quota_of(limit)
+        }
+    }
+
+    /// The limit's quota policy alone (`q`, `w`), for `RateLimit-Policy`.
+    fn quota_of(limit: &Limit) -> Self {
         let window_seconds = if limit.burst == limit.requests {
             limit.period_seconds
         } else {
@@ -38,9 +48,9 @@ impl LimitStatus {
             name: limit.name.clone(),
             quota: limit.burst,
             window_seconds,
-            remaining: verdict.remaining,
-            reset_seconds: verdict.next_quota_seconds,
-            retry_after_seconds: verdict.retry_after_seconds,
+            remaining: limit.burst,
+            reset_seconds: 0,
+            retry_after_seconds: 0,
         }
     }
 
@@ -54,6 +64,16 @@ impl LimitStatus {
     pub fn limit_header(&self) -> String {
         format!("\"{}\";r={};t={}", self.name, self.remaining, self.reset_seconds)
     }
+}
+
+/// `RateLimit-Policy` for several limits: one List, one item per limit.
+pub fn policy_field(limits: &[LimitStatus]) -> String {
+    limits.iter().map(LimitStatus::policy_header).collect::<Vec<_>>().join(", ")
+}
+
+/// `RateLimit` for several limits: one List, one item per limit.
+pub fn limit_field(limits: &[LimitStatus]) -> String {
+    limits.iter().map(LimitStatus::limit_header).collect::<Vec<_>>().join(", ")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,8 +106,13 @@ pub enum RuleOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Decision {
     pub denial: Option<Denial>,
-    /// The most restrictive enforced limit that allowed the request.
-    pub tightest: Option<LimitStatus>,
+    /// Every enforced limit that allowed the request, in rule order (`RateLimit`).
+    pub statuses: Vec<LimitStatus>,
+    /// The quota policy of every enforced limit of every rule that applies to
+    /// the request, in rule order (`RateLimit-Policy`): the same for every
+    /// request of a client to one resource, allowed or denied (draft-11: the
+    /// field SHOULD remain consistent).
+    pub policy: Vec<LimitStatus>,
     pub outcomes: Vec<(usize, RuleOutcome)>,
     pub contended: u32,
     /// Local tokens this request holds.
@@ -101,7 +126,7 @@ impl Decision {
     /// given back (their tokens are returned by [`Policy::give_back`]).
     pub fn deny(&mut self, denial: Denial) {
         self.denial = Some(denial);
-        self.tightest = None;
+        self.statuses.clear();
         for (_, outcome) in &mut self.outcomes {
             if *outcome == RuleOutcome::Allowed {
                 *outcome = RuleOutcome::GivenBack;
@@ -216,6 +241,9 @@ impl Policy {
                     break;
                 }
             };
+            if !rule.shadow {
+                decision.policy.extend(rule.limits.iter().map(LimitStatus::quota_of));
+            }
             let mut outcome = RuleOutcome::Allowed;
             for (limit_index, limit) in rule.limits.iter().enumerate() {
                 let mut identity = limit.id.as_bytes().to_vec();
@@ -224,10 +252,7 @@ impl Policy {
                 match self.table.take(store, limit, &identity, now)? {
                     Take::Taken { verdict, key, identity } => {
                         if !rule.shadow {
-                            let status = LimitStatus::new(limit, &verdict);
-                            if decision.tightest.as_ref().is_none_or(|tightest| tighter(&status, tightest)) {
-                                decision.tightest = Some(status);
-                            }
+                            decision.statuses.push(LimitStatus::new(limit, &verdict));
                         }
                         decision.taken.push(TakenToken { rule: index, limit: limit_index, key, identity });
                     }
@@ -239,6 +264,7 @@ impl Policy {
                         decision.outcomes.push((index, RuleOutcome::Denied));
                         decision.denial =
                             Some(Denial::Exhausted { rule: index, status: LimitStatus::new(limit, &verdict) });
+                        self.add_later_policies(&mut decision, index, request);
                         break 'rules;
                     }
                     Take::Contended => {
@@ -246,6 +272,7 @@ impl Policy {
                         if self.on_contention == OnContention::Deny && !rule.shadow {
                             decision.outcomes.push((index, RuleOutcome::Denied));
                             decision.denial = Some(Denial::Contended { rule: index });
+                            self.add_later_policies(&mut decision, index, request);
                             break 'rules;
                         }
                     }
@@ -269,6 +296,19 @@ impl Policy {
         Ok(decision)
     }
 
+    /// The quota policies of the rules after `stopped` that apply to the request
+    /// (a denial stops the evaluation; the policy field still lists them all).
+    fn add_later_policies(&self, decision: &mut Decision, stopped: usize, request: &RequestView<'_>) {
+        for rule in self.rules.iter().skip(stopped + 1) {
+            let applies = !rule.shadow
+                && rule.conditions.matches(request.headers)
+                && (rule.missing_key != MissingKey::Skip || bucket_key(rule, request).is_some());
+            if applies {
+                decision.policy.extend(rule.limits.iter().map(LimitStatus::quota_of));
+            }
+        }
+    }
+
     /// Returns the local tokens a denied request took.
     pub fn give_back(&self, store: &impl Store, decision: &mut Decision, now: u64) -> Result<(), StoreError> {
         for taken in std::mem::take(&mut decision.taken) {
@@ -279,12 +319,6 @@ impl Policy {
         }
         Ok(())
     }
-}
-
-/// Fewer remaining requests is tighter; on a tie, the longer wait.
-pub fn tighter(candidate: &LimitStatus, current: &LimitStatus) -> bool {
-    (candidate.remaining, std::cmp::Reverse(candidate.reset_seconds))
-        < (current.remaining, std::cmp::Reverse(current.reset_seconds))
 }
 
 /// The client address: the peer, or with `trusted_hops` N > 0 the N+1-th entry
@@ -407,8 +441,9 @@ mod tests {
         let now = 100 * SECOND;
         let first = policy.decide(&store, &view, now).unwrap();
         assert!(first.denial.is_none());
-        assert_eq!(first.tightest.as_ref().unwrap().name, "l");
-        assert_eq!(first.tightest.as_ref().unwrap().remaining, 0, "the tight limit is the most restrictive");
+        let remaining: Vec<u64> = first.statuses.iter().map(|status| status.remaining).collect();
+        assert_eq!(remaining, [99, 0], "both limits, in rule order");
+        assert_eq!(policy_field(&first.policy), "\"l\";q=100;w=60, \"l\";q=1;w=60");
         assert_eq!(first.outcomes, [(0, RuleOutcome::Allowed), (1, RuleOutcome::Allowed)]);
         for _ in 0..5 {
             let denied = policy.decide(&store, &view, now).unwrap();

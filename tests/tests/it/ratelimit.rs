@@ -32,6 +32,11 @@ fn parse_item(value: &str) -> (String, Vec<(String, u64)>) {
     (name, params)
 }
 
+/// A List of items: `"a";r=1;t=2, "b";r=3;t=4`.
+fn parse_list(value: &str) -> Vec<(String, Vec<(String, u64)>)> {
+    value.split(',').map(parse_item).collect()
+}
+
 fn param(params: &[(String, u64)], key: &str) -> u64 {
     params.iter().find(|(name, _)| name == key).map(|(_, value)| *value).unwrap()
 }
@@ -113,7 +118,7 @@ fn buckets_refill_over_time() {
 }
 
 #[test]
-fn every_limit_of_a_rule_applies_and_the_tightest_is_reported() {
+fn every_limit_of_a_rule_applies_and_all_are_reported() {
     let config = json!({"rules": [{"name": "api", "key": [{"header": "x-user-id"}], "limits": [
         {"name": "per-second", "requests": 10, "per_seconds": 1, "burst": 20},
         {"name": "per-hour", "requests": 5, "per_seconds": 3600}
@@ -122,10 +127,20 @@ fn every_limit_of_a_rule_applies_and_the_tightest_is_reported() {
     let _log = envoy.log_on_failure();
     let responses: Vec<Response> = (0..6).map(|_| envoy.get("/").header("x-user-id", "u").send()).collect();
     assert!(responses[..5].iter().all(|response| response.status == 200));
-    let (name, status) = parse_item(&responses[4].header("ratelimit").unwrap());
-    assert_eq!((name.as_str(), param(&status, "r")), ("per-hour", 0), "the hourly limit is the tighter one");
+    let limits = parse_list(&responses[4].header("ratelimit").unwrap());
+    let remaining: Vec<(&str, u64)> = limits.iter().map(|(name, params)| (name.as_str(), param(params, "r"))).collect();
+    assert_eq!((remaining[0].0, remaining[1]), ("per-second", ("per-hour", 0)), "each limit, in order");
+    assert!((15..=20).contains(&remaining[0].1), "20 minus 5, plus what refilled meanwhile: {remaining:?}");
     assert_eq!(responses[5].status, 429);
     assert!(responses[5].json()["detail"].as_str().unwrap().contains("api/per-hour"));
+    // draft-11: RateLimit-Policy stays the same on every response, allowed or denied.
+    let policy = "\"per-second\";q=20;w=2, \"per-hour\";q=5;w=3600";
+    for response in &responses {
+        assert_eq!(response.header("ratelimit-policy").as_deref(), Some(policy), "{response:?}");
+    }
+    let (name, status) = parse_item(&responses[5].header("ratelimit").unwrap());
+    assert_eq!((name.as_str(), param(&status, "r")), ("per-hour", 0), "the denial names the exhausted limit");
+    assert_eq!(param(&status, "t"), responses[5].header("retry-after").unwrap().parse::<u64>().unwrap());
 }
 
 #[test]
