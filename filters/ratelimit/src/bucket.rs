@@ -36,7 +36,13 @@ impl Limit {
     /// Tries to take one token from a bucket whose TAT is `tat` (0 for a new
     /// bucket). Returns the verdict and, when allowed, the TAT to store.
     pub fn take(&self, tat: u64, now: u64) -> Verdict {
-        let new_tat = tat.max(now).saturating_add(self.interval_nanos);
+        self.take_cost(tat, now, 1)
+    }
+
+    /// Takes `cost` tokens at once (a request that costs more than one): allowed
+    /// only if all of them are there.
+    pub fn take_cost(&self, tat: u64, now: u64, cost: u64) -> Verdict {
+        let new_tat = tat.max(now).saturating_add(self.interval_nanos.saturating_mul(cost));
         let ahead = new_tat - now;
         if ahead <= self.capacity_nanos() {
             let room = self.capacity_nanos() - ahead;
@@ -49,7 +55,7 @@ impl Limit {
                 retry_after_seconds: 0,
             }
         } else {
-            // One token is back when `ahead` shrinks to the capacity.
+            // Enough tokens are back when `ahead` shrinks to the capacity.
             let wait = ceil_seconds(ahead - self.capacity_nanos()).max(1);
             Verdict { allowed: false, new_tat: tat, remaining: 0, next_quota_seconds: wait, retry_after_seconds: wait }
         }
@@ -57,7 +63,22 @@ impl Limit {
 
     /// The TAT after giving back one token taken earlier.
     pub fn give_back(&self, tat: u64, now: u64) -> u64 {
-        tat.saturating_sub(self.interval_nanos).max(now.min(tat))
+        self.give_back_cost(tat, now, 1)
+    }
+
+    /// The TAT after giving back `cost` tokens taken earlier.
+    pub fn give_back_cost(&self, tat: u64, now: u64, cost: u64) -> u64 {
+        tat.saturating_sub(self.interval_nanos.saturating_mul(cost)).max(now.min(tat))
+    }
+
+    /// The TAT after charging `cost` tokens after the fact (a cost known only
+    /// from the response): never refused, it may leave the bucket in debt, which
+    /// later requests wait out. Bounded at one period beyond a full bucket's
+    /// wait, so a huge claimed cost cannot lock a client out for longer.
+    pub fn charge(&self, tat: u64, now: u64, cost: u64) -> u64 {
+        let limit =
+            now.saturating_add(self.capacity_nanos()).saturating_add(self.period_seconds.saturating_mul(1_000_000_000));
+        tat.max(now).saturating_add(self.interval_nanos.saturating_mul(cost)).min(limit.max(tat))
     }
 }
 

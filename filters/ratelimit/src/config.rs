@@ -126,6 +126,23 @@ pub struct RuleSpec {
     /// Also ask the rate-limit service (`global`), after the local limits allowed.
     #[serde(default)]
     pub global: bool,
+    /// What a request costs, when not one token.
+    pub cost: Option<CostSpec>,
+}
+
+/// A request's cost in tokens: from a request header up front, and/or from a
+/// response header charged after the fact (e.g. tokens an LLM backend used).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostSpec {
+    pub request_header: Option<String>,
+    pub response_header: Option<String>,
+    #[serde(default = "default_max_cost")]
+    pub max: u64,
+}
+
+fn default_max_cost() -> u64 {
+    1_000
 }
 
 /// Exactly one field per key part.
@@ -173,6 +190,27 @@ pub struct Rule {
     pub shadow: bool,
     /// Whether the rate-limit service is asked too.
     pub global: bool,
+    pub cost: Option<Cost>,
+}
+
+/// A rule's request cost (compiled [`CostSpec`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cost {
+    pub request_header: Option<String>,
+    pub response_header: Option<String>,
+    pub max: u64,
+}
+
+impl Cost {
+    /// A cost header's value: a decimal integer up to `max` (no sign, no
+    /// spaces, no leading `+`); `None` for anything else.
+    pub fn parse(&self, value: &[u8]) -> Option<u64> {
+        if value.is_empty() || value.len() > 20 || !value.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let parsed = std::str::from_utf8(value).ok()?.parse::<u64>().ok()?;
+        (parsed <= self.max).then_some(parsed)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +235,11 @@ pub struct Policy {
 impl Policy {
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.rules.iter().flat_map(|rule| rule.limits.iter())
+    }
+
+    /// Whether any rule charges a cost its response reports.
+    pub fn has_response_costs(&self) -> bool {
+        self.rules.iter().any(|rule| rule.cost.as_ref().is_some_and(|cost| cost.response_header.is_some()))
     }
 
     /// Whether any rule keys on the client address.
@@ -301,6 +344,29 @@ impl RuleSpec {
             limits,
             shadow: self.shadow,
             global: self.global,
+            cost: self.cost.as_ref().and_then(|cost| cost.compile(&format!("{field}.cost"), errors)),
+        })
+    }
+}
+
+impl CostSpec {
+    fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<Cost> {
+        let before = errors.messages().len();
+        for (name, header) in [("request_header", &self.request_header), ("response_header", &self.response_header)] {
+            if header.as_ref().is_some_and(|header| !is_lower_case_header_name(header)) {
+                errors.add(format!("{field}.{name}"), "must be a lower-case header name");
+            }
+        }
+        if self.request_header.is_none() && self.response_header.is_none() {
+            errors.add(field, "needs request_header, response_header or both");
+        }
+        if !(1..=1_000_000).contains(&self.max) {
+            errors.add(format!("{field}.max"), "must be between 1 and 1000000");
+        }
+        (errors.messages().len() == before).then(|| Cost {
+            request_header: self.request_header.clone(),
+            response_header: self.response_header.clone(),
+            max: self.max,
         })
     }
 }

@@ -142,7 +142,8 @@ mod tests {
     use std::time::Duration;
 
     fn check(rule: usize, shadow: bool) -> GlobalCheck {
-        GlobalCheck { rule, descriptor: Descriptor { entries: vec![("rule".into(), format!("r{rule}"))] }, shadow }
+        let entries = vec![("rule".into(), format!("r{rule}"))];
+        GlobalCheck { rule, descriptor: Descriptor { entries, hits_addend: None }, shadow }
     }
 
     fn status(code: Code, remaining: u32, reset: u64) -> DescriptorStatus {

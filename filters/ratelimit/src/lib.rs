@@ -9,6 +9,7 @@ pub mod policy;
 pub mod rls;
 pub mod table;
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use gateway_common::verdict::{Edit, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use crate::config::{FailureMode, Policy, RateLimitConfig};
+use crate::config::{FailureMode, GlobalService, Policy, RateLimitConfig};
 use crate::global::GlobalVerdict;
 use crate::policy::{Decision, Denial, LimitStatus, RequestView, RuleOutcome};
 use gateway_common::shared::{HostStore, SharedData, StoreError};
@@ -48,6 +49,8 @@ struct GlobalMetrics {
     error: Metric,
     failure_mode_allowed: Metric,
     headers_refused: Metric,
+    charges_sent: Metric,
+    charges_dropped: Metric,
 }
 
 impl GlobalMetrics {
@@ -59,14 +62,23 @@ impl GlobalMetrics {
             error: Metric::counter_on(host, &name("error")),
             failure_mode_allowed: Metric::counter_on(host, &name("failure_mode_allowed")),
             headers_refused: Metric::counter_on(host, &name("headers_refused")),
+            charges_sent: Metric::counter_on(host, &name("charges_sent")),
+            charges_dropped: Metric::counter_on(host, &name("charges_dropped")),
         }
     }
 }
+
+/// Costs reported after the fact by responses, waiting for the root's tick to
+/// report them to the rate-limit service (at most this many descriptors).
+const MAX_PENDING_CHARGES: usize = 10_000;
 
 struct Shared {
     policy: Policy,
     rules: Vec<RuleMetrics>,
     global: GlobalMetrics,
+    /// Descriptors with the hits responses reported, for the next tick.
+    pending_charges: RefCell<Vec<rls::Descriptor>>,
+    cost_invalid: Metric,
     cas_exhausted: Metric,
     store_errors: Metric,
     tracked_keys: Metric,
@@ -92,6 +104,8 @@ impl Shared {
         Self {
             rules,
             global: GlobalMetrics::new(host, plugin),
+            pending_charges: RefCell::new(Vec::new()),
+            cost_invalid: Metric::counter_on(host, &format!("ratelimit.{plugin}.cost_invalid")),
             cas_exhausted: Metric::counter_on(host, &format!("ratelimit.{plugin}.cas_retries_exhausted")),
             store_errors: Metric::counter_on(host, &format!("ratelimit.{plugin}.shared_data_errors")),
             tracked_keys: Metric::gauge_on(host, &format!("ratelimit.{plugin}.tracked_keys")),
@@ -140,7 +154,38 @@ impl Module for RateLimit {
         if let Ok(tracked) = shared.policy.table.tracked(&HostStore) {
             shared.tracked_keys.record(tracked);
         }
+        report_charges(&Ffi, shared);
     }
+}
+
+/// Sends the costs responses reported since the last tick to the rate-limit
+/// service, one call for all of them (its answer changes nothing: the requests
+/// were already served). From the root, which outlives the streams (a call a
+/// stream starts is cancelled when the stream ends).
+fn report_charges(host: &impl Host, shared: &Shared) {
+    let Some(service) = &shared.policy.global else { return };
+    let descriptors = std::mem::take(&mut *shared.pending_charges.borrow_mut());
+    if descriptors.is_empty() {
+        return;
+    }
+    let message = rls::encode_request(&service.domain, &descriptors, 0);
+    let call = rls_call(service, &message, service.timeout.max(Duration::from_secs(1)));
+    let count = i64::try_from(descriptors.len()).unwrap_or(i64::MAX);
+    match host.dispatch_grpc_call(&call) {
+        Ok(_) => shared.global.charges_sent.add_on(host, count),
+        Err(_) => shared.global.charges_dropped.add_on(host, count),
+    }
+}
+
+/// A `ShouldRateLimit` call to the configured service.
+fn rls_call<'a>(service: &'a GlobalService, message: &'a [u8], timeout: Duration) -> GrpcCall<'a> {
+    GrpcCall { cluster: &service.cluster, service: rls::SERVICE, method: rls::METHOD, message, timeout }
+}
+
+/// What an allowed request must still be charged once its response tells its cost.
+struct AfterResponse {
+    taken: Vec<policy::TakenToken>,
+    global: Vec<policy::GlobalCheck>,
 }
 
 struct RateLimitStream<H: Host> {
@@ -152,6 +197,8 @@ struct RateLimitStream<H: Host> {
     service_response_headers: Vec<(String, Vec<u8>)>,
     /// The request waiting for the rate-limit service.
     waiting: Option<Waiting>,
+    /// Rules with a `cost.response_header` that let this request through.
+    after_response: Option<AfterResponse>,
 }
 
 /// What a request paused for the rate-limit service carries until the answer.
@@ -163,7 +210,14 @@ struct Waiting {
 
 impl<H: Host> RateLimitStream<H> {
     fn new(host: H, shared: Rc<Shared>) -> Self {
-        Self { host, shared, allowed_fields: None, service_response_headers: Vec::new(), waiting: None }
+        Self {
+            host,
+            shared,
+            allowed_fields: None,
+            service_response_headers: Vec::new(),
+            waiting: None,
+            after_response: None,
+        }
     }
 
     /// Answers or forwards a request whose decision is final.
@@ -172,6 +226,10 @@ impl<H: Host> RateLimitStream<H> {
         if decision.denial.is_none() && shared.policy.response_headers && !decision.statuses.is_empty() {
             self.allowed_fields =
                 Some((policy::policy_field(&decision.policy), policy::limit_field(&decision.statuses)));
+        }
+        if decision.denial.is_none() && shared.policy.has_response_costs() {
+            self.after_response =
+                Some(AfterResponse { taken: decision.taken.clone(), global: decision.global.clone() });
         }
         let mut verdict = decision_verdict(&shared, decision, facts);
         verdict.edits.extend(extra);
@@ -207,13 +265,7 @@ impl<H: Host> RateLimitStream<H> {
         let service = self.shared.policy.global.as_ref()?;
         let descriptors: Vec<_> = decision.global.iter().map(|check| check.descriptor.clone()).collect();
         let message = rls::encode_request(&service.domain, &descriptors, 1);
-        let call = GrpcCall {
-            cluster: &service.cluster,
-            service: rls::SERVICE,
-            method: rls::METHOD,
-            message: &message,
-            timeout: service.timeout,
-        };
+        let call = rls_call(service, &message, service.timeout);
         self.host.dispatch_grpc_call(&call).ok()
     }
 
@@ -254,6 +306,50 @@ impl<H: Host> RateLimitStream<H> {
                 }
                 self.service_response_headers = response_headers;
                 self.conclude(&decision, &facts, Vec::new())
+            }
+        }
+    }
+}
+
+impl<H: Host> RateLimitStream<H> {
+    /// Charges what the response says this request cost (`cost.response_header`)
+    /// to the local buckets it took and, for global rules, to the service (at the
+    /// root's next tick). A value above `max` counts as `max`; one that is not a
+    /// number is counted in `cost_invalid` and charges nothing.
+    fn charge_response_cost(&self, after: &AfterResponse) {
+        let shared = &self.shared;
+        let policy = &shared.policy;
+        for (index, rule) in policy.rules.iter().enumerate() {
+            let Some(cost) = &rule.cost else { continue };
+            let Some(header) = &cost.response_header else { continue };
+            let applied = after.taken.iter().any(|token| token.rule == index)
+                || after.global.iter().any(|check| check.rule == index);
+            if !applied {
+                continue;
+            }
+            let Ok(Some(value)) = self.host.header(MapType::HttpResponseHeaders, header) else { continue };
+            let charged = if value.iter().all(u8::is_ascii_digit) && !value.is_empty() {
+                std::str::from_utf8(&value).ok().and_then(|text| text.parse::<u64>().ok()).unwrap_or(u64::MAX)
+            } else {
+                shared.cost_invalid.increment_on(&self.host);
+                continue;
+            }
+            .min(cost.max);
+            if charged == 0 {
+                continue;
+            }
+            if policy.charge(&SharedData(&self.host), &after.taken, index, charged, self.host.now_nanos()).is_err() {
+                shared.store_errors.increment_on(&self.host);
+            }
+            for check in after.global.iter().filter(|check| check.rule == index) {
+                let mut pending = shared.pending_charges.borrow_mut();
+                if pending.len() < MAX_PENDING_CHARGES {
+                    let mut descriptor = check.descriptor.clone();
+                    descriptor.hits_addend = Some(charged);
+                    pending.push(descriptor);
+                } else {
+                    shared.global.charges_dropped.increment_on(&self.host);
+                }
             }
         }
     }
@@ -317,6 +413,9 @@ impl<H: Host> HttpContext for RateLimitStream<H> {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(after) = self.after_response.take() {
+            self.charge_response_cost(&after);
+        }
         let mut verdict = match &self.allowed_fields {
             Some((policy, limit)) => response_verdict(policy, limit),
             None => Verdict::forward(),
@@ -407,6 +506,12 @@ fn denial_problem(policy: &Policy, denial: &Denial, quotas: &[LimitStatus]) -> P
             }
             problem
         }
+        Denial::InvalidCost { rule } => Problem::new(
+            400,
+            "rate-limit-cost-invalid",
+            "Invalid request cost",
+            format!("rule {}: the cost header must be an integer from 1 to the rule's maximum", rule_name(*rule)),
+        ),
         Denial::ServiceFailed { status } => Problem::new(
             u32::from(*status),
             "rate-limit-service-failed",
@@ -533,6 +638,7 @@ mod glue_tests {
         assert_eq!((calls[0].cluster.as_str(), calls[0].service.as_str()), ("rls", rls::SERVICE));
         let descriptor = rls::Descriptor {
             entries: vec![("rule".into(), "per-user".into()), ("header.x-user".into(), "%FFalice".into())],
+            hits_addend: None,
         };
         assert_eq!(calls[0].message, rls::encode_request("gw", &[descriptor], 1));
         // OVER_LIMIT with one status: 10 per minute, 0 left, reset in 42 s.

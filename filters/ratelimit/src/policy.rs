@@ -84,6 +84,8 @@ pub enum Denial {
     MissingKey { rule: usize },
     /// Compare-and-swap retries ran out (`on_contention: deny`).
     Contended { rule: usize },
+    /// The request's cost header is not an integer from 1 to the rule's `max`.
+    InvalidCost { rule: usize },
     /// The rate-limit service said the rule is over its limit.
     Global { rule: usize, status: Option<LimitStatus>, retry_after_seconds: Option<u64> },
     /// The rate-limit service failed and `failure_mode` is `deny`.
@@ -192,7 +194,7 @@ pub fn descriptor(rule: &Rule, request: &RequestView<'_>) -> Descriptor {
         })
         .collect();
     entries.extend(parts.unwrap_or_default());
-    Descriptor { entries }
+    Descriptor { entries, hits_addend: None }
 }
 
 /// Marks a key part in [`bucket_key`]; the key of requests that lack a part
@@ -203,10 +205,23 @@ const MISSING_KEY: &[u8] = &[0];
 /// A token taken from a local bucket, to give back if the request is denied later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TakenToken {
-    rule: usize,
+    pub rule: usize,
     limit: usize,
     key: String,
     identity: Vec<u8>,
+    cost: u64,
+}
+
+/// The tokens a request costs under a rule: its `cost.request_header` (absent:
+/// 1), `None` when that header holds anything but an integer from 1 to `max`
+/// (a client must not pass for free by claiming a cost of 0).
+fn request_cost(rule: &Rule, request: &RequestView<'_>) -> Option<u64> {
+    let Some(cost) = &rule.cost else { return Some(1) };
+    let Some(header) = &cost.request_header else { return Some(1) };
+    match request.headers.first(header) {
+        None => Some(1),
+        Some(value) => cost.parse(value).filter(|cost| *cost >= 1),
+    }
 }
 
 /// A rule whose verdict the rate-limit service gives (`global: true`).
@@ -241,6 +256,11 @@ impl Policy {
                     break;
                 }
             };
+            let Some(cost) = request_cost(rule, request) else {
+                decision.outcomes.push((index, RuleOutcome::Denied));
+                decision.denial = Some(Denial::InvalidCost { rule: index });
+                break;
+            };
             if !rule.shadow {
                 decision.policy.extend(rule.limits.iter().map(LimitStatus::quota_of));
             }
@@ -249,12 +269,12 @@ impl Policy {
                 let mut identity = limit.id.as_bytes().to_vec();
                 identity.push(0);
                 identity.extend_from_slice(&key);
-                match self.table.take(store, limit, &identity, now)? {
+                match self.table.take_cost(store, limit, &identity, now, cost)? {
                     Take::Taken { verdict, key, identity } => {
                         if !rule.shadow {
                             decision.statuses.push(LimitStatus::new(limit, &verdict));
                         }
-                        decision.taken.push(TakenToken { rule: index, limit: limit_index, key, identity });
+                        decision.taken.push(TakenToken { rule: index, limit: limit_index, key, identity, cost });
                     }
                     Take::Denied { verdict } if rule.shadow => {
                         let _ = verdict;
@@ -279,11 +299,12 @@ impl Policy {
                 }
             }
             if rule.global {
-                let descriptor = if key_is_missing {
-                    Descriptor { entries: vec![("rule".to_string(), rule.name.clone())] }
+                let mut descriptor = if key_is_missing {
+                    Descriptor { entries: vec![("rule".to_string(), rule.name.clone())], hits_addend: None }
                 } else {
                     descriptor(rule, request)
                 };
+                descriptor.hits_addend = (cost != 1).then_some(cost);
                 decision.global.push(GlobalCheck { rule: index, descriptor, shadow: rule.shadow });
             }
             decision.outcomes.push((index, outcome));
@@ -309,12 +330,29 @@ impl Policy {
         }
     }
 
+    /// Charges the cost a response reported to the buckets `taken` holds for `rule`.
+    pub fn charge(
+        &self,
+        store: &impl Store,
+        taken: &[TakenToken],
+        rule: usize,
+        cost: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        for token in taken.iter().filter(|token| token.rule == rule) {
+            if let Some(limit) = self.rules.get(rule).and_then(|rule| rule.limits.get(token.limit)) {
+                self.table.charge(store, limit, &token.key, &token.identity, now, cost)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Returns the local tokens a denied request took.
     pub fn give_back(&self, store: &impl Store, decision: &mut Decision, now: u64) -> Result<(), StoreError> {
         for taken in std::mem::take(&mut decision.taken) {
             let limit = self.rules.get(taken.rule).and_then(|rule| rule.limits.get(taken.limit));
             if let Some(limit) = limit {
-                self.table.give_back(store, limit, &taken.key, &taken.identity, now)?;
+                self.table.give_back_cost(store, limit, &taken.key, &taken.identity, now, taken.cost)?;
             }
         }
         Ok(())
@@ -542,6 +580,14 @@ mod tests {
             (
                 r#"{"slots":0,"rules":[{"name":"a","key":[{"path":true}],"limits":[{"name":"l","requests":1,"per_seconds":1}]}]}"#,
                 "slots",
+            ),
+            (
+                r#"{"rules":[{"name":"a","key":[{"path":true}],"cost":{"request_header":"X-Cost"},"limits":[{"name":"l","requests":1,"per_seconds":1}]}]}"#,
+                "rules[0].cost.request_header",
+            ),
+            (
+                r#"{"rules":[{"name":"a","key":[{"path":true}],"cost":{"max":5},"limits":[{"name":"l","requests":1,"per_seconds":1}]}]}"#,
+                "rules[0].cost",
             ),
         ];
         for (json, field) in cases {

@@ -9,14 +9,17 @@ use std::time::Duration;
 pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 pub const METHOD: &str = "ShouldRateLimit";
 
-/// One descriptor: ordered `(key, value)` entries.
+/// One descriptor: ordered `(key, value)` entries, and its own hits when they
+/// are not the request's one (`RateLimitDescriptor.hits_addend`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Descriptor {
     pub entries: Vec<(String, String)>,
+    pub hits_addend: Option<u64>,
 }
 
 /// `RateLimitRequest { domain = 1, descriptors = 2, hits_addend = 3 }`, each
-/// descriptor `{ entries = 1 }`, each entry `{ key = 1, value = 2 }`.
+/// descriptor `{ entries = 1, hits_addend = 3 (UInt64Value { value = 1 }) }`,
+/// each entry `{ key = 1, value = 2 }`.
 pub fn encode_request(domain: &str, descriptors: &[Descriptor], hits_addend: u32) -> Vec<u8> {
     let mut out = Vec::new();
     put_bytes(&mut out, 1, domain.as_bytes());
@@ -27,6 +30,11 @@ pub fn encode_request(domain: &str, descriptors: &[Descriptor], hits_addend: u32
             put_bytes(&mut entry, 1, key.as_bytes());
             put_bytes(&mut entry, 2, value.as_bytes());
             put_bytes(&mut encoded, 1, &entry);
+        }
+        if let Some(hits) = descriptor.hits_addend {
+            let mut wrapper = Vec::new();
+            put_varint(&mut wrapper, 1 << 3, hits);
+            put_bytes(&mut encoded, 3, &wrapper);
         }
         put_bytes(&mut out, 2, &encoded);
     }
@@ -290,7 +298,8 @@ mod tests {
 
     #[test]
     fn a_request_encodes_as_protobuf_does() {
-        let descriptors = [Descriptor { entries: vec![("rule".into(), "r".into()), ("k".into(), "v".into())] }];
+        let descriptors =
+            [Descriptor { entries: vec![("rule".into(), "r".into()), ("k".into(), "v".into())], hits_addend: None }];
         let encoded = encode_request("gw", &descriptors, 3);
         // Reference bytes: domain "gw"; one descriptor with entries {rule: r}, {k: v}; hits_addend 3.
         let expected: &[u8] = &[
@@ -300,6 +309,16 @@ mod tests {
             0x0a, 6, 0x0a, 1, b'k', 0x12, 1, b'v', //
             0x18, 3,
         ];
+        assert_eq!(encoded, expected);
+    }
+
+    #[test]
+    fn a_descriptor_carries_its_own_hits() {
+        let descriptor = Descriptor { entries: vec![("k".into(), "v".into())], hits_addend: Some(300) };
+        let encoded = encode_request("d", &[descriptor], 0);
+        // descriptor: entry (8 bytes), then field 3 = UInt64Value { value = 300 } (0x08, 0xac 0x02).
+        let expected: &[u8] =
+            &[0x0a, 1, b'd', 0x12, 13, 0x0a, 6, 0x0a, 1, b'k', 0x12, 1, b'v', 0x1a, 3, 0x08, 0xac, 0x02];
         assert_eq!(encoded, expected);
     }
 

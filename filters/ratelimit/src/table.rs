@@ -81,6 +81,14 @@ pub fn decode_group(bytes: &[u8]) -> Option<Vec<Entry>> {
     input.is_done().then_some(entries)
 }
 
+/// Who takes how many tokens, when.
+#[derive(Debug, Clone, Copy)]
+struct Demand<'a> {
+    identity: &'a [u8],
+    now: u64,
+    cost: u64,
+}
+
 /// What taking a token did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Take {
@@ -186,15 +194,27 @@ impl Table {
 
     /// Takes one token for `identity` under `limit` at time `now` (nanoseconds).
     pub fn take(&self, store: &impl Store, limit: &Limit, identity: &[u8], now: u64) -> Result<Take, StoreError> {
+        self.take_cost(store, limit, identity, now, 1)
+    }
+
+    /// Takes `cost` tokens for `identity` (all or none).
+    pub fn take_cost(
+        &self,
+        store: &impl Store,
+        limit: &Limit,
+        identity: &[u8],
+        now: u64,
+        cost: u64,
+    ) -> Result<Take, StoreError> {
         let [first, second] = self.candidates(identity);
         for _ in 0..=self.cas_retries {
             let a = self.read(store, self.group_key(first))?;
             let outcome = if let Some(place) = a.position(identity) {
-                self.take_owned(store, limit, a, place, now)?
+                self.take_owned(store, limit, a, place, now, cost)?
             } else {
                 let b = if second != first { Some(self.read(store, self.group_key(second))?) } else { None };
                 match (b.as_ref().and_then(|b| b.position(identity)), b) {
-                    (Some(place), Some(b)) => self.take_owned(store, limit, b, place, now)?,
+                    (Some(place), Some(b)) => self.take_owned(store, limit, b, place, now, cost)?,
                     (_, b) => {
                         // The candidate with more room; the first on a tie.
                         let roomier = match b {
@@ -202,10 +222,10 @@ impl Table {
                             _ => a,
                         };
                         match roomier.free_place(now) {
-                            Some(place) => self.claim(store, limit, roomier, place, identity, now)?,
+                            Some(place) => self.claim(store, limit, roomier, place, Demand { identity, now, cost })?,
                             None => {
                                 let overflow = self.read(store, self.overflow_key(limit))?;
-                                self.take_overflow(store, limit, overflow, identity, now)?
+                                self.take_overflow(store, limit, overflow, identity, now, cost)?
                             }
                         }
                     }
@@ -226,9 +246,10 @@ impl Table {
         mut group: Group,
         place: usize,
         now: u64,
+        cost: u64,
     ) -> Result<Option<Take>, StoreError> {
         let Some(entry) = group.entries.get_mut(place) else { return Ok(None) };
-        let verdict = limit.take(entry.tat, now);
+        let verdict = limit.take_cost(entry.tat, now, cost);
         if !verdict.allowed {
             return Ok(Some(Take::Denied { verdict }));
         }
@@ -251,11 +272,12 @@ impl Table {
         overflow: Group,
         identity: &[u8],
         now: u64,
+        cost: u64,
     ) -> Result<Option<Take>, StoreError> {
         let bucket = overflow_identity(limit);
         let saturated = saturated_identity(limit);
         let tat = overflow.entries.iter().find(|entry| entry.identity == bucket).map_or(0, |entry| entry.tat);
-        let verdict = limit.take(tat, now);
+        let verdict = limit.take_cost(tat, now, cost);
         if !verdict.allowed {
             return Ok(Some(Take::Denied { verdict }));
         }
@@ -293,9 +315,9 @@ impl Table {
         limit: &Limit,
         mut group: Group,
         place: usize,
-        identity: &[u8],
-        now: u64,
+        demand: Demand<'_>,
     ) -> Result<Option<Take>, StoreError> {
+        let Demand { identity, now, cost } = demand;
         let mut overflow = self.read(store, self.overflow_key(limit))?;
         let bucket = overflow_identity(limit);
         let saturated = saturated_identity(limit);
@@ -303,7 +325,7 @@ impl Table {
         let overflow_tat =
             overflow.entries.iter().find(|entry| entry.identity == bucket && entry.tat > now).map(|entry| entry.tat);
         let has_history = overflow_tat.is_some() && (live(identity) || live(&saturated));
-        let verdict = limit.take(if has_history { overflow_tat.unwrap_or(0) } else { 0 }, now);
+        let verdict = limit.take_cost(if has_history { overflow_tat.unwrap_or(0) } else { 0 }, now, cost);
         if !verdict.allowed {
             return Ok(Some(Take::Denied { verdict }));
         }
@@ -326,7 +348,7 @@ impl Table {
         }
         if !store.set(&group.key, &encode_group(&group.entries), group.cas)? {
             if has_history {
-                self.give_back(store, limit, &overflow.key, &bucket, now)?;
+                self.give_back_cost(store, limit, &overflow.key, &bucket, now, cost)?;
             }
             return Ok(None);
         }
@@ -346,12 +368,50 @@ impl Table {
         identity: &[u8],
         now: u64,
     ) -> Result<(), StoreError> {
+        self.give_back_cost(store, limit, key, identity, now, 1)
+    }
+
+    /// Gives back `cost` tokens taken earlier.
+    pub fn give_back_cost(
+        &self,
+        store: &impl Store,
+        limit: &Limit,
+        key: &str,
+        identity: &[u8],
+        now: u64,
+        cost: u64,
+    ) -> Result<(), StoreError> {
+        self.update(store, key, identity, |tat| limit.give_back_cost(tat, now, cost))
+    }
+
+    /// Charges `cost` more tokens to a bucket after the fact (from the response).
+    /// Best effort like a give-back: a bucket that changed hands is left alone.
+    pub fn charge(
+        &self,
+        store: &impl Store,
+        limit: &Limit,
+        key: &str,
+        identity: &[u8],
+        now: u64,
+        cost: u64,
+    ) -> Result<(), StoreError> {
+        self.update(store, key, identity, |tat| limit.charge(tat, now, cost))
+    }
+
+    /// Rewrites the TAT of `identity`'s bucket under `key` with CAS retries.
+    fn update(
+        &self,
+        store: &impl Store,
+        key: &str,
+        identity: &[u8],
+        change: impl Fn(u64) -> u64,
+    ) -> Result<(), StoreError> {
         for _ in 0..=self.cas_retries {
             let mut group = self.read(store, key.to_string())?;
             let Some(entry) = group.entries.iter_mut().find(|entry| entry.identity == identity) else {
                 return Ok(());
             };
-            entry.tat = limit.give_back(entry.tat, now);
+            entry.tat = change(entry.tat);
             if store.set(key, &encode_group(&group.entries), group.cas)? {
                 return Ok(());
             }

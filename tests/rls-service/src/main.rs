@@ -114,6 +114,8 @@ impl RateLimitService for Service {
         let mut statuses = Vec::new();
         let _one_at_a_time = self.serial.lock().await;
         for descriptor in request.descriptors {
+            // A descriptor's own hits_addend overrides the request's.
+            let hits = descriptor.hits_addend.map_or(hits, |own| own.value);
             let entries = descriptor.entries.into_iter().map(|entry| (entry.key, entry.value)).collect();
             statuses.push(self.status_of(&namespace, entries, hits).await?);
         }

@@ -348,3 +348,55 @@ fn a_bursty_bucket_is_advertised_so_a_client_reading_the_fields_is_never_denied(
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(envoy.get("/").header("x-user-id", "reader").send().status, 200, "after t, quota is available");
 }
+
+/// Issue 15 part 4: a request costs what its cost header says (1 when absent),
+/// all or nothing; a cost that is not an integer from 1 to `max` is refused.
+#[test]
+fn a_request_header_sets_the_cost_of_a_request() {
+    let rule = json!({"name": "weighted", "key": [{"header": "x-user-id"}], "cost": {"request_header": "x-cost", "max": 10},
+        "limits": [{"name": "hourly", "requests": 10, "per_seconds": 3600}]});
+    let (envoy, _upstream) = start(json!({"rules": [rule]}), 1);
+    let _log = envoy.log_on_failure();
+    let send = |cost: Option<&str>| {
+        let request = envoy.get("/").header("x-user-id", "w");
+        match cost {
+            Some(cost) => request.header("x-cost", cost),
+            None => request,
+        }
+        .send()
+    };
+    let remaining = |response: &Response| param(&parse_item(&response.header("ratelimit").unwrap()).1, "r");
+    let four = send(Some("4"));
+    assert_eq!((four.status, remaining(&four)), (200, 6));
+    assert_eq!(send(Some("7")).status, 429, "7 tokens are not there: none are taken");
+    for bad in ["0", "abc", "-1", "11", "+3", "3.0", "99999999999999999999999"] {
+        let response = send(Some(bad));
+        assert_eq!(response.status, 400, "cost {bad:?}");
+        assert_eq!(response.json()["type"], "urn:wasm-gateway:problem:rate-limit-cost-invalid");
+    }
+    let one = send(None);
+    assert_eq!((one.status, remaining(&one)), (200, 5), "no header: one token");
+}
+
+/// Issue 15 part 4: a response header charges the cost after the fact (e.g.
+/// the tokens an LLM backend used); later requests see the debt.
+#[test]
+fn a_response_header_charges_the_cost_after_the_fact() {
+    let rule = json!({"name": "llm", "key": [{"header": "x-user-id"}], "cost": {"response_header": "x-tokens-used", "max": 100},
+        "limits": [{"name": "hourly", "requests": 10, "per_seconds": 3600}]});
+    let (envoy, upstream) = start(json!({"rules": [rule]}), 1);
+    let _log = envoy.log_on_failure();
+    upstream.script("/complete", gateway_tests::upstream::Reply::status(200).header("x-tokens-used", "5"));
+    upstream.script("/garbage", gateway_tests::upstream::Reply::status(200).header("x-tokens-used", "five"));
+    let remaining = |response: &Response| param(&parse_item(&response.header("ratelimit").unwrap()).1, "r");
+    let first = envoy.get("/complete").header("x-user-id", "l").send();
+    assert_eq!((first.status, remaining(&first)), (200, 9), "admitted for one token");
+    let second = envoy.get("/complete").header("x-user-id", "l").send();
+    assert_eq!(remaining(&second), 3, "10 - 1 - 5 charged - 1");
+    // 3 left, the second response charged 5 more: in debt, denied.
+    assert_eq!(envoy.get("/complete").header("x-user-id", "l").send().status, 429);
+    let other = envoy.get("/garbage").header("x-user-id", "g").send();
+    assert_eq!(other.status, 200);
+    assert_eq!(remaining(&envoy.get("/").header("x-user-id", "g").send()), 8, "a non-number charges nothing");
+    assert!(wait_until(Duration::from_secs(5), || envoy.stat("wasmcustom.ratelimit.ratelimit.cost_invalid") == 1));
+}

@@ -43,6 +43,7 @@ fn fixture() -> &'static Fixture {
             limitador_limit("flood", "x-user-id", 1000, 60),
             limitador_limit("tiny", "x-user-id", 1, 60),
             limitador_limit("failing", "x-user-id", 1000, 60),
+            limitador_limit("llm", "x-user-id", 20, 60),
         ]);
         let rls = services::rls(Some(&redis), &limits, &[]);
         Fixture { redis, rls }
@@ -212,4 +213,28 @@ fn global_rules_need_the_service_section() {
         r#"{"global": {"cluster": "rls", "domain": "d", "timeout_ms": 0}, "rules": [{"name": "r", "key": [{"constant": "all"}], "global": true}]}"#,
         "global.timeout_ms",
     );
+}
+
+/// Issue 15 part 4: a cost reported by the response reaches the service as a
+/// descriptor `hits_addend` (sent from the root's next tick), and a request cost
+/// from a request header is sent with the check itself.
+#[test]
+fn costs_reach_the_service_as_hits_addend() {
+    let fixture = fixture();
+    let rule = json!({"name": "llm", "key": [{"header": "x-user-id"}], "global": true,
+        "cost": {"request_header": "x-cost", "response_header": "x-tokens-used", "max": 100}});
+    let (envoy, upstream) = gateway(fixture.rls.addr, json!({"global": global(1000, "deny"), "rules": [rule]}), 1);
+    let _log = envoy.log_on_failure();
+    upstream.script("/complete", gateway_tests::upstream::Reply::status(200).header("x-tokens-used", "10"));
+    let remaining = |response: &gateway_tests::client::Response| {
+        let field = response.header("ratelimit").unwrap();
+        field.split(";r=").nth(1).and_then(|rest| rest.split(';').next()).unwrap().parse::<u64>().unwrap()
+    };
+    let first = envoy.get("/complete").header("x-user-id", "cost-user").send();
+    assert_eq!((first.status, remaining(&first)), (200, 19));
+    assert!(gateway_tests::wait_until(Duration::from_secs(5), || envoy
+        .stat("wasmcustom.ratelimit.ratelimit.global.charges_sent")
+        == 1));
+    let second = envoy.get("/").header("x-user-id", "cost-user").header("x-cost", "3").send();
+    assert_eq!((second.status, remaining(&second)), (200, 6), "20 - 1 - 10 reported - 3");
 }
