@@ -86,6 +86,14 @@ fn docker_compose_runs_the_same_gateway() {
     assert!(compose.contains("image: envoyproxy/envoy:v1.40.0"), "compose must use the Envoy we test with");
     assert!(compose.contains("./gateway.yaml:/gateway/envoy/gateway.yaml:ro"), "compose must mount gateway.yaml");
     assert!(compose.contains("../dist:/gateway/dist:ro"), "compose must mount the built modules");
+    // The optional rate-limit service (profile `global`) answers gateway.yaml's
+    // `orders-global` rule on the `rls` cluster's port, in its domain.
+    let ratelimit = std::fs::read_to_string(root.join("envoy/ratelimit/config.yaml")).unwrap();
+    assert!(gateway.contains(r#""domain": "gateway""#) && ratelimit.contains("domain: gateway"));
+    assert!(gateway.contains(r#"{"name": "orders-global""#) && ratelimit.contains("value: orders-global"));
+    assert!(ratelimit.contains("key: header.x-user-id"), "the descriptor entry of the rule's key");
+    assert!(gateway.contains("port_value: 8081 }") && compose.contains(r#"GRPC_PORT: "8081""#));
+    assert!(compose.contains("./ratelimit:/data/ratelimit/config:ro"), "compose must mount the ratelimit config");
     let backends = gateway_backend_ports(&gateway);
     assert_eq!(backends.len(), 4, "gateway.yaml backends: {backends:?}");
     for (name, port) in &backends {
