@@ -7,6 +7,8 @@ use gateway_common::request_match::{is_lower_case_header_name, Conditions, Match
 use regex_lite::Regex;
 use serde::Deserialize;
 
+use crate::query::QueryEdits;
+
 pub const DEFAULT_CLUSTER_HEADER: &str = "x-gateway-cluster";
 
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +54,22 @@ pub struct RouteSpec {
     pub request_headers: RequestHeadersSpec,
     #[serde(default)]
     pub response_headers: ResponseHeadersSpec,
+    #[serde(default)]
+    pub query: QuerySpec,
+}
+
+/// Query-string edits of a forwarded request: remove, rename, set, add.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuerySpec {
+    #[serde(default)]
+    pub remove: Vec<String>,
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,6 +175,39 @@ pub struct ResponseEdits {
     pub add: Vec<(String, String)>,
 }
 
+impl QuerySpec {
+    /// Names must be non-empty; a name is removed, replaced (`set`) or renamed,
+    /// never two of those (the result would depend on the order).
+    fn compile(&self, field: &str, errors: &mut ConfigErrors) -> QueryEdits {
+        let names = self.remove.iter().map(|name| ("remove", name)).chain(
+            [("rename", &self.rename), ("set", &self.set), ("add", &self.add)]
+                .into_iter()
+                .flat_map(|(kind, map)| map.keys().map(move |name| (kind, name))),
+        );
+        for (kind, name) in names.clone() {
+            if name.is_empty() {
+                errors.add(format!("{field}.{kind}"), "parameter names must not be empty");
+            }
+        }
+        for new in self.rename.values().filter(|new| new.is_empty()) {
+            errors.add(format!("{field}.rename"), format!("renames to an empty name ({new:?})"));
+        }
+        let exclusive = names.filter(|(kind, _)| *kind != "add");
+        let mut seen = std::collections::BTreeMap::new();
+        for (kind, name) in exclusive {
+            if let Some(first) = seen.insert(name.as_str(), kind) {
+                errors.add(format!("{field}.{kind}.{name}"), format!("is also in {first}: use one edit per parameter"));
+            }
+        }
+        QueryEdits {
+            remove: self.remove.clone(),
+            rename: self.rename.iter().map(|(old, new)| (old.clone(), new.clone())).collect(),
+            set: self.set.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            add: self.add.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
 impl ResponseEdits {
     pub fn is_empty(&self) -> bool {
         self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
@@ -182,6 +233,7 @@ pub struct Route {
     pub rewrite: Rewrite,
     pub request_headers: RequestHeadersSpec,
     pub response_headers: ResponseEdits,
+    pub query: QueryEdits,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +319,10 @@ impl RouteSpec {
         let edits = &self.request_headers;
         let forwards = self.cluster.is_some() || self.split.is_some();
         let edits_request = !edits.set.is_empty() || !edits.add.is_empty() || !edits.remove.is_empty();
+        let query = self.query.compile(&format!("{field}.query"), errors);
+        if !forwards && !query.is_empty() {
+            errors.add(format!("{field}.query"), "only routes that forward (cluster or split) edit requests");
+        }
         if !forwards && edits_request {
             errors.add(format!("{field}.request_headers"), "only routes that forward (cluster or split) edit requests");
         }
@@ -302,6 +358,7 @@ impl RouteSpec {
                 set: responses.set.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 add: responses.add.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             },
+            query,
         })
     }
 

@@ -3,6 +3,7 @@
 //! lives in `router.rs`, the configuration in `config.rs`.
 
 pub mod config;
+pub mod query;
 pub mod router;
 
 use std::cell::Cell;

@@ -105,7 +105,17 @@ pub fn sticky_hash(route_name: &str, key: &[u8]) -> u64 {
     fnv1a64(&input)
 }
 
+/// The new `:path` of a forwarded request: the rewritten path, then the query
+/// edits; `None` when the route changes neither.
 fn rewrite_path(route: &Route, request: &RequestHeaders) -> Option<String> {
+    let rewritten = rewrite_target(route, request);
+    if route.query.is_empty() {
+        return rewritten;
+    }
+    Some(route.query.apply(rewritten.as_deref().unwrap_or(request.target())))
+}
+
+fn rewrite_target(route: &Route, request: &RequestHeaders) -> Option<String> {
     let path = request.path();
     let rewritten = if let Some((matched, replacement)) = &route.rewrite.prefix {
         // The route matched `matched` as a (segment-safe) prefix of this path.

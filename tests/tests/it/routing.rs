@@ -48,6 +48,9 @@ fn routes() -> Value {
                                   "remove": ["x-upstream"]}},
             {"name": "items-regex", "match": {"path": {"regex": "/v1/items/[0-9]+"}}, "cluster": "products",
              "rewrite": {"regex": {"pattern": "^/v1/items/([0-9]+)$", "substitution": "/items/$1"}, "host": "items.internal"}},
+            {"name": "search-query", "match": {"path": {"prefix": "/search"}}, "cluster": "products",
+             "rewrite": {"prefix": "/find"},
+             "query": {"remove": ["debug"], "rename": {"q": "query"}, "set": {"version": "2"}, "add": {"via": "gate way"}}},
             {"name": "users", "match": {"path": {"prefix": "/users"}}, "cluster": "users"},
             {"name": "orders-v2-opt-in",
              "match": {"path": {"prefix": "/orders"},
@@ -298,6 +301,23 @@ fn default_cluster_and_random_split_weights() {
     assert_eq!(counts.values().sum::<usize>(), requests);
 }
 
+/// Issue 17 item 8: query edits on forwarded requests, after the path rewrite.
+/// Names are compared decoded (`%64ebug` is `debug`), what the route writes is
+/// encoded, and the parameters it does not name arrive byte for byte.
+#[test]
+fn query_parameters_are_removed_renamed_set_and_added() {
+    let fx = shared();
+    let envoy = &fx.envoy;
+    let _log = envoy.log_on_failure();
+    let response = envoy.get("/search/all?q=shoes&debug=1&%64ebug=2&version=1&keep=%FF%26").send();
+    assert_eq!(upstream_of(&response), "products");
+    let echo = response.echo();
+    assert_eq!(echo.path(), "/find/all");
+    assert_eq!(echo.query(), Some("query=shoes&keep=%FF%26&version=2&via=gate%20way"));
+    let bare = envoy.get("/search").send().echo();
+    assert_eq!(bare.query(), Some("version=2&via=gate%20way"), "set and add need no query to start from");
+}
+
 #[test]
 fn invalid_configuration_is_refused_with_the_field_named() {
     let upstream = EchoUpstream::start("users");
@@ -319,6 +339,14 @@ fn invalid_configuration_is_refused_with_the_field_named() {
         (
             r#"{"routes":[{"name":"a","cluster":"users","response_headers":{"remove":["Bad Name"]}}]}"#,
             "routes[0].response_headers.remove.Bad Name",
+        ),
+        (
+            r#"{"routes":[{"name":"a","cluster":"users","query":{"remove":["x"],"set":{"x":"1"}}}]}"#,
+            "routes[0].query.set.x: is also in remove",
+        ),
+        (
+            r#"{"routes":[{"name":"a","direct_response":{"status":200},"query":{"add":{"x":"1"}}}]}"#,
+            "routes[0].query: only routes that forward",
         ),
     ] {
         assert_config_refused(&upstream, "routing", config, field);
