@@ -37,6 +37,9 @@ pub struct AuthConfig {
     pub consumer_header: Option<String>,
     #[serde(default)]
     pub token_cache: TokenCacheSpec,
+    /// Header telling the upstream how the request passed: `authenticated`,
+    /// `anonymous` (no credential, allowed) or `failed` (bad credential, allowed).
+    pub result_header: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -248,6 +251,12 @@ pub struct RuleSpec {
     pub match_: MatchSpec,
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// No credential: let the request through anonymously (a bad one is still a 401).
+    #[serde(default)]
+    pub allow_missing: bool,
+    /// No credential or a bad one: let the request through anonymously.
+    #[serde(default)]
+    pub allow_missing_or_failed: bool,
     /// `{"any": [...]}` or `{"all": [...]}` of provider names, `api_key`, `basic`.
     pub require: Option<RequireSpec>,
     /// Scopes the identity must hold (from `scope` or `scp`).
@@ -348,8 +357,18 @@ pub struct Rule {
     pub name: String,
     pub conditions: Conditions,
     pub requirement: Requirement,
+    pub optional: Optional,
     pub scopes: Vec<String>,
     pub claims: Vec<(String, Vec<String>)>,
+}
+
+/// Whether a rule's `require` may be passed without a (good) credential, as
+/// Envoy's jwt_authn `allow_missing` / `allow_missing_or_failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Optional {
+    Required,
+    AllowMissing,
+    AllowMissingOrFailed,
 }
 
 #[derive(Debug, Clone)]
@@ -363,6 +382,7 @@ pub struct Auth {
     pub realm: String,
     pub consumer_header: Option<String>,
     pub token_cache: TokenCacheSpec,
+    pub result_header: Option<String>,
 }
 
 impl Auth {
@@ -371,6 +391,7 @@ impl Auth {
     pub fn identity_headers(&self) -> Vec<String> {
         let mut headers: BTreeSet<String> = BTreeSet::new();
         headers.extend(self.consumer_header.clone());
+        headers.extend(self.result_header.clone());
         for provider in &self.providers {
             headers.extend(provider.claims_to_headers.iter().map(|spec| spec.header.clone()));
             headers.extend(provider.payload_header.clone());
@@ -410,6 +431,9 @@ impl AuthConfig {
         if let Some(header) = &self.consumer_header {
             check_header(header, "consumer_header", &mut errors);
         }
+        if let Some(header) = &self.result_header {
+            check_header(header, "result_header", &mut errors);
+        }
         // The realm is a quoted auth-param of every challenge (RFC 6750 §3 charset).
         let realm_ok = !self.realm.is_empty() && gateway_common::field::auth_param_text(&self.realm) == self.realm;
         if !realm_ok {
@@ -442,6 +466,7 @@ impl AuthConfig {
             realm: self.realm.clone(),
             consumer_header: self.consumer_header.clone(),
             token_cache: self.token_cache.clone(),
+            result_header: self.result_header.clone(),
         })
     }
 }
@@ -724,10 +749,23 @@ impl RuleSpec {
         if requirement == Requirement::Anonymous && (!self.scopes.is_empty() || !self.claims.is_empty()) {
             errors.add(field, "anonymous rules cannot require scopes or claims");
         }
+        let optional = match (self.allow_missing, self.allow_missing_or_failed) {
+            (false, false) => Optional::Required,
+            (true, false) => Optional::AllowMissing,
+            (false, true) => Optional::AllowMissingOrFailed,
+            (true, true) => {
+                errors.add(field, "give allow_missing or allow_missing_or_failed, not both");
+                Optional::Required
+            }
+        };
+        if optional != Optional::Required && requirement == Requirement::Anonymous {
+            errors.add(field, "allow_missing and allow_missing_or_failed need require");
+        }
         Some(Rule {
             name: self.name.clone(),
             conditions: conditions?,
             requirement,
+            optional,
             scopes: self.scopes.clone(),
             claims: self.claims.iter().map(|(claim, values)| (claim.clone(), values.clone())).collect(),
         })

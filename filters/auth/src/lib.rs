@@ -32,7 +32,7 @@ use crate::config::{Auth, AuthConfig, Basic, Keys, Provider, RemoteJwksSpec, Tok
 use crate::credentials::{sha256, BasicChecker, BasicFailure, TokenCache};
 use crate::jwks::RemoteKeys;
 use crate::jwt::{JwtError, KeySet};
-use crate::policy::{decide, Denial, Identity, JwtCheck, Outcome, Verifier};
+use crate::policy::{decide, AuthResult, Denial, Identity, JwtCheck, Outcome, Verifier};
 
 proxy_wasm::main! {{
     gateway_common::skeleton::install::<AuthModule>();
@@ -486,8 +486,8 @@ impl<H: Host> AuthStream<H> {
                     return self.evaluate();
                 }
             },
-            Outcome::Allow { identities, .. } => {
-                allow_verdict(&shared, &request, &identities).apply(&self.host, &shared.metrics.reply_failures)
+            Outcome::Allow { identities, result, .. } => {
+                allow_verdict(&shared, &request, &identities, result).apply(&self.host, &shared.metrics.reply_failures)
             }
             Outcome::Deny(denial) => {
                 deny_verdict(&shared, &request, &denial).apply(&self.host, &shared.metrics.reply_failures)
@@ -500,11 +500,14 @@ impl<H: Host> AuthStream<H> {
 
 /// An allowed request: its identity headers, the credentials it must not forward,
 /// and filter state for access logs.
-fn allow_verdict(shared: &Shared, request: &RequestHeaders, identities: &[Identity]) -> Verdict {
+fn allow_verdict(shared: &Shared, request: &RequestHeaders, identities: &[Identity], result: AuthResult) -> Verdict {
     let auth = &shared.auth;
     let set =
         |name: &str, value: &str| Edit::Set(MapType::HttpRequestHeaders, name.to_string(), value.as_bytes().to_vec());
     let mut verdict = Verdict::forward().count(shared.metrics.allowed).property(DECISION_PROPERTY, b"allowed".to_vec());
+    if let Some(header) = &auth.result_header {
+        verdict = verdict.edit(set(header, result.as_str()));
+    }
     if let Some(name) = identities.iter().find_map(|identity| identity.name.as_deref()) {
         verdict = verdict.property(IDENTITY_PROPERTY, name.as_bytes());
         if let Some(header) = &auth.consumer_header {
@@ -725,7 +728,7 @@ mod glue_tests {
             strip: Some(TokenSource::Query("access_token".into())),
         };
         let request = gateway_common::testing::request(&[(":path", b"/a?access_token=t&x=1")]);
-        let verdict = allow_verdict(&shared, &request, &[identity]);
+        let verdict = allow_verdict(&shared, &request, &[identity], AuthResult::Authenticated);
         let map = MapType::HttpRequestHeaders;
         assert_eq!(
             verdict.edits,

@@ -8,8 +8,8 @@ use gateway_common::request::RequestHeaders;
 use serde_json::Value;
 
 use crate::config::{
-    Auth, AuthMethod, Basic, DefaultAction, MethodKind, Provider, Requirement, Rule, TokenSource, API_KEY_METHOD,
-    BASIC_METHOD,
+    Auth, AuthMethod, Basic, DefaultAction, MethodKind, Optional, Provider, Requirement, Rule, TokenSource,
+    API_KEY_METHOD, BASIC_METHOD,
 };
 use crate::credentials::{check_api_key, find_credential, parse_basic, BasicFailure};
 use crate::jwt::{claim_at, JwtError};
@@ -61,9 +61,30 @@ pub enum Denial {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Allow { rule: Option<String>, identities: Vec<Identity> },
+    Allow { rule: Option<String>, identities: Vec<Identity>, result: AuthResult },
     Deny(Denial),
     NeedKeys(usize),
+}
+
+/// How an allowed request passed, for `result_header`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthResult {
+    /// Credentials were verified.
+    Authenticated,
+    /// No credential was needed or present (anonymous rule, `allow_missing`, no rule, CORS preflight).
+    Anonymous,
+    /// A credential failed and the rule allows that (`allow_missing_or_failed`).
+    Failed,
+}
+
+impl AuthResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthResult::Authenticated => "authenticated",
+            AuthResult::Anonymous => "anonymous",
+            AuthResult::Failed => "failed",
+        }
+    }
 }
 
 enum MethodResult {
@@ -85,16 +106,18 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
         && request.first("access-control-request-method").is_some()
         && request.first("origin").is_some()
     {
-        return Outcome::Allow { rule: None, identities: Vec::new() };
+        return Outcome::Allow { rule: None, identities: Vec::new(), result: AuthResult::Anonymous };
     }
     let Some(rule) = auth.rules.iter().find(|rule| rule.conditions.matches(request)) else {
         return match auth.default {
-            DefaultAction::Allow => Outcome::Allow { rule: None, identities: Vec::new() },
+            DefaultAction::Allow => {
+                Outcome::Allow { rule: None, identities: Vec::new(), result: AuthResult::Anonymous }
+            }
             DefaultAction::Deny => Outcome::Deny(Denial::NoRule),
         };
     };
     let identities = match &rule.requirement {
-        Requirement::Anonymous => return Outcome::Allow { rule: Some(rule.name.clone()), identities: Vec::new() },
+        Requirement::Anonymous => return anonymous(rule, AuthResult::Anonymous),
         Requirement::Any(methods) => {
             let schemes = schemes(methods);
             let mut first_failure = None;
@@ -112,30 +135,51 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
                     }
                 }
             }
-            match (found, first_failure) {
-                (Some(identity), _) => vec![identity],
-                (None, Some(denial)) => return Outcome::Deny(with_schemes(denial, schemes)),
-                (None, None) => return Outcome::Deny(Denial::Missing(schemes)),
+            match (found, first_failure, rule.optional) {
+                (Some(identity), _, _) => vec![identity],
+                (None, Some(_), Optional::AllowMissingOrFailed) => return anonymous(rule, AuthResult::Failed),
+                (None, Some(denial), _) => return Outcome::Deny(with_schemes(denial, schemes)),
+                (None, None, Optional::Required) => return Outcome::Deny(Denial::Missing(schemes)),
+                (None, None, _) => return anonymous(rule, AuthResult::Anonymous),
             }
         }
         Requirement::All(methods) => {
             let schemes = schemes(methods);
             let mut identities = Vec::new();
+            let mut absent = 0;
             for method in methods {
                 match check_method(auth, method, request, verifier) {
-                    MethodResult::Absent => return Outcome::Deny(Denial::Missing(schemes)),
+                    MethodResult::Absent => absent += 1,
                     MethodResult::Ok(identity) => identities.push(identity),
                     MethodResult::NeedKeys(provider) => return Outcome::NeedKeys(provider),
+                    MethodResult::Failed(_) if rule.optional == Optional::AllowMissingOrFailed => {
+                        return anonymous(rule, AuthResult::Failed)
+                    }
                     MethodResult::Failed(denial) => return Outcome::Deny(with_schemes(denial, schemes)),
                 }
             }
-            identities
+            // Every credential missing is "missing"; some of them missing is a failed `all`.
+            match (absent, rule.optional) {
+                (0, _) => identities,
+                (n, Optional::AllowMissing | Optional::AllowMissingOrFailed) if n == methods.len() => {
+                    return anonymous(rule, AuthResult::Anonymous)
+                }
+                (_, Optional::AllowMissingOrFailed) => return anonymous(rule, AuthResult::Failed),
+                _ => return Outcome::Deny(Denial::Missing(schemes)),
+            }
         }
     };
     if let Some(denial) = authorize(rule, &identities) {
         return Outcome::Deny(denial);
     }
-    Outcome::Allow { rule: Some(rule.name.clone()), identities }
+    Outcome::Allow { rule: Some(rule.name.clone()), identities, result: AuthResult::Authenticated }
+}
+
+/// A request a rule lets through without a verified identity: no identity
+/// headers, and the rule's scopes and claims do not apply (there is nothing to
+/// check them on).
+fn anonymous(rule: &Rule, result: AuthResult) -> Outcome {
+    Outcome::Allow { rule: Some(rule.name.clone()), identities: Vec::new(), result }
 }
 
 fn schemes(methods: &[AuthMethod]) -> Schemes {
@@ -386,7 +430,11 @@ mod tests {
                     {"name": "orders", "match": {"path": {"prefix": "/orders"}}, "require": {"any": ["idp"]},
                      "scopes": ["orders:read"], "claims": {"tenant": ["a", "b"]}},
                     {"name": "admin", "match": {"path": {"prefix": "/admin"}}, "require": {"all": ["idp", "basic"]}},
-                    {"name": "products", "match": {"path": {"prefix": "/products"}}, "require": {"any": ["api_key", "basic"]}}
+                    {"name": "products", "match": {"path": {"prefix": "/products"}}, "require": {"any": ["api_key", "basic"]}},
+                    {"name": "feed", "match": {"path": {"prefix": "/feed"}}, "require": {"any": ["idp"]},
+                     "allow_missing": true, "scopes": ["orders:read"]},
+                    {"name": "public", "match": {"path": {"prefix": "/public"}}, "require": {"all": ["idp", "basic"]},
+                     "allow_missing_or_failed": true}
                 ]
             })
             .to_string()
@@ -402,6 +450,40 @@ mod tests {
 
     fn decide_for(pairs: &[(&str, &str)]) -> Outcome {
         decide(&auth(), &request(pairs), &mut Fake)
+    }
+
+    fn result_of(pairs: &[(&str, &str)]) -> Option<AuthResult> {
+        match decide_for(pairs) {
+            Outcome::Allow { result, .. } => Some(result),
+            _ => None,
+        }
+    }
+
+    /// Issue 17 item 5: jwt_authn's allow_missing and allow_missing_or_failed.
+    #[test]
+    fn optional_credentials_pass_anonymously_and_say_so() {
+        assert_eq!(result_of(&[(":path", "/feed")]), Some(AuthResult::Anonymous), "no token: anonymous");
+        assert_eq!(result_of(&[(":path", "/feed"), ("authorization", "Bearer good")]), Some(AuthResult::Authenticated));
+        assert!(
+            matches!(
+                decide_for(&[(":path", "/feed"), ("authorization", "Bearer old")]),
+                Outcome::Deny(Denial::Invalid { code: "expired", .. })
+            ),
+            "allow_missing: a bad token is still a 401"
+        );
+        assert_eq!(result_of(&[(":path", "/public")]), Some(AuthResult::Anonymous));
+        assert_eq!(result_of(&[(":path", "/public"), ("authorization", "Bearer old")]), Some(AuthResult::Failed));
+        assert_eq!(
+            result_of(&[(":path", "/public"), ("authorization", "Bearer good")]),
+            Some(AuthResult::Failed),
+            "`all` with one credential missing is a failure, allowed here"
+        );
+        assert_eq!(result_of(&[(":path", "/orders")]), None, "required rules are unchanged");
+        let Outcome::Allow { identities, .. } = decide_for(&[(":path", "/public"), ("authorization", "Bearer old")])
+        else {
+            panic!()
+        };
+        assert!(identities.is_empty(), "no identity for a failed credential");
     }
 
     #[test]

@@ -56,8 +56,12 @@ fn auth_config(provider_keys: Value) -> Value {
             {"name": "orders", "match": {"path": {"prefix": "/orders"}}, "require": {"any": ["idp"]},
              "scopes": ["orders:read"], "claims": {"tenant": ["acme"]}},
             {"name": "products", "match": {"path": {"prefix": "/products"}}, "require": {"any": ["api_key"]}},
-            {"name": "ops", "match": {"path": {"prefix": "/ops"}}, "require": {"any": ["basic"]}}
-        ]
+            {"name": "ops", "match": {"path": {"prefix": "/ops"}}, "require": {"any": ["basic"]}},
+            {"name": "feed", "match": {"path": {"prefix": "/feed"}}, "require": {"any": ["idp"]}, "allow_missing": true},
+            {"name": "public", "match": {"path": {"prefix": "/public"}}, "require": {"any": ["idp"]},
+             "allow_missing_or_failed": true}
+        ],
+        "result_header": "x-auth-result"
     })
 }
 
@@ -171,6 +175,32 @@ fn invalid_tokens_get_401_with_the_reason_and_never_reach_the_backend() {
     let missing = fx.envoy.get("/orders/secret").send();
     assert_eq!(missing.status, 401);
     assert_eq!(missing.header("www-authenticate").as_deref(), Some("Bearer realm=\"gateway\""));
+}
+
+/// Issue 17 item 5: optional tokens (jwt_authn's allow_missing and
+/// allow_missing_or_failed); the upstream learns which happened.
+#[test]
+fn optional_tokens_pass_anonymously_and_the_upstream_is_told() {
+    let fx = shared();
+    let envoy = &fx.envoy;
+    let _log = envoy.log_on_failure();
+    let good = rs256("carol");
+    let expired =
+        sign(Algorithm::RS256, "rsa-1", &json!({"iss": ISSUER, "aud": "orders-api", "sub": "x", "exp": now() - 3600}));
+    let anonymous = envoy.get("/feed").header("x-user-id", "spoofed").header("x-auth-result", "authenticated").send();
+    assert_eq!(anonymous.status, 200);
+    let echo = anonymous.echo();
+    assert_eq!(echo.header("x-auth-result"), Some("anonymous"), "the client's own value is replaced");
+    assert_eq!(echo.header("x-user-id"), None, "no identity, and the spoofed one is gone");
+    let signed = envoy.get("/feed").header("authorization", bearer(&good)).send();
+    assert_eq!(signed.echo().header("x-auth-result"), Some("authenticated"));
+    assert_eq!(signed.echo().header("x-user-id"), Some("carol"));
+    assert_invalid_token(&envoy.get("/feed").header("authorization", bearer(&expired)).send(), "expired", &expired);
+    let failed = envoy.get("/public").header("authorization", bearer(&expired)).send();
+    assert_eq!(failed.status, 200, "allow_missing_or_failed lets a bad token through");
+    assert_eq!(failed.echo().header("x-auth-result"), Some("failed"));
+    assert_eq!(failed.echo().header("x-user-id"), None);
+    assert_eq!(envoy.get("/public").send().echo().header("x-auth-result"), Some("anonymous"));
 }
 
 #[test]
