@@ -112,6 +112,8 @@ pub struct ProviderSpec {
     /// Keep the token on the forwarded request (default: strip it).
     #[serde(default)]
     pub forward_token: bool,
+    /// Claim (dotted path) holding the token's groups, for rules' `groups`.
+    pub groups_claim: Option<String>,
 }
 
 fn default_leeway() -> u64 {
@@ -195,6 +197,9 @@ pub struct ApiKeysSpec {
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySpec {
     pub consumer: String,
+    /// Groups of this consumer, for rules' `groups`.
+    #[serde(default)]
+    pub groups: Vec<String>,
     /// Lower-case hex SHA-256 of the key; plaintext keys are refused.
     pub sha256: String,
 }
@@ -241,6 +246,9 @@ pub struct BasicUserSpec {
     pub bcrypt: String,
     /// Consumer name; defaults to the username.
     pub consumer: Option<String>,
+    /// Groups of this consumer, for rules' `groups`.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,6 +274,12 @@ pub struct RuleSpec {
     /// an array claim, contain one).
     #[serde(default)]
     pub claims: std::collections::BTreeMap<String, Vec<String>>,
+    /// Only these consumers (API-key and basic consumers, a token's `sub`) pass.
+    #[serde(default)]
+    pub consumers: Vec<String>,
+    /// Only members of these groups pass (with `consumers`: either suffices).
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -301,6 +315,7 @@ pub struct Provider {
     pub claims_to_headers: Vec<ClaimHeaderSpec>,
     pub payload_header: Option<String>,
     pub forward_token: bool,
+    pub groups_claim: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -360,6 +375,9 @@ pub struct Rule {
     pub optional: Optional,
     pub scopes: Vec<String>,
     pub claims: Vec<(String, Vec<String>)>,
+    /// The consumer ACL: empty lists admit everyone the requirement admits.
+    pub consumers: Vec<String>,
+    pub groups: Vec<String>,
 }
 
 /// Whether a rule's `require` may be passed without a (good) credential, as
@@ -383,6 +401,8 @@ pub struct Auth {
     pub consumer_header: Option<String>,
     pub token_cache: TokenCacheSpec,
     pub result_header: Option<String>,
+    /// Groups of API-key and basic consumers, by consumer name.
+    pub consumer_groups: BTreeMap<String, Vec<String>>,
 }
 
 impl Auth {
@@ -467,7 +487,24 @@ impl AuthConfig {
             consumer_header: self.consumer_header.clone(),
             token_cache: self.token_cache.clone(),
             result_header: self.result_header.clone(),
+            consumer_groups: self.consumer_groups(),
         })
+    }
+}
+
+impl AuthConfig {
+    /// Every configured consumer's groups (a consumer with several keys or
+    /// users gets the union).
+    fn consumer_groups(&self) -> BTreeMap<String, Vec<String>> {
+        let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let keys = self.api_keys.iter().flat_map(|spec| spec.keys.iter().map(|key| (&key.consumer, &key.groups)));
+        let users = self.basic.iter().flat_map(|spec| {
+            spec.users.iter().map(|user| (user.consumer.as_ref().unwrap_or(&user.username), &user.groups))
+        });
+        for (consumer, own) in keys.chain(users) {
+            groups.entry(consumer.clone()).or_default().extend(own.iter().cloned());
+        }
+        groups.into_iter().map(|(consumer, set)| (consumer, set.into_iter().collect())).collect()
     }
 }
 
@@ -594,6 +631,7 @@ impl ProviderSpec {
             claims_to_headers: self.claims_to_headers.clone(),
             payload_header: self.payload_header.clone(),
             forward_token: self.forward_token,
+            groups_claim: self.groups_claim.clone(),
         })
     }
 }
@@ -746,8 +784,14 @@ impl RuleSpec {
                 }
             }
         };
-        if requirement == Requirement::Anonymous && (!self.scopes.is_empty() || !self.claims.is_empty()) {
-            errors.add(field, "anonymous rules cannot require scopes or claims");
+        let acl = !self.consumers.is_empty() || !self.groups.is_empty();
+        if requirement == Requirement::Anonymous && (!self.scopes.is_empty() || !self.claims.is_empty() || acl) {
+            errors.add(field, "anonymous rules cannot require scopes, claims, consumers or groups");
+        }
+        for (name, list) in [("consumers", &self.consumers), ("groups", &self.groups)] {
+            if list.iter().any(String::is_empty) {
+                errors.add(format!("{field}.{name}"), "names must not be empty");
+            }
         }
         let optional = match (self.allow_missing, self.allow_missing_or_failed) {
             (false, false) => Optional::Required,
@@ -766,6 +810,8 @@ impl RuleSpec {
             conditions: conditions?,
             requirement,
             optional,
+            consumers: self.consumers.clone(),
+            groups: self.groups.clone(),
             scopes: self.scopes.clone(),
             claims: self.claims.iter().map(|(claim, values)| (claim.clone(), values.clone())).collect(),
         })

@@ -69,6 +69,7 @@ const DENIAL_REASONS: &[&str] = &[
     "locked",
     "insufficient_scope",
     "claim_mismatch",
+    "consumer_not_allowed",
     "no_rule",
     "multiple_authorization",
 ];
@@ -99,6 +100,7 @@ impl Metrics {
             Denial::Locked { .. } => "locked",
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::ClaimMismatch { .. } => "claim_mismatch",
+            Denial::ConsumerNotAllowed => "consumer_not_allowed",
             Denial::NoRule => "no_rule",
         };
         self.denied.get(reason).copied().unwrap_or_default()

@@ -52,10 +52,23 @@ pub struct Schemes {
 pub enum Denial {
     MultipleAuthorization,
     Missing(Schemes),
-    Invalid { method: String, reason: String, code: &'static str, schemes: Schemes },
-    Locked { retry_after_seconds: u64 },
-    InsufficientScope { required: Vec<String> },
-    ClaimMismatch { claim: String },
+    Invalid {
+        method: String,
+        reason: String,
+        code: &'static str,
+        schemes: Schemes,
+    },
+    Locked {
+        retry_after_seconds: u64,
+    },
+    InsufficientScope {
+        required: Vec<String>,
+    },
+    ClaimMismatch {
+        claim: String,
+    },
+    /// The rule's `consumers` / `groups` do not include this identity.
+    ConsumerNotAllowed,
     NoRule,
 }
 
@@ -169,7 +182,7 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
             }
         }
     };
-    if let Some(denial) = authorize(rule, &identities) {
+    if let Some(denial) = authorize(auth, rule, &identities) {
         return Outcome::Deny(denial);
     }
     Outcome::Allow { rule: Some(rule.name.clone()), identities, result: AuthResult::Authenticated }
@@ -286,7 +299,11 @@ pub fn scopes(claims: &Value) -> Vec<String> {
     scopes
 }
 
-fn authorize(rule: &Rule, identities: &[Identity]) -> Option<Denial> {
+fn authorize(auth: &Auth, rule: &Rule, identities: &[Identity]) -> Option<Denial> {
+    if (!rule.consumers.is_empty() || !rule.groups.is_empty()) && !identities.iter().any(|id| admitted(auth, rule, id))
+    {
+        return Some(Denial::ConsumerNotAllowed);
+    }
     let claims: Vec<&Value> = identities.iter().filter_map(|identity| identity.claims.as_deref()).collect();
     if !rule.scopes.is_empty() {
         let held: Vec<String> = claims.iter().flat_map(|claims| scopes(claims)).collect();
@@ -309,6 +326,34 @@ fn authorize(rule: &Rule, identities: &[Identity]) -> Option<Denial> {
         }
     }
     None
+}
+
+/// Whether the rule's ACL admits this identity: its consumer name is listed, or
+/// one of its groups is (configured groups of API-key and basic consumers; for a
+/// token, its provider's `groups_claim`: a string or an array of strings).
+fn admitted(auth: &Auth, rule: &Rule, identity: &Identity) -> bool {
+    if identity.name.as_ref().is_some_and(|name| rule.consumers.contains(name)) {
+        return true;
+    }
+    if rule.groups.is_empty() {
+        return false;
+    }
+    let member = |group: &str| rule.groups.iter().any(|wanted| wanted == group);
+    match (identity.provider, identity.claims.as_deref()) {
+        (Some(index), Some(claims)) => {
+            let claim = auth.providers.get(index).and_then(|provider| provider.groups_claim.as_deref());
+            match claim.and_then(|claim| claim_at(claims, claim)) {
+                Some(Value::String(group)) => member(group),
+                Some(Value::Array(groups)) => groups.iter().filter_map(Value::as_str).any(member),
+                _ => false,
+            }
+        }
+        _ => identity
+            .name
+            .as_ref()
+            .and_then(|name| auth.consumer_groups.get(name))
+            .is_some_and(|groups| groups.iter().any(|group| member(group))),
+    }
 }
 
 /// Text inside a quoted auth-param: only RFC 6750's charset, the rest `%XX`.
@@ -387,6 +432,12 @@ pub fn problem(denial: &Denial, realm: &str) -> Problem {
             "claim-mismatch",
             "Forbidden",
             format!("claim {claim} does not allow this request"),
+        ),
+        Denial::ConsumerNotAllowed => Problem::new(
+            403,
+            "consumer-not-allowed",
+            "Forbidden",
+            "this consumer is not allowed by the rule".to_string(),
         ),
         Denial::NoRule => Problem::new(403, "no-rule", "Forbidden", "no rule allows this request"),
     }

@@ -37,7 +37,8 @@ fn auth_config(provider_keys: Value) -> Value {
             {"claim": "roles", "header": "x-roles"},
             {"claim": "org.id", "header": "x-org-id"}
         ],
-        "payload_header": "x-jwt-payload"
+        "payload_header": "x-jwt-payload",
+        "groups_claim": "roles"
     });
     for (key, value) in provider_keys.as_object().unwrap() {
         provider[key] = value.clone();
@@ -48,7 +49,8 @@ fn auth_config(provider_keys: Value) -> Value {
         "providers": [provider],
         "api_keys": {"from": [{"header": "x-api-key"}, {"query": "api_key"}],
                      "keys": [{"consumer": "acme-shop", "sha256": sha256_hex("key-acme-123")}]},
-        "basic": {"users": [{"username": "ops", "bcrypt": basic_hash, "consumer": "ops-team"}], "max_failures": 3},
+        "basic": {"users": [{"username": "ops", "bcrypt": basic_hash, "consumer": "ops-team", "groups": ["night-shift"]}],
+                  "max_failures": 3},
         "rules": [
             {"name": "health", "match": {"path": {"exact": "/health"}}, "allow_anonymous": true},
             {"name": "orders-write", "match": {"path": {"prefix": "/orders"}, "methods": ["POST"]},
@@ -57,6 +59,8 @@ fn auth_config(provider_keys: Value) -> Value {
              "scopes": ["orders:read"], "claims": {"tenant": ["acme"]}},
             {"name": "products", "match": {"path": {"prefix": "/products"}}, "require": {"any": ["api_key"]}},
             {"name": "ops", "match": {"path": {"prefix": "/ops"}}, "require": {"any": ["basic"]}},
+            {"name": "acl", "match": {"path": {"prefix": "/acl"}}, "require": {"any": ["api_key", "idp", "basic"]},
+             "consumers": ["acme-shop"], "groups": ["ops"]},
             {"name": "feed", "match": {"path": {"prefix": "/feed"}}, "require": {"any": ["idp"]}, "allow_missing": true},
             {"name": "public", "match": {"path": {"prefix": "/public"}}, "require": {"any": ["idp"]},
              "allow_missing_or_failed": true}
@@ -175,6 +179,29 @@ fn invalid_tokens_get_401_with_the_reason_and_never_reach_the_backend() {
     let missing = fx.envoy.get("/orders/secret").send();
     assert_eq!(missing.status, 401);
     assert_eq!(missing.header("www-authenticate").as_deref(), Some("Bearer realm=\"gateway\""));
+}
+
+/// Issue 17 item 4: consumer ACLs. A rule admits listed consumers or members
+/// of listed groups (configured for API-key and basic consumers, a claim for
+/// tokens); every other authenticated consumer gets 403.
+#[test]
+fn consumer_acls_admit_listed_consumers_and_groups_only() {
+    let fx = shared();
+    let envoy = &fx.envoy;
+    let _log = envoy.log_on_failure();
+    assert_eq!(envoy.get("/acl").header("x-api-key", "key-acme-123").send().status, 200, "a listed consumer");
+    assert_eq!(envoy.get("/acl").header("authorization", bearer(&rs256("dave"))).send().status, 200, "roles has ops");
+    let guest = sign(
+        Algorithm::RS256,
+        "rsa-1",
+        &json!({"iss": ISSUER, "aud": "orders-api", "sub": "eve",
+        "iat": now() - 5, "exp": now() + 600, "roles": ["guest"]}),
+    );
+    let denied = envoy.get("/acl").header("authorization", bearer(&guest)).send();
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.json()["type"], "urn:wasm-gateway:problem:consumer-not-allowed");
+    let basic = format!("Basic {}", STANDARD.encode("ops:open-sesame"));
+    assert_eq!(envoy.get("/acl").header("authorization", basic).send().status, 403, "night-shift is not ops");
 }
 
 /// Issue 17 item 5: optional tokens (jwt_authn's allow_missing and
