@@ -24,7 +24,7 @@ ENVOY_STAMP :=
 ENVOY_BIN_RESOLVED = $(ENVOY_BIN)
 endif
 
-.PHONY: build toolchain binaryen envoy tls run test lint unit integration redis rls-service test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
+.PHONY: build toolchain binaryen envoy tls run test lint unit integration redis rls-service oci oci-test docker-registry test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
 
 ## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
 toolchain:
@@ -86,7 +86,7 @@ integration: build bench-modules envoy tls redis rls-service
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests --test it -- --test-threads $(TEST_THREADS)
 
 ## test: everything CI runs, then proof that nothing it started still runs.
-test: lint unit bench-smoke integration check-no-leftovers
+test: lint unit bench-smoke integration oci-test check-no-leftovers
 
 ## test-runtimes: the integration suite under V8, wasmtime and WAMR (a runtime this
 ## Envoy build lacks is reported and skipped: the PyPI build has V8 only).
@@ -113,6 +113,19 @@ check-no-leftovers:
 	  for f in $$leftovers; do tr '\0' ' ' < "$$f" 2>/dev/null; echo; done; \
 	  echo "processes from the test run are still running" >&2; exit 1; \
 	fi; echo "no test processes left running"
+
+## oci: OCI images of every module (dist/oci/<module>, tags compat and wasm) for
+## Istio's WasmPlugin and Envoy Gateway's EnvoyExtensionPolicy.
+oci: build
+	python3 scripts/oci.py build
+
+## oci-test: push the images to a local registry (Debian's docker-registry), pull them
+## back, check media types, annotation and the module digests.
+oci-test: oci docker-registry
+	python3 scripts/oci.py test
+
+docker-registry:
+	@command -v docker-registry >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry; }
 
 ## redis: redis-server from Debian (the rate-limit service fixture counts in it).
 redis:

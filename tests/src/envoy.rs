@@ -25,6 +25,8 @@ pub struct WasmFilter {
     pub vm_id: Option<String>,
     /// Envoy's `failure_policy`; `FAIL_CLOSED` unless set.
     pub failure_policy: &'static str,
+    /// The plugin's `name` (metrics, shared-data namespace); defaults to the vm_id.
+    pub name: Option<String>,
 }
 
 impl WasmFilter {
@@ -34,6 +36,7 @@ impl WasmFilter {
             configuration: configuration.to_string(),
             vm_id: None,
             failure_policy: "FAIL_CLOSED",
+            name: None,
         }
     }
 
@@ -43,11 +46,18 @@ impl WasmFilter {
             configuration: configuration.to_string(),
             vm_id: None,
             failure_policy: "FAIL_CLOSED",
+            name: None,
         }
     }
 
     pub fn vm_id(mut self, vm_id: &str) -> Self {
         self.vm_id = Some(vm_id.to_string());
+        self
+    }
+
+    /// A plugin name of its own (Istio's case: several plugins, no `vm_id` of their own).
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
         self
     }
 
@@ -134,6 +144,7 @@ impl EnvoyConfig {
         for filter in &self.filters {
             let module = paths::module(&filter.module);
             let vm_id = filter.vm_id.clone().unwrap_or_else(|| filter.module.clone());
+            let name = filter.name.clone().unwrap_or_else(|| vm_id.clone());
             let _ = write!(
                 filters,
                 r#"
@@ -141,7 +152,7 @@ impl EnvoyConfig {
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
-                name: {vm_id}
+                name: {name}
                 root_id: {module}
                 failure_policy: {failure_policy}
                 configuration:

@@ -230,6 +230,24 @@ fn two_instances_in_one_chain_keep_separate_state_and_stats() {
     assert_eq!(envoy.stat("wasmcustom.ratelimit.ratelimit-ip.rule.ip.allowed"), 3);
 }
 
+/// Issue 16 (Istio sets no vm_id): two instances in one VM, told apart only by
+/// their plugin names, keep their own buckets even with identical rule names.
+#[test]
+fn two_instances_sharing_a_vm_never_share_buckets() {
+    let upstream = EchoUpstream::start("backend");
+    let rule = json!({"rules": [limit_rule("same", json!([{"constant": "all"}]), 1, 600)]});
+    let envoy = Envoy::start(
+        &EnvoyConfig::new(&upstream)
+            .filter(WasmFilter::new("ratelimit", rule.clone()).vm_id("one-vm").name("rl-a"))
+            .filter(WasmFilter::new("ratelimit", rule).vm_id("one-vm").name("rl-b")),
+    );
+    let _log = envoy.log_on_failure();
+    assert_eq!(envoy.get("/").send().status, 200, "each instance has its own token (shared buckets: 429)");
+    assert_eq!(envoy.get("/").send().status, 429);
+    assert!(wait_until(Duration::from_secs(5), || envoy.stat("wasmcustom.ratelimit.rl-a.rule.same.allowed") == 1
+        && envoy.stat("wasmcustom.ratelimit.rl-b.rule.same.allowed") == 1));
+}
+
 /// Issue 15: a rule's `allowed` counts only requests that went on; a request a
 /// later rule denied gives its tokens back and is not counted as allowed.
 #[test]
