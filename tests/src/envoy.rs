@@ -31,13 +31,7 @@ pub struct WasmFilter {
 
 impl WasmFilter {
     pub fn new(module: &str, configuration: Value) -> Self {
-        Self {
-            module: module.to_string(),
-            configuration: configuration.to_string(),
-            vm_id: None,
-            failure_policy: "FAIL_CLOSED",
-            name: None,
-        }
+        Self::raw(module, &configuration.to_string())
     }
 
     pub fn raw(module: &str, configuration: &str) -> Self {

@@ -202,15 +202,25 @@ pub struct Cost {
 }
 
 impl Cost {
-    /// A cost header's value: a decimal integer up to `max` (no sign, no
+    /// A request's cost header: a decimal integer up to `max` (no sign, no
     /// spaces, no leading `+`); `None` for anything else.
     pub fn parse(&self, value: &[u8]) -> Option<u64> {
-        if value.is_empty() || value.len() > 20 || !value.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let parsed = std::str::from_utf8(value).ok()?.parse::<u64>().ok()?;
-        (parsed <= self.max).then_some(parsed)
+        decimal(value).filter(|parsed| *parsed <= self.max)
     }
+
+    /// A response's cost header: a decimal integer, above `max` counted as `max`
+    /// (the backend reported it; the charge stays bounded); `None` for anything else.
+    pub fn parse_capped(&self, value: &[u8]) -> Option<u64> {
+        decimal(value).map(|parsed| parsed.min(self.max))
+    }
+}
+
+/// ASCII digits only, saturating at `u64::MAX`.
+fn decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0u64, |total, digit| total.saturating_mul(10).saturating_add(u64::from(digit - b'0'))))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

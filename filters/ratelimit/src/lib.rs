@@ -243,6 +243,13 @@ impl<H: Host> RateLimitStream<H> {
         verdict.apply(&self.host, &shared.reply_failures)
     }
 
+    /// Returns the local tokens of a request the service's answer denied.
+    fn give_back(&self, decision: &mut Decision) {
+        if self.shared.policy.give_back(&SharedData(&self.host), decision, self.host.now_nanos()).is_err() {
+            self.shared.store_errors.increment_on(&self.host);
+        }
+    }
+
     /// The service failed (unreachable, timed out, no verdict): `failure_mode` says what the request gets.
     fn service_failed(&mut self, mut decision: Decision, facts: &RequestFacts) -> Action {
         let shared = Rc::clone(&self.shared);
@@ -253,9 +260,7 @@ impl<H: Host> RateLimitStream<H> {
             return self.conclude(&decision, facts, Vec::new());
         }
         decision.deny(Denial::ServiceFailed { status: service.status_on_error });
-        if shared.policy.give_back(&SharedData(&self.host), &mut decision, self.host.now_nanos()).is_err() {
-            shared.store_errors.increment_on(&self.host);
-        }
+        self.give_back(&mut decision);
         self.conclude(&decision, facts, Vec::new())
     }
 
@@ -301,9 +306,7 @@ impl<H: Host> RateLimitStream<H> {
                 decision.policy.extend(status.iter().cloned());
                 decision.deny(Denial::Global { rule, status, retry_after_seconds });
                 mark(&mut decision, &rules, RuleOutcome::Denied);
-                if shared.policy.give_back(&SharedData(&self.host), &mut decision, self.host.now_nanos()).is_err() {
-                    shared.store_errors.increment_on(&self.host);
-                }
+                self.give_back(&mut decision);
                 self.service_response_headers = response_headers;
                 self.conclude(&decision, &facts, Vec::new())
             }
@@ -328,13 +331,10 @@ impl<H: Host> RateLimitStream<H> {
                 continue;
             }
             let Ok(Some(value)) = self.host.header(MapType::HttpResponseHeaders, header) else { continue };
-            let charged = if value.iter().all(u8::is_ascii_digit) && !value.is_empty() {
-                std::str::from_utf8(&value).ok().and_then(|text| text.parse::<u64>().ok()).unwrap_or(u64::MAX)
-            } else {
+            let Some(charged) = cost.parse_capped(&value) else {
                 shared.cost_invalid.increment_on(&self.host);
                 continue;
-            }
-            .min(cost.max);
+            };
             if charged == 0 {
                 continue;
             }
@@ -538,7 +538,12 @@ mod glue_tests {
         "limits": [{"name": "l", "requests": 2, "per_seconds": 60}]}]}"#;
 
     fn stream(host: FakeHost) -> RateLimitStream<FakeHost> {
-        let config: RateLimitConfig = gateway_common::config::parse_json(PER_IP.as_bytes()).unwrap();
+        stream_with(PER_IP, host)
+    }
+
+    /// A stream of a VM configured with `json`, host calls reset.
+    fn stream_with(json: &str, host: FakeHost) -> RateLimitStream<FakeHost> {
+        let config: RateLimitConfig = gateway_common::config::parse_json(json.as_bytes()).unwrap();
         let mut policy = config.compile().unwrap();
         let limits: Vec<_> = policy.limits().cloned().collect();
         policy.table.initialize(&SharedData(&host), &limits, "ratelimit").unwrap();
@@ -615,13 +620,7 @@ mod glue_tests {
                    "limits": [{"name": "local", "requests": 1, "per_seconds": 60}]}]}"#;
 
     fn global_stream(host: FakeHost) -> RateLimitStream<FakeHost> {
-        let config: RateLimitConfig = gateway_common::config::parse_json(GLOBAL.as_bytes()).unwrap();
-        let mut policy = config.compile().unwrap();
-        let limits: Vec<_> = policy.limits().cloned().collect();
-        policy.table.initialize(&SharedData(&host), &limits, "ratelimit").unwrap();
-        let shared = Rc::new(Shared::new(&host, policy, "rl"));
-        host.reset_calls();
-        RateLimitStream::new(host, shared)
+        stream_with(GLOBAL, host)
     }
 
     fn user_request(user: &[u8]) -> FakeHost {
