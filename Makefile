@@ -24,7 +24,7 @@ ENVOY_STAMP :=
 ENVOY_BIN_RESOLVED = $(ENVOY_BIN)
 endif
 
-.PHONY: build toolchain binaryen envoy tls run test lint unit integration redis rls-service oci oci-test docker-registry test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
+.PHONY: build toolchain binaryen envoy tls run test lint unit integration redis rls-service oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
 
 ## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
 toolchain:
@@ -86,7 +86,7 @@ integration: build bench-modules envoy tls redis rls-service
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests --test it -- --test-threads $(TEST_THREADS)
 
 ## test: everything CI runs, then proof that nothing it started still runs.
-test: lint unit bench-smoke integration oci-test check-no-leftovers
+test: lint unit bench-smoke integration oci-test compose-test check-no-leftovers
 
 ## test-runtimes: the integration suite under V8, wasmtime and WAMR (a runtime this
 ## Envoy build lacks is reported and skipped: the PyPI build has V8 only).
@@ -123,6 +123,18 @@ oci: build
 ## back, check media types, annotation and the module digests.
 oci-test: oci docker-registry
 	python3 scripts/oci.py test
+
+## compose-test: envoy/docker-compose.yml as Docker users run it, under podman: images
+## built locally, the demo chain checked through the published ports, torn down.
+compose-test: build envoy tls podman
+	cargo build -p gateway-tests --bin echo-upstream
+	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" python3 scripts/compose_test.py
+
+## podman: podman, buildah and runc from Debian; podman-compose from PyPI (Debian's 1.0.3
+## lacks `network_mode: service:` and profiles).
+podman: envoy
+	@command -v podman >/dev/null && command -v buildah >/dev/null && command -v runc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc; }
+	@[[ -x $(VENV)/bin/podman-compose ]] || $(VENV)/bin/pip install --quiet --disable-pip-version-check podman-compose==1.6.0
 
 docker-registry:
 	@command -v docker-registry >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry; }

@@ -86,6 +86,17 @@ fn docker_compose_runs_the_same_gateway() {
     assert!(compose.contains("image: envoyproxy/envoy:v1.40.0"), "compose must use the Envoy we test with");
     assert!(compose.contains("./gateway.yaml:/gateway/envoy/gateway.yaml:ro"), "compose must mount gateway.yaml");
     assert!(compose.contains("../dist:/gateway/dist:ro"), "compose must mount the built modules");
+    // Docker builds the backends image from the sources; `make compose-test` tags one
+    // under the same name and runs this file unchanged.
+    let dockerfile = std::fs::read_to_string(root.join("envoy/backends.Dockerfile")).unwrap();
+    assert!(compose.contains("dockerfile: envoy/backends.Dockerfile") && compose.contains("context: .."));
+    assert!(dockerfile.contains("--bin echo-upstream") && dockerfile.contains("ENTRYPOINT [\"echo-upstream\"]"));
+    let compose_test = std::fs::read_to_string(root.join("scripts/compose_test.py")).unwrap();
+    assert!(
+        compose_test.contains("wasm-gateway/demo-backends:latest")
+            && compose.contains("wasm-gateway/demo-backends:latest")
+    );
+    assert_eq!(compose.matches("ulimits: *ulimits").count(), 3, "every container starts under podman's limits");
     // The optional rate-limit service (profile `global`) answers gateway.yaml's
     // `orders-global` rule on the `rls` cluster's port, in its domain.
     let ratelimit = std::fs::read_to_string(root.join("envoy/ratelimit/config.yaml")).unwrap();
