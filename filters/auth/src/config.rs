@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use gateway_common::client_ip::ClientIpSpec;
 use gateway_common::config::ConfigErrors;
 use gateway_common::hash::decode_sha256_hex;
 use gateway_common::request_match::{is_lower_case_header_name, Conditions, MatchSpec};
@@ -40,6 +41,9 @@ pub struct AuthConfig {
     /// Header telling the upstream how the request passed: `authenticated`,
     /// `anonymous` (no credential, allowed) or `failed` (bad credential, allowed).
     pub result_header: Option<String>,
+    /// Where rules' `client_ip` conditions take the client's address from.
+    #[serde(default)]
+    pub client_ip: ClientIpSpec,
 }
 
 fn default_true() -> bool {
@@ -259,6 +263,10 @@ pub struct RuleSpec {
     pub match_: MatchSpec,
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// Refuse every request the rule matches (403), e.g. with a `client_ip`
+    /// condition, a network that may not reach the path at all.
+    #[serde(default)]
+    pub deny: bool,
     /// No credential: let the request through anonymously (a bad one is still a 401).
     #[serde(default)]
     pub allow_missing: bool,
@@ -346,6 +354,8 @@ pub struct Basic {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {
     Anonymous,
+    /// `deny: true`: every request the rule matches is refused.
+    Deny,
     Any(Vec<AuthMethod>),
     All(Vec<AuthMethod>),
 }
@@ -403,6 +413,9 @@ pub struct Auth {
     pub result_header: Option<String>,
     /// Groups of API-key and basic consumers, by consumer name.
     pub consumer_groups: BTreeMap<String, Vec<String>>,
+    pub client_ip: ClientIpSpec,
+    /// Some rule matches on the client's address (derive it per request).
+    pub needs_client_ip: bool,
 }
 
 impl Auth {
@@ -476,6 +489,8 @@ impl AuthConfig {
         if self.token_cache.entries > 1_000_000 {
             errors.add("token_cache.entries", "must be at most 1000000");
         }
+        self.client_ip.check("client_ip", &mut errors);
+        let needs_client_ip = rules.iter().any(|rule| rule.conditions.needs_client_ip());
         errors.into_result(Auth {
             providers,
             api_keys,
@@ -488,6 +503,8 @@ impl AuthConfig {
             token_cache: self.token_cache.clone(),
             result_header: self.result_header.clone(),
             consumer_groups: self.consumer_groups(),
+            client_ip: self.client_ip,
+            needs_client_ip,
         })
     }
 }
@@ -744,17 +761,18 @@ pub fn bcrypt_cost(hash: &str) -> Option<u32> {
 impl RuleSpec {
     fn compile(&self, field: &str, methods: &BTreeMap<String, MethodKind>, errors: &mut ConfigErrors) -> Option<Rule> {
         let conditions = self.match_.compile(&format!("{field}.match"), errors);
-        let requirement = match (&self.require, self.allow_anonymous) {
-            (None, true) => Requirement::Anonymous,
-            (Some(_), true) => {
-                errors.add(field, "give either allow_anonymous or require, not both");
+        let requirement = match (&self.require, self.allow_anonymous, self.deny) {
+            (None, true, false) => Requirement::Anonymous,
+            (None, false, true) => Requirement::Deny,
+            (None, false, false) => {
+                errors.add(field, "needs one of require, allow_anonymous: true, deny: true");
                 return None;
             }
-            (None, false) => {
-                errors.add(field, "needs allow_anonymous: true or require");
+            (Some(_), true, _) | (Some(_), _, true) | (None, true, true) => {
+                errors.add(field, "give only one of require, allow_anonymous: true, deny: true");
                 return None;
             }
-            (Some(require), false) => {
+            (Some(require), false, false) => {
                 let resolve = |names: &[String], errors: &mut ConfigErrors| -> Vec<AuthMethod> {
                     if names.is_empty() {
                         errors.add(format!("{field}.require"), "must name at least one provider");
@@ -785,8 +803,9 @@ impl RuleSpec {
             }
         };
         let acl = !self.consumers.is_empty() || !self.groups.is_empty();
-        if requirement == Requirement::Anonymous && (!self.scopes.is_empty() || !self.claims.is_empty() || acl) {
-            errors.add(field, "anonymous rules cannot require scopes, claims, consumers or groups");
+        let no_credential = matches!(requirement, Requirement::Anonymous | Requirement::Deny);
+        if no_credential && (!self.scopes.is_empty() || !self.claims.is_empty() || acl) {
+            errors.add(field, "anonymous and deny rules cannot require scopes, claims, consumers or groups");
         }
         for (name, list) in [("consumers", &self.consumers), ("groups", &self.groups)] {
             if list.iter().any(String::is_empty) {
@@ -802,7 +821,7 @@ impl RuleSpec {
                 Optional::Required
             }
         };
-        if optional != Optional::Required && requirement == Requirement::Anonymous {
+        if optional != Optional::Required && no_credential {
             errors.add(field, "allow_missing and allow_missing_or_failed need require");
         }
         Some(Rule {

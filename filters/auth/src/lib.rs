@@ -70,6 +70,7 @@ const DENIAL_REASONS: &[&str] = &[
     "insufficient_scope",
     "claim_mismatch",
     "consumer_not_allowed",
+    "denied_by_rule",
     "no_rule",
     "multiple_authorization",
 ];
@@ -101,6 +102,7 @@ impl Metrics {
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::ClaimMismatch { .. } => "claim_mismatch",
             Denial::ConsumerNotAllowed => "consumer_not_allowed",
+            Denial::DeniedByRule { .. } => "denied_by_rule",
             Denial::NoRule => "no_rule",
         };
         self.denied.get(reason).copied().unwrap_or_default()
@@ -408,7 +410,7 @@ impl<H: Host> Context for AuthStream<H> {
 
 impl<H: Host> HttpContext for AuthStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let request = match RequestHeaders::read_from(&self.host) {
+        let mut request = match RequestHeaders::read_from(&self.host) {
             Ok(request) => request,
             Err(ReadError::Bad { reason, facts }) => {
                 // A target no rule can judge is never matched against a default.
@@ -435,6 +437,9 @@ impl<H: Host> HttpContext for AuthStream<H> {
                     return self.after_local_reply(sent);
                 }
             }
+        }
+        if self.shared.auth.needs_client_ip {
+            self.shared.auth.client_ip.derive_into(&self.host, &mut request);
         }
         self.request = Some(request);
         self.evaluate()
@@ -709,6 +714,7 @@ mod glue_tests {
             Denial::Locked { retry_after_seconds: 1 },
             Denial::InsufficientScope { required: vec![] },
             Denial::ClaimMismatch { claim: "x".into() },
+            Denial::DeniedByRule { rule: "r".into() },
             Denial::NoRule,
         ] {
             let before = host.calls().len();

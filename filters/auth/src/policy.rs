@@ -69,6 +69,10 @@ pub enum Denial {
     },
     /// The rule's `consumers` / `groups` do not include this identity.
     ConsumerNotAllowed,
+    /// A `deny: true` rule matched.
+    DeniedByRule {
+        rule: String,
+    },
     NoRule,
 }
 
@@ -131,6 +135,7 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
     };
     let identities = match &rule.requirement {
         Requirement::Anonymous => return anonymous(rule, AuthResult::Anonymous),
+        Requirement::Deny => return Outcome::Deny(Denial::DeniedByRule { rule: rule.name.clone() }),
         Requirement::Any(methods) => {
             let schemes = schemes(methods);
             let mut first_failure = None;
@@ -439,6 +444,9 @@ pub fn problem(denial: &Denial, realm: &str) -> Problem {
             "Forbidden",
             "this consumer is not allowed by the rule".to_string(),
         ),
+        Denial::DeniedByRule { rule } => {
+            Problem::new(403, "denied-by-rule", "Forbidden", format!("rule {rule} refuses this request"))
+        }
         Denial::NoRule => Problem::new(403, "no-rule", "Forbidden", "no rule allows this request"),
     }
 }

@@ -1,6 +1,7 @@
 //! Shared building blocks of the gateway filters. Nothing here may panic on input:
 //! a panic traps the Wasm VM and fails every later request on that worker.
 
+pub mod client_ip;
 pub mod config;
 pub mod field;
 pub mod hash;

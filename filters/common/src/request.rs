@@ -139,6 +139,9 @@ pub struct RequestHeaders {
     target: String,
     /// Where the query starts (`?`), if there is one.
     query_at: Option<usize>,
+    /// The client's address, when the module derived it (only its `client_ip`
+    /// conditions read it).
+    client_ip: Option<std::net::IpAddr>,
 }
 
 /// Printable ASCII starting with `/`, or the asterisk form `*`.
@@ -183,7 +186,7 @@ impl RequestHeaders {
         match checked {
             Ok(target) => {
                 let query_at = target.find('?');
-                Ok(Self { pairs, target, query_at })
+                Ok(Self { pairs, target, query_at, client_ip: None })
             }
             Err(reason) => Err((reason, pairs)),
         }
@@ -196,6 +199,16 @@ impl RequestHeaders {
 
     pub fn first(&self, name: &str) -> Option<&[u8]> {
         self.values(name).next()
+    }
+
+    /// The client's address as the module derived it; `None` when it was not
+    /// derived or is no IP address.
+    pub fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.client_ip
+    }
+
+    pub fn set_client_ip(&mut self, ip: Option<std::net::IpAddr>) {
+        self.client_ip = ip;
     }
 
     /// Every header as read, pseudo-headers included.
@@ -240,7 +253,9 @@ impl RequestHeaders {
     pub fn with_target(&self, target: &[u8]) -> Option<RequestHeaders> {
         let others = self.pairs.iter().filter(|(name, _)| *name != b":path");
         let pairs: HeaderPairs = others.chain(std::iter::once((&b":path"[..], target))).collect();
-        RequestHeaders::from_pairs(pairs).ok()
+        let mut moved = RequestHeaders::from_pairs(pairs).ok()?;
+        moved.client_ip = self.client_ip;
+        Some(moved)
     }
 
     /// Percent-decoded values of a query parameter.

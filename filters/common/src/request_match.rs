@@ -1,11 +1,13 @@
 //! Request conditions shared by the filters (routing routes, rate-limit rules,
-//! auth rules): path, methods, hosts, headers, query parameters, cookies, and
-//! nested any/all groups. Written as JSON by users, compiled once.
+//! auth rules): path, methods, hosts, headers, query parameters, cookies, the
+//! client's address, and nested any/all/not groups. Written as JSON by users,
+//! compiled once.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::client_ip::CidrList;
 use crate::config::ConfigErrors;
 use crate::matcher::{HostMatcher, PathMatchSpec, PathMatcher, StringMatchSpec, StringMatcher};
 use crate::request::RequestHeaders;
@@ -25,10 +27,16 @@ pub struct MatchSpec {
     pub query: BTreeMap<String, StringMatchSpec>,
     #[serde(default)]
     pub cookies: BTreeMap<String, StringMatchSpec>,
+    /// The client's address (as the module's `client_ip` derives it) is in one of
+    /// these IPv4 / IPv6 ranges (`10.0.0.0/8`, `2001:db8::/32`, `192.0.2.7`).
+    pub client_ip: Option<Vec<String>>,
     /// At least one of these groups must match.
     pub any: Option<Vec<MatchSpec>>,
     /// Every one of these groups must match.
     pub all: Option<Vec<MatchSpec>>,
+    /// This group must not match (e.g. `{"not": {"client_ip": [...]}}` for every
+    /// client outside a list).
+    pub not: Option<Box<MatchSpec>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -39,8 +47,10 @@ pub struct Conditions {
     pub headers: Vec<(String, StringMatcher)>,
     pub query: Vec<(String, StringMatcher)>,
     pub cookies: Vec<(String, StringMatcher)>,
+    pub client_ip: Option<CidrList>,
     pub any: Vec<Conditions>,
     pub all: Vec<Conditions>,
+    pub not: Option<Box<Conditions>>,
 }
 
 impl MatchSpec {
@@ -88,6 +98,14 @@ impl MatchSpec {
         conditions.headers = compile_map(&self.headers, "headers", true);
         conditions.query = compile_map(&self.query, "query", false);
         conditions.cookies = compile_map(&self.cookies, "cookies", false);
+        if let Some(ranges) = &self.client_ip {
+            conditions.client_ip = CidrList::compile(ranges, &format!("{field}.client_ip"), errors);
+            ok &= conditions.client_ip.is_some();
+        }
+        if let Some(group) = &self.not {
+            conditions.not = group.compile(&format!("{field}.not"), errors).map(Box::new);
+            ok &= conditions.not.is_some();
+        }
         for (kind, groups, target) in [("any", &self.any, &mut conditions.any), ("all", &self.all, &mut conditions.all)]
         {
             if let Some(groups) = groups {
@@ -107,6 +125,14 @@ impl MatchSpec {
 }
 
 impl Conditions {
+    /// Whether matching needs the client's address (the caller then derives it
+    /// once and sets it on the request: [`RequestHeaders::set_client_ip`]).
+    pub fn needs_client_ip(&self) -> bool {
+        self.client_ip.is_some()
+            || self.not.as_ref().is_some_and(|group| group.needs_client_ip())
+            || self.any.iter().chain(&self.all).any(Conditions::needs_client_ip)
+    }
+
     pub fn matches(&self, request: &RequestHeaders) -> bool {
         if let Some(path) = &self.path {
             if !path.matches(request.path()) {
@@ -131,7 +157,16 @@ impl Conditions {
         if !self.cookies.iter().all(|(name, matcher)| matcher.matches(request.cookie_values(name))) {
             return false;
         }
+        // A client whose address is unknown is in no range.
+        if let Some(ranges) = &self.client_ip {
+            if !request.client_ip().is_some_and(|ip| ranges.contains(ip)) {
+                return false;
+            }
+        }
         if !self.any.is_empty() && !self.any.iter().any(|group| group.matches(request)) {
+            return false;
+        }
+        if self.not.as_ref().is_some_and(|group| group.matches(request)) {
             return false;
         }
         self.all.iter().all(|group| group.matches(request))
@@ -141,4 +176,46 @@ impl Conditions {
 /// Lower-case token characters (RFC 9110), or a pseudo-header.
 pub fn is_lower_case_header_name(name: &str) -> bool {
     crate::field::is_header_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conditions(json: &str) -> Conditions {
+        let spec: MatchSpec = serde_json::from_str(json).unwrap();
+        let mut errors = ConfigErrors::new();
+        spec.compile("match", &mut errors).unwrap_or_else(|| panic!("{:?}", errors.messages()))
+    }
+
+    fn request_from(ip: Option<&str>) -> RequestHeaders {
+        let mut request = RequestHeaders::from_pairs(vec![(b":path".to_vec(), b"/".to_vec())]).unwrap();
+        request.set_client_ip(ip.and_then(|ip| crate::client_ip::parse_ip(ip.as_bytes())));
+        request
+    }
+
+    #[test]
+    fn client_ip_ranges_and_their_negation() {
+        let inside = conditions(r#"{"client_ip": ["10.0.0.0/8", "2001:db8::/32"]}"#);
+        let outside = conditions(r#"{"not": {"client_ip": ["10.0.0.0/8", "2001:db8::/32"]}}"#);
+        for (ip, expected) in [(Some("10.2.3.4"), true), (Some("2001:db8::5"), true), (Some("192.0.2.1"), false)] {
+            assert_eq!(inside.matches(&request_from(ip)), expected, "{ip:?}");
+            assert_eq!(outside.matches(&request_from(ip)), !expected, "{ip:?}");
+        }
+        // Unknown: in no range.
+        assert!(!inside.matches(&request_from(None)));
+        assert!(inside.needs_client_ip() && outside.needs_client_ip());
+        assert!(
+            conditions(r#"{"any": [{"path": {"prefix": "/"}}, {"all": [{"client_ip": ["::1"]}]}]}"#).needs_client_ip()
+        );
+        assert!(!conditions(r#"{"path": {"prefix": "/"}}"#).needs_client_ip());
+    }
+
+    #[test]
+    fn a_bad_range_names_its_field() {
+        let spec: MatchSpec = serde_json::from_str(r#"{"not": {"client_ip": ["10.0.0.1/8"]}}"#).unwrap();
+        let mut errors = ConfigErrors::new();
+        assert!(spec.compile("routes[0].match", &mut errors).is_none());
+        assert!(errors.messages()[0].starts_with("routes[0].match.not.client_ip[0]: "), "{:?}", errors.messages());
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use gateway_common::client_ip::ClientIpSpec;
 use gateway_common::config::ConfigErrors;
 use gateway_common::request_match::{is_lower_case_header_name, Conditions, MatchSpec};
 use serde::Deserialize;
@@ -76,15 +77,6 @@ fn default_cas_retries() -> u32 {
 }
 fn default_true() -> bool {
     true
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientIpSpec {
-    /// 0: the peer address of the connection. N > 0: the N+1-th address from the
-    /// right of `x-forwarded-for` (N trusted proxies in front of Envoy).
-    #[serde(default)]
-    pub trusted_hops: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -236,7 +228,7 @@ pub struct GlobalService {
 pub struct Policy {
     pub rules: Vec<Rule>,
     pub global: Option<GlobalService>,
-    pub trusted_hops: u32,
+    pub client_ip: ClientIpSpec,
     pub table: Table,
     pub on_contention: OnContention,
     pub response_headers: bool,
@@ -252,9 +244,9 @@ impl Policy {
         self.rules.iter().any(|rule| rule.cost.as_ref().is_some_and(|cost| cost.response_header.is_some()))
     }
 
-    /// Whether any rule keys on the client address.
+    /// Whether any rule keys on the client address or matches on it.
     pub fn needs_client_ip(&self) -> bool {
-        self.rules.iter().any(|rule| rule.key.contains(&KeyPart::ClientIp))
+        self.rules.iter().any(|rule| rule.key.contains(&KeyPart::ClientIp) || rule.conditions.needs_client_ip())
     }
 }
 
@@ -270,9 +262,7 @@ impl RateLimitConfig {
         if self.cas_retries > 1_000 {
             errors.add("cas_retries", "must be at most 1000");
         }
-        if self.client_ip.trusted_hops > 16 {
-            errors.add("client_ip.trusted_hops", "must be at most 16");
-        }
+        self.client_ip.check("client_ip", &mut errors);
         let global = self.global.as_ref().and_then(|spec| spec.compile(&mut errors));
         let mut names = BTreeSet::new();
         let mut rules = Vec::new();
@@ -293,7 +283,7 @@ impl RateLimitConfig {
         errors.into_result(Policy {
             rules,
             global,
-            trusted_hops: self.client_ip.trusted_hops,
+            client_ip: self.client_ip,
             table: Table::new(self.slots, self.cas_retries),
             on_contention: self.on_contention,
             response_headers: self.response_headers,

@@ -378,16 +378,12 @@ impl<H: Host> HttpContext for RateLimitStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
         let policy = &shared.policy;
-        let headers = match read_request_from(&self.host) {
+        let mut headers = match read_request_from(&self.host) {
             Ok(headers) => headers,
             Err(action) => return action,
         };
-        let client_ip = if policy.needs_client_ip() {
-            let peer = self.host.property(&["source", "address"]).ok().flatten();
-            policy::client_ip(peer.as_deref(), headers.first("x-forwarded-for"), policy.trusted_hops)
-        } else {
-            None
-        };
+        let client_ip =
+            if policy.needs_client_ip() { policy.client_ip.derive_into(&self.host, &mut headers) } else { None };
         let view = RequestView { headers: &headers, client_ip: client_ip.as_deref() };
         let decision = match policy.decide(&SharedData(&self.host), &view, self.host.now_nanos()) {
             Ok(decision) => decision,

@@ -359,40 +359,6 @@ impl Policy {
     }
 }
 
-/// The client address: the peer, or with `trusted_hops` N > 0 the N+1-th entry
-/// from the right of `x-forwarded-for` (Envoy has appended the peer as the last
-/// entry). Falls back to the peer when the header has too few entries.
-pub fn client_ip(peer: Option<&[u8]>, forwarded_for: Option<&[u8]>, trusted_hops: u32) -> Option<Vec<u8>> {
-    let peer = peer.map(strip_port);
-    if trusted_hops == 0 {
-        return peer;
-    }
-    let entries: Vec<&[u8]> = forwarded_for
-        .map(|value| value.split(|byte| *byte == b',').map(<[u8]>::trim_ascii).collect())
-        .unwrap_or_default();
-    let hops = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
-    match entries.len().checked_sub(hops + 1).and_then(|index| entries.get(index)) {
-        // A forwarded entry may carry a port (`1.2.3.4:5678`, `[2001:db8::1]:443`):
-        // the client is the address, not each of its source ports.
-        Some(entry) if !entry.is_empty() => Some(strip_port(entry)),
-        _ => peer,
-    }
-}
-
-/// `1.2.3.4:5678` -> `1.2.3.4`, `[::1]:80` -> `::1`.
-fn strip_port(address: &[u8]) -> Vec<u8> {
-    if let Some(rest) = address.strip_prefix(b"[") {
-        if let Some(end) = rest.iter().position(|byte| *byte == b']') {
-            return rest.get(..end).unwrap_or(rest).to_vec();
-        }
-    }
-    let colons = address.iter().filter(|byte| **byte == b':').count();
-    match address.iter().rposition(|byte| *byte == b':') {
-        Some(colon) if colons == 1 => address.get(..colon).unwrap_or(address).to_vec(),
-        _ => address.to_vec(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,25 +506,6 @@ mod tests {
         };
         assert_eq!(status.policy_header(), "\"burst\";q=100;w=60");
         assert_eq!(status.limit_header(), "\"burst\";r=0;t=12");
-    }
-
-    #[test]
-    fn client_ip_from_peer_or_trusted_hops() {
-        assert_eq!(client_ip(Some(b"10.0.0.1:5555"), None, 0).unwrap(), b"10.0.0.1");
-        assert_eq!(client_ip(Some(b"[::1]:80"), None, 0).unwrap(), b"::1");
-        assert_eq!(client_ip(Some(b"::1"), None, 0).unwrap(), b"::1");
-        let xff: &[u8] = b"203.0.113.7, 198.51.100.2, 10.0.0.9";
-        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(xff), 1).unwrap(), b"198.51.100.2");
-        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(xff), 2).unwrap(), b"203.0.113.7");
-        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(xff), 3).unwrap(), b"10.0.0.9", "too few entries: the peer");
-        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(b""), 1).unwrap(), b"10.0.0.9");
-        // Issue 15: a port in the trusted entry is not part of the client.
-        for entry in [&b"198.51.100.2:40001"[..], b"198.51.100.2:40002", b"198.51.100.2"] {
-            let xff = [entry, b", 10.0.0.1"].concat();
-            assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(&xff), 1).unwrap(), b"198.51.100.2");
-        }
-        let v6 = b"[2001:db8::1]:443, 10.0.0.1";
-        assert_eq!(client_ip(Some(b"10.0.0.9:1"), Some(v6), 1).unwrap(), b"2001:db8::1");
     }
 
     #[test]

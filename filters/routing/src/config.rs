@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use gateway_common::client_ip::ClientIpSpec;
 use gateway_common::config::ConfigErrors;
 use gateway_common::request_match::{is_lower_case_header_name, Conditions, MatchSpec};
 use regex_lite::Regex;
@@ -31,6 +32,9 @@ pub struct RoutingConfig {
     /// time there; turn it on for hosts that do not.
     #[serde(default)]
     pub clear_route_cache: bool,
+    /// Where `client_ip` conditions take the client's address from.
+    #[serde(default)]
+    pub client_ip: ClientIpSpec,
 }
 
 fn default_cluster_header() -> String {
@@ -223,6 +227,9 @@ pub struct Router {
     pub routes: Vec<Route>,
     pub default_cluster: Option<String>,
     pub clear_route_cache: bool,
+    pub client_ip: ClientIpSpec,
+    /// Some route matches on the client's address (derive it per request).
+    pub needs_client_ip: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -283,6 +290,7 @@ impl RoutingConfig {
         if let Some(cluster) = &self.default_cluster {
             check_cluster_name(cluster, "default_cluster", &mut errors);
         }
+        self.client_ip.check("client_ip", &mut errors);
         let mut seen_names = std::collections::BTreeSet::new();
         let mut routes = Vec::with_capacity(self.routes.len());
         for (index, spec) in self.routes.iter().enumerate() {
@@ -295,12 +303,15 @@ impl RoutingConfig {
                 routes.push(route);
             }
         }
+        let needs_client_ip = routes.iter().any(|route| route.conditions.needs_client_ip());
         errors.into_result(Router {
             cluster_header: self.cluster_header.clone(),
             route_name_response_header: self.route_name_response_header.clone(),
             routes,
             default_cluster: self.default_cluster.clone(),
             clear_route_cache: self.clear_route_cache,
+            client_ip: self.client_ip,
+            needs_client_ip,
         })
     }
 }

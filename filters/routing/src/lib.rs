@@ -101,10 +101,13 @@ impl<H: Host> Context for RoutingStream<H> {}
 impl<H: Host> HttpContext for RoutingStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);
-        let request = match read_request_from(&self.host) {
+        let mut request = match read_request_from(&self.host) {
             Ok(request) => request,
             Err(action) => return action,
         };
+        if shared.router.needs_client_ip {
+            shared.router.client_ip.derive_into(&self.host, &mut request);
+        }
         let decision = shared.router.decide(&request, || next_random(&shared.random_state));
         let (verdict, response_headers) = request_verdict(&shared, &request, &decision);
         self.response_headers = response_headers;

@@ -5,6 +5,7 @@
 mod aggregate;
 mod auth;
 mod cache;
+mod client_ip;
 mod configs;
 mod harness;
 mod hostile;
