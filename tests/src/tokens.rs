@@ -43,3 +43,46 @@ pub fn sign_with_header(header: &Header, claims: &Value) -> String {
     let kid = header.kid.clone().unwrap_or_default();
     encode(header, claims, &key(header.alg, &kid)).unwrap()
 }
+
+/// An ES512 token (kid `ec-521`) signed by the `openssl` command line, an ECDSA
+/// implementation independent of the module's (RustCrypto `p521`): interop, not
+/// a round trip through one library.
+pub fn sign_es512_with_openssl(kid: &str, claims: &Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let header = serde_json::json!({"alg": "ES512", "typ": "JWT", "kid": kid});
+    let signing_input =
+        format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+    let key = workspace_root().join("tests/fixtures/keys/ec521.pem");
+    let mut child = std::process::Command::new("openssl")
+        .args(["dgst", "-sha512", "-sign"])
+        .arg(&key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(signing_input.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "openssl dgst -sign failed");
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(ecdsa_der_to_jose(&output.stdout, 66)))
+}
+
+/// An ECDSA signature from DER (`SEQUENCE { INTEGER r, INTEGER s }`, as openssl
+/// writes it) to JOSE's fixed-width `R || S` (RFC 7518 §3.4).
+fn ecdsa_der_to_jose(der: &[u8], width: usize) -> Vec<u8> {
+    let mut at = 1; // SEQUENCE tag
+    let length_byte = der[at];
+    at += 1 + if length_byte & 0x80 != 0 { usize::from(length_byte & 0x7f) } else { 0 };
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        assert_eq!(der[at], 0x02, "INTEGER expected");
+        let length = usize::from(der[at + 1]);
+        let integer = &der[at + 2..at + 2 + length];
+        let integer = &integer[integer.iter().take_while(|byte| **byte == 0).count()..];
+        out.extend(std::iter::repeat_n(0u8, width - integer.len()));
+        out.extend_from_slice(integer);
+        at += 2 + length;
+    }
+    out
+}

@@ -6,11 +6,10 @@ use gateway_common::client_ip::ClientIpSpec;
 use gateway_common::config::ConfigErrors;
 use gateway_common::hash::decode_sha256_hex;
 use gateway_common::request_match::{is_lower_case_header_name, Conditions, MatchSpec};
-use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::jwt::{algorithm_from_name, ClaimRules, KeySet, ALL_ALGORITHMS};
+use crate::jwt::{algorithm_from_name, ClaimRules, JwsAlgorithm, KeySet, ALL_ALGORITHMS};
 
 /// Method names that are not JWT providers.
 pub const API_KEY_METHOD: &str = "api_key";
@@ -317,7 +316,7 @@ pub struct Provider {
     pub name: String,
     pub rules: ClaimRules,
     /// Accepted algorithms (configuration; intersected with each key's own).
-    pub algorithms: Vec<Algorithm>,
+    pub algorithms: Vec<JwsAlgorithm>,
     pub keys: Keys,
     pub sources: Vec<TokenSource>,
     pub claims_to_headers: Vec<ClaimHeaderSpec>,
@@ -532,7 +531,7 @@ impl ProviderSpec {
             errors.add(field, "needs exactly one key source: jwks, pem_keys or remote_jwks");
             return None;
         }
-        let configured: Vec<Algorithm> = match &self.algorithms {
+        let configured: Vec<JwsAlgorithm> = match &self.algorithms {
             None => ALL_ALGORITHMS.to_vec(),
             Some(names) => {
                 if names.is_empty() {
@@ -546,7 +545,7 @@ impl ProviderSpec {
                         if alg.is_none() {
                             errors.add(
                                 format!("{field}.algorithms[{index}]"),
-                                format!("unknown algorithm `{name}` (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA)"),
+                                format!("unknown algorithm `{name}` (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512, EdDSA)"),
                             );
                         }
                         alg

@@ -13,26 +13,45 @@ use serde_json::Value;
 /// Tokens longer than this are rejected before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
-pub const ALL_ALGORITHMS: &[Algorithm] = &[
-    Algorithm::HS256,
-    Algorithm::HS384,
-    Algorithm::HS512,
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
+/// A JWS algorithm this module verifies (RFC 7518 §3.1): jsonwebtoken's, and
+/// ES512 (ECDSA P-521 with SHA-512), which jsonwebtoken lacks and the RustCrypto
+/// `p521` crate verifies. Every one Envoy's jwt_authn accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwsAlgorithm {
+    Jose(Algorithm),
+    Es512,
+}
+
+impl From<Algorithm> for JwsAlgorithm {
+    fn from(alg: Algorithm) -> Self {
+        JwsAlgorithm::Jose(alg)
+    }
+}
+
+pub const ALL_ALGORITHMS: &[JwsAlgorithm] = &[
+    JwsAlgorithm::Jose(Algorithm::HS256),
+    JwsAlgorithm::Jose(Algorithm::HS384),
+    JwsAlgorithm::Jose(Algorithm::HS512),
+    JwsAlgorithm::Jose(Algorithm::RS256),
+    JwsAlgorithm::Jose(Algorithm::RS384),
+    JwsAlgorithm::Jose(Algorithm::RS512),
+    JwsAlgorithm::Jose(Algorithm::PS256),
+    JwsAlgorithm::Jose(Algorithm::PS384),
+    JwsAlgorithm::Jose(Algorithm::PS512),
+    JwsAlgorithm::Jose(Algorithm::ES256),
+    JwsAlgorithm::Jose(Algorithm::ES384),
+    JwsAlgorithm::Es512,
+    JwsAlgorithm::Jose(Algorithm::EdDSA),
 ];
 
-pub fn algorithm_from_name(name: &str) -> Option<Algorithm> {
+pub fn algorithm_from_name(name: &str) -> Option<JwsAlgorithm> {
     ALL_ALGORITHMS.iter().copied().find(|alg| algorithm_name(*alg) == name)
 }
 
-pub fn algorithm_name(alg: Algorithm) -> &'static str {
+pub fn algorithm_name(alg: JwsAlgorithm) -> &'static str {
+    let JwsAlgorithm::Jose(alg) = alg else {
+        return "ES512";
+    };
     match alg {
         Algorithm::HS256 => "HS256",
         Algorithm::HS384 => "HS384",
@@ -50,16 +69,30 @@ pub fn algorithm_name(alg: Algorithm) -> &'static str {
     }
 }
 
-const RSA_ALGORITHMS: &[Algorithm] =
-    &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::PS384, Algorithm::PS512];
-const HMAC_ALGORITHMS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+const RSA_ALGORITHMS: &[JwsAlgorithm] = &[
+    JwsAlgorithm::Jose(Algorithm::RS256),
+    JwsAlgorithm::Jose(Algorithm::RS384),
+    JwsAlgorithm::Jose(Algorithm::RS512),
+    JwsAlgorithm::Jose(Algorithm::PS256),
+    JwsAlgorithm::Jose(Algorithm::PS384),
+    JwsAlgorithm::Jose(Algorithm::PS512),
+];
+const HMAC_ALGORITHMS: &[JwsAlgorithm] =
+    &[JwsAlgorithm::Jose(Algorithm::HS256), JwsAlgorithm::Jose(Algorithm::HS384), JwsAlgorithm::Jose(Algorithm::HS512)];
+
+/// The key material, for the library that verifies with it.
+#[derive(Clone)]
+enum KeyMaterial {
+    Jose(DecodingKey),
+    P521(p521::ecdsa::VerifyingKey),
+}
 
 /// One verification key and the algorithms it may verify.
 #[derive(Clone)]
 pub struct VerifyingKey {
     pub kid: Option<String>,
-    pub algorithms: Vec<Algorithm>,
-    key: DecodingKey,
+    pub algorithms: Vec<JwsAlgorithm>,
+    key: KeyMaterial,
 }
 
 impl std::fmt::Debug for VerifyingKey {
@@ -95,16 +128,27 @@ impl KeySet {
         Ok((KeySet { keys }, skipped))
     }
 
-    /// One PEM public key (RSA, EC P-256/P-384 or Ed25519) for `algorithm`.
-    pub fn pem_key(pem: &str, algorithm: Algorithm, kid: Option<String>) -> Result<VerifyingKey, String> {
+    /// One PEM public key (RSA, EC P-256/P-384/P-521 or Ed25519) for `algorithm`.
+    pub fn pem_key(pem: &str, algorithm: JwsAlgorithm, kid: Option<String>) -> Result<VerifyingKey, String> {
         let bytes = pem.as_bytes();
+        let invalid = |error: &dyn std::fmt::Display| format!("invalid PEM key: {error}");
         let key = match algorithm {
-            alg if RSA_ALGORITHMS.contains(&alg) => DecodingKey::from_rsa_pem(bytes),
-            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(bytes),
-            Algorithm::EdDSA => DecodingKey::from_ed_pem(bytes),
+            JwsAlgorithm::Es512 => {
+                use p521::pkcs8::DecodePublicKey as _;
+                let key = p521::ecdsa::VerifyingKey::from_public_key_pem(pem).map_err(|error| invalid(&error))?;
+                KeyMaterial::P521(key)
+            }
+            alg if RSA_ALGORITHMS.contains(&alg) => {
+                KeyMaterial::Jose(DecodingKey::from_rsa_pem(bytes).map_err(|error| invalid(&error))?)
+            }
+            JwsAlgorithm::Jose(Algorithm::ES256 | Algorithm::ES384) => {
+                KeyMaterial::Jose(DecodingKey::from_ec_pem(bytes).map_err(|error| invalid(&error))?)
+            }
+            JwsAlgorithm::Jose(Algorithm::EdDSA) => {
+                KeyMaterial::Jose(DecodingKey::from_ed_pem(bytes).map_err(|error| invalid(&error))?)
+            }
             _ => return Err("PEM keys are public keys: use RS*, PS*, ES* or EdDSA".into()),
-        }
-        .map_err(|error| format!("invalid PEM key: {error}"))?;
+        };
         Ok(VerifyingKey { kid, algorithms: vec![algorithm], key })
     }
 
@@ -113,8 +157,8 @@ impl KeySet {
     }
 
     /// Algorithms any key of this set may verify.
-    pub fn algorithms(&self) -> Vec<Algorithm> {
-        let mut all: Vec<Algorithm> = self.keys.iter().flat_map(|key| key.algorithms.iter().copied()).collect();
+    pub fn algorithms(&self) -> Vec<JwsAlgorithm> {
+        let mut all: Vec<JwsAlgorithm> = self.keys.iter().flat_map(|key| key.algorithms.iter().copied()).collect();
         all.sort_by_key(|alg| algorithm_name(*alg));
         all.dedup();
         all
@@ -131,11 +175,12 @@ fn verifying_key_from_jwk(entry: &Value) -> Result<VerifyingKey, String> {
         Some(name) => Some(algorithm_from_name(name).ok_or_else(|| format!("unsupported alg `{name}`"))?),
         None => None,
     };
-    let family: Vec<Algorithm> = match (text("kty"), text("crv")) {
+    let family: Vec<JwsAlgorithm> = match (text("kty"), text("crv")) {
         (Some("RSA"), _) => RSA_ALGORITHMS.to_vec(),
-        (Some("EC"), Some("P-256")) => vec![Algorithm::ES256],
-        (Some("EC"), Some("P-384")) => vec![Algorithm::ES384],
-        (Some("OKP"), Some("Ed25519")) => vec![Algorithm::EdDSA],
+        (Some("EC"), Some("P-256")) => vec![Algorithm::ES256.into()],
+        (Some("EC"), Some("P-384")) => vec![Algorithm::ES384.into()],
+        (Some("EC"), Some("P-521")) => vec![JwsAlgorithm::Es512],
+        (Some("OKP"), Some("Ed25519")) => vec![Algorithm::EdDSA.into()],
         (Some("oct"), _) => HMAC_ALGORITHMS.to_vec(),
         (kty, crv) => return Err(format!("unsupported key type {kty:?} / curve {crv:?}")),
     };
@@ -144,10 +189,46 @@ fn verifying_key_from_jwk(entry: &Value) -> Result<VerifyingKey, String> {
         Some(alg) => return Err(format!("alg {} does not fit kty {:?}", algorithm_name(alg), text("kty"))),
         None => family,
     };
+    if algorithms == [JwsAlgorithm::Es512] {
+        return Ok(VerifyingKey { kid, algorithms, key: KeyMaterial::P521(p521_key_from_jwk(entry)?) });
+    }
     let jwk: jsonwebtoken::jwk::Jwk =
         serde_json::from_value(entry.clone()).map_err(|error| format!("invalid JWK: {error}"))?;
     let key = DecodingKey::from_jwk(&jwk).map_err(|error| format!("invalid key material: {error}"))?;
-    Ok(VerifyingKey { kid, algorithms, key })
+    Ok(VerifyingKey { kid, algorithms, key: KeyMaterial::Jose(key) })
+}
+
+/// A P-521 public key from a JWK's `x` and `y` (RFC 7518 §6.2.1: 66 bytes each,
+/// base64url); a point not on the curve is refused.
+fn p521_key_from_jwk(entry: &Value) -> Result<p521::ecdsa::VerifyingKey, String> {
+    let coordinate = |name: &str| -> Result<Vec<u8>, String> {
+        let text = entry.get(name).and_then(Value::as_str).ok_or_else(|| format!("no `{name}`"))?;
+        let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| format!("`{name}` is not base64url"))?;
+        if bytes.len() != P521_FIELD_BYTES {
+            return Err(format!("`{name}` must be {P521_FIELD_BYTES} bytes, not {}", bytes.len()));
+        }
+        Ok(bytes)
+    };
+    let point = [&[0x04][..], &coordinate("x")?, &coordinate("y")?].concat();
+    p521::ecdsa::VerifyingKey::from_sec1_bytes(&point).map_err(|_| "invalid key material: not a P-521 point".into())
+}
+
+/// Bytes of a P-521 field element, and of each half of an ES512 signature.
+const P521_FIELD_BYTES: usize = 66;
+
+/// Verifies an ES512 JWS (RFC 7518 §3.4: the signature is R || S, 66 bytes each,
+/// over the ASCII of `header.payload` with SHA-512) and returns its payload.
+fn verify_es512(token: &str, key: &p521::ecdsa::VerifyingKey) -> Result<Value, JwtError> {
+    use p521::ecdsa::signature::Verifier as _;
+    let (signing_input, signature) = token.rsplit_once('.').ok_or(JwtError::Malformed("not three parts"))?;
+    let (_, payload) = signing_input.split_once('.').ok_or(JwtError::Malformed("not three parts"))?;
+    let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| JwtError::Malformed("bad base64url"))?;
+    if signature.len() != 2 * P521_FIELD_BYTES {
+        return Err(JwtError::BadSignature);
+    }
+    let signature = p521::ecdsa::Signature::from_slice(&signature).map_err(|_| JwtError::BadSignature)?;
+    key.verify(signing_input.as_bytes(), &signature).map_err(|_| JwtError::BadSignature)?;
+    decode_json_part(payload).map_err(|_| JwtError::Malformed("bad payload"))
 }
 
 /// Why a token was rejected. The descriptions never contain the token.
@@ -263,7 +344,7 @@ pub struct ClaimRules {
 pub fn verify(
     token: &str,
     keys: &KeySet,
-    allowed: &[Algorithm],
+    allowed: &[JwsAlgorithm],
     rules: &ClaimRules,
     now: u64,
 ) -> Result<Value, JwtError> {
@@ -280,14 +361,30 @@ pub fn verify(
     if candidates.is_empty() {
         return Err(JwtError::UnknownKey(header.kid.map(|kid| kid.chars().take(64).collect())));
     }
-    let mut validation = Validation::new(alg);
+    let JwsAlgorithm::Jose(jose_alg) = alg else {
+        for key in candidates {
+            if let KeyMaterial::P521(key) = &key.key {
+                match verify_es512(token, key) {
+                    Ok(claims) => {
+                        check_claims(&claims, rules, now)?;
+                        return Ok(claims);
+                    }
+                    Err(JwtError::BadSignature) => continue,
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        return Err(JwtError::BadSignature);
+    };
+    let mut validation = Validation::new(jose_alg);
     // Claims are checked below with the host's clock and our own rules.
     validation.validate_exp = false;
     validation.validate_nbf = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
     for key in candidates {
-        match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
+        let KeyMaterial::Jose(decoding_key) = &key.key else { continue };
+        match jsonwebtoken::decode::<Value>(token, decoding_key, &validation) {
             Ok(data) => {
                 check_claims(&data.claims, rules, now)?;
                 return Ok(data.claims);
@@ -519,7 +616,7 @@ mod tests {
         // The provider allows only RS256: ES256 tokens are refused even with a valid key.
         let es = sign(Algorithm::ES256, "ec-256", &claims());
         assert!(matches!(
-            verify(&es, &keys, &[Algorithm::RS256], &rules(), NOW),
+            verify(&es, &keys, &[Algorithm::RS256.into()], &rules(), NOW),
             Err(JwtError::AlgorithmNotAllowed(_))
         ));
     }
@@ -549,7 +646,7 @@ mod tests {
 
     #[test]
     fn pem_keys_and_jwks_errors() {
-        let key = KeySet::pem_key(&fixture("rsa.pub.pem"), Algorithm::RS256, None).unwrap();
+        let key = KeySet::pem_key(&fixture("rsa.pub.pem"), Algorithm::RS256.into(), None).unwrap();
         let keys = KeySet { keys: vec![key] };
         let token = sign(Algorithm::RS256, "whatever", &claims());
         // No kid match needed? The token names kid "whatever"; a PEM key without kid only verifies kid-less tokens.
@@ -559,13 +656,76 @@ mod tests {
         let kidless =
             encode(&header, &claims(), &EncodingKey::from_rsa_pem(fixture("rsa.pem").as_bytes()).unwrap()).unwrap();
         assert!(verify(&kidless, &keys, ALL_ALGORITHMS, &rules(), NOW).is_ok());
-        assert!(KeySet::pem_key("not a pem", Algorithm::RS256, None).is_err());
-        assert!(KeySet::pem_key(&fixture("rsa.pub.pem"), Algorithm::HS256, None).is_err());
+        assert!(KeySet::pem_key("not a pem", Algorithm::RS256.into(), None).is_err());
+        assert!(KeySet::pem_key(&fixture("rsa.pub.pem"), Algorithm::HS256.into(), None).is_err());
         assert!(KeySet::from_jwks(b"{}").is_err());
         assert!(KeySet::from_jwks(br#"{"keys":[{"kty":"XYZ"}]}"#).is_err());
         let (partial, skipped) =
             KeySet::from_jwks(br#"{"keys":[{"kty":"XYZ"},{"kty":"oct","k":"c2VjcmV0","alg":"HS256"}]}"#).unwrap();
         assert_eq!((partial.keys.len(), skipped.len()), (1, 1));
+    }
+
+    /// ES512 interop: a token the `openssl` command line signed (committed; its
+    /// claims are `claims()` at `NOW`), verified by the module's P-521 code.
+    fn openssl_es512_token() -> String {
+        fixture("es512-openssl.jwt").trim().to_string()
+    }
+
+    #[test]
+    fn es512_tokens_from_openssl_verify_with_a_jwk_or_a_pem_key() {
+        let token = openssl_es512_token();
+        let verified = verify(&token, &jwks(), ALL_ALGORITHMS, &rules(), NOW).unwrap();
+        assert_eq!(verified["sub"], "alice");
+        let pem = KeySet::pem_key(&fixture("ec521.pub.pem"), JwsAlgorithm::Es512, Some("ec-521".into())).unwrap();
+        let keys = KeySet { keys: vec![pem] };
+        assert_eq!(verify(&token, &keys, ALL_ALGORITHMS, &rules(), NOW).unwrap()["sub"], "alice");
+        assert_eq!(keys.algorithms(), vec![JwsAlgorithm::Es512]);
+        assert_eq!(algorithm_from_name("ES512"), Some(JwsAlgorithm::Es512));
+        // Claims are checked as for every algorithm.
+        assert_eq!(verify(&token, &jwks(), ALL_ALGORITHMS, &rules(), NOW + 700), Err(JwtError::Expired));
+    }
+
+    #[test]
+    fn es512_refuses_tampering_other_algorithms_and_other_keys() {
+        let token = openssl_es512_token();
+        let keys = jwks();
+        let (signing_input, signature) = token.rsplit_once('.').unwrap();
+        let (header, _) = signing_input.split_once('.').unwrap();
+        let forged_payload = URL_SAFE_NO_PAD.encode(claims().to_string().replace("alice", "mallory"));
+        let forged = format!("{header}.{forged_payload}.{signature}");
+        assert_eq!(verify(&forged, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::BadSignature));
+        let mut raw = URL_SAFE_NO_PAD.decode(signature).unwrap();
+        raw[70] ^= 1;
+        let flipped = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(&raw));
+        assert_eq!(verify(&flipped, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::BadSignature));
+        let short = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(&raw[..131]));
+        assert_eq!(verify(&short, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::BadSignature));
+        let zeros = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode([0u8; 132]));
+        assert_eq!(verify(&zeros, &keys, ALL_ALGORITHMS, &rules(), NOW), Err(JwtError::BadSignature));
+        // A provider that does not accept ES512.
+        let es384_only = [JwsAlgorithm::from(Algorithm::ES384)];
+        assert!(matches!(verify(&token, &keys, &es384_only, &rules(), NOW), Err(JwtError::AlgorithmNotAllowed(_))));
+        // The P-384 key cannot verify ES512 even when the token names it.
+        let renamed = token.replacen(header, &URL_SAFE_NO_PAD.encode(r#"{"alg":"ES512","kid":"ec-384"}"#), 1);
+        assert_eq!(
+            verify(&renamed, &keys, ALL_ALGORITHMS, &rules(), NOW),
+            Err(JwtError::UnknownKey(Some("ec-384".into())))
+        );
+    }
+
+    #[test]
+    fn p521_jwks_with_bad_coordinates_are_refused() {
+        let jwk = |x: &str, y: &str| format!(r#"{{"keys":[{{"kty":"EC","crv":"P-521","x":"{x}","y":"{y}"}}]}}"#);
+        let good: Value = serde_json::from_str(&fixture("jwks.json")).unwrap();
+        let ec521 = good["keys"].as_array().unwrap().iter().find(|key| key["kid"] == "ec-521").unwrap();
+        let (x, y) = (ec521["x"].as_str().unwrap(), ec521["y"].as_str().unwrap());
+        assert!(KeySet::from_jwks(jwk(x, y).as_bytes()).is_ok());
+        let error = KeySet::from_jwks(jwk(&x[..40], y).as_bytes()).unwrap_err();
+        assert!(error.contains("`x` must be 66 bytes"), "{error}");
+        let error = KeySet::from_jwks(jwk(y, x).as_bytes()).unwrap_err();
+        assert!(error.contains("not a P-521 point"), "{error}");
+        let error = KeySet::from_jwks(jwk("!!", y).as_bytes()).unwrap_err();
+        assert!(error.contains("not base64url"), "{error}");
     }
 
     #[test]
