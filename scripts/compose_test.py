@@ -91,13 +91,17 @@ class Answer:
 
 
 def get(path, headers=None, port=HTTP_PORT, tls=False) -> Answer:
+    return request("GET", path, headers, port, tls)
+
+
+def request(method, path, headers=None, port=HTTP_PORT, tls=False) -> Answer:
     if tls:
         context = ssl.create_default_context(cafile=str(ROOT / "envoy/tls/cert.pem"))
         connection = http.client.HTTPSConnection("localhost", port, timeout=5, context=context)
     else:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        connection.request("GET", path, headers=headers or {})
+        connection.request(method, path, headers=headers or {})
         return Answer(connection.getresponse())
     finally:
         connection.close()
@@ -163,6 +167,9 @@ def check_demo_chain() -> list:
           (answer.status, answer.headers))
     answer = get("/v0/anything")
     check("routing: the retired API is 410", answer.status == 410, answer.status)
+    answer = request("OPTIONS", "/orders", {"origin": "http://localhost:3000", "access-control-request-method": "PUT"})
+    check("routing: the CORS preflight is answered by the gateway", answer.status == 204
+          and answer.headers.get("access-control-allow-origin") == "http://localhost:3000", (answer.status, answer.headers))
 
     cache_me = {"x-api-key": "demo-key-123", "x-echo-header": "cache-control: public, max-age=30"}
     first, second = get("/products/2", cache_me), get("/products/2", cache_me)

@@ -54,6 +54,8 @@ Try (a demo token for user alice, valid one hour):
   curl -s http://127.0.0.1:8080/products/2 -H 'x-api-key: demo-key-123' -H 'x-echo-header: cache-control: public, max-age=30' -i
                                                      # run it twice: the second answer is a cache hit (Cache-Status, Age)
   curl -s http://127.0.0.1:8080/v0/anything -i                                              # 410 problem+json
+  curl -s -X OPTIONS http://127.0.0.1:8080/orders -i -H 'origin: http://localhost:3000' -H 'access-control-request-method: PUT'
+                                                     # CORS preflight answered by the gateway (204)
   curl -sk https://localhost:8443/products/1 --http2 -H 'x-api-key: demo-key-123'          # TLS terminated at the gateway
   curl -s http://127.0.0.1:9901/stats/prometheus | grep wasmcustom
 

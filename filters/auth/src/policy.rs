@@ -118,11 +118,7 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
     if request.count("authorization") > 1 || request.values("authorization").any(|value| value.contains(&b',')) {
         return Outcome::Deny(Denial::MultipleAuthorization);
     }
-    if auth.cors_preflight_bypass
-        && request.method() == b"OPTIONS"
-        && request.first("access-control-request-method").is_some()
-        && request.first("origin").is_some()
-    {
+    if auth.cors_preflight_bypass && request.is_cors_preflight() {
         return Outcome::Allow { rule: None, identities: Vec::new(), result: AuthResult::Anonymous };
     }
     let Some(rule) = auth.rules.iter().find(|rule| rule.conditions.matches(request)) else {

@@ -243,6 +243,15 @@ impl RequestHeaders {
         self.first(":method").unwrap_or_default()
     }
 
+    /// A CORS preflight (Fetch): `OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`. One definition for routing, which answers
+    /// preflights, and auth, which lets them pass unauthenticated.
+    pub fn is_cors_preflight(&self) -> bool {
+        self.method() == b"OPTIONS"
+            && self.first("origin").is_some()
+            && self.first("access-control-request-method").is_some()
+    }
+
     /// `:authority` (or `host`); empty when the request has none.
     pub fn authority(&self) -> &[u8] {
         self.first(":authority").or_else(|| self.first("host")).unwrap_or_default()
@@ -256,6 +265,14 @@ impl RequestHeaders {
         let mut moved = RequestHeaders::from_pairs(pairs).ok()?;
         moved.client_ip = self.client_ip;
         Some(moved)
+    }
+
+    /// The same request with another `:method` (a preflight judged as the request
+    /// it announces).
+    pub fn with_method(&self, method: &[u8]) -> RequestHeaders {
+        let others = self.pairs.iter().filter(|(name, _)| *name != b":method");
+        let pairs: HeaderPairs = others.chain(std::iter::once((&b":method"[..], method))).collect();
+        RequestHeaders { pairs, target: self.target.clone(), query_at: self.query_at, client_ip: self.client_ip }
     }
 
     /// Percent-decoded values of a query parameter.

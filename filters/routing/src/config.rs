@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 
 use gateway_common::client_ip::ClientIpSpec;
+
+use crate::cors::{Cors, CorsSpec};
 use gateway_common::config::ConfigErrors;
 use gateway_common::request_match::{is_lower_case_header_name, Conditions, MatchSpec};
 use regex_lite::Regex;
@@ -35,6 +37,9 @@ pub struct RoutingConfig {
     /// Where `client_ip` conditions take the client's address from.
     #[serde(default)]
     pub client_ip: ClientIpSpec,
+    /// The CORS policy of every route without its own `cors` (and of requests no
+    /// route matches).
+    pub cors: Option<CorsSpec>,
 }
 
 fn default_cluster_header() -> String {
@@ -60,6 +65,8 @@ pub struct RouteSpec {
     pub response_headers: ResponseHeadersSpec,
     #[serde(default)]
     pub query: QuerySpec,
+    /// This route's CORS policy (replaces the top-level one).
+    pub cors: Option<CorsSpec>,
 }
 
 /// Query-string edits of a forwarded request: remove, rename, set, add.
@@ -230,6 +237,9 @@ pub struct Router {
     pub client_ip: ClientIpSpec,
     /// Some route matches on the client's address (derive it per request).
     pub needs_client_ip: bool,
+    pub cors: Option<Cors>,
+    /// Some route (or the top level) has a CORS policy.
+    pub has_cors: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +251,7 @@ pub struct Route {
     pub request_headers: RequestHeadersSpec,
     pub response_headers: ResponseEdits,
     pub query: QueryEdits,
+    pub cors: Option<Cors>,
 }
 
 #[derive(Debug, Clone)]
@@ -304,6 +315,8 @@ impl RoutingConfig {
             }
         }
         let needs_client_ip = routes.iter().any(|route| route.conditions.needs_client_ip());
+        let cors = self.cors.as_ref().and_then(|spec| spec.compile("cors", &mut errors));
+        let has_cors = cors.is_some() || routes.iter().any(|route| route.cors.is_some());
         errors.into_result(Router {
             cluster_header: self.cluster_header.clone(),
             route_name_response_header: self.route_name_response_header.clone(),
@@ -312,6 +325,8 @@ impl RoutingConfig {
             clear_route_cache: self.clear_route_cache,
             client_ip: self.client_ip,
             needs_client_ip,
+            cors,
+            has_cors,
         })
     }
 }
@@ -358,6 +373,10 @@ impl RouteSpec {
                 "is also added or removed: use one edit per header",
             );
         }
+        let cors = match &self.cors {
+            Some(spec) => Some(spec.compile(&format!("{field}.cors"), errors)?),
+            None => None,
+        };
         Some(Route {
             name: self.name.clone(),
             conditions: conditions?,
@@ -370,6 +389,7 @@ impl RouteSpec {
                 add: responses.add.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             },
             query,
+            cors,
         })
     }
 

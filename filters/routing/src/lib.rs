@@ -3,6 +3,7 @@
 //! lives in `router.rs`, the configuration in `config.rs`.
 
 pub mod config;
+pub mod cors;
 pub mod query;
 pub mod router;
 
@@ -21,6 +22,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use crate::config::{Action as RouteAction, Router, RoutingConfig};
+use crate::cors::CorsFields;
 use crate::router::{Decision, LocalAnswer};
 
 proxy_wasm::main! {{
@@ -34,6 +36,9 @@ struct Metrics {
     per_route: Vec<Metric>,
     default_route: Metric,
     no_route: Metric,
+    cors_preflight_allowed: Metric,
+    cors_preflight_refused: Metric,
+    cors_origin_refused: Metric,
 }
 
 struct Shared {
@@ -57,6 +62,9 @@ impl Shared {
                 .collect(),
             default_route: Metric::counter_on(host, &format!("{prefix}.default_route.requests")),
             no_route: Metric::counter_on(host, &format!("{prefix}.no_route.requests")),
+            cors_preflight_allowed: Metric::counter_on(host, &format!("{prefix}.cors.preflight_allowed")),
+            cors_preflight_refused: Metric::counter_on(host, &format!("{prefix}.cors.preflight_refused")),
+            cors_origin_refused: Metric::counter_on(host, &format!("{prefix}.cors.origin_refused")),
         };
         let reply_failures = ReplyFailures::new(host, prefix);
         Self { router, metrics, random_state: Cell::new(seed), reply_failures }
@@ -85,7 +93,7 @@ impl Module for Routing {
     }
 
     fn stream(shared: &Rc<Shared>, _context_id: u32) -> Box<dyn HttpContext> {
-        Box::new(RoutingStream { host: Ffi, shared: Rc::clone(shared), response_headers: None })
+        Box::new(RoutingStream { host: Ffi, shared: Rc::clone(shared), response_headers: None, cors_fields: None })
     }
 }
 
@@ -94,6 +102,8 @@ struct RoutingStream<H: Host> {
     shared: Rc<Shared>,
     /// Route whose response headers (and name header) go on the response.
     response_headers: Option<usize>,
+    /// The CORS fields the response gets (a policy applies to the request).
+    cors_fields: Option<CorsFields>,
 }
 
 impl<H: Host> Context for RoutingStream<H> {}
@@ -108,17 +118,44 @@ impl<H: Host> HttpContext for RoutingStream<H> {
         if shared.router.needs_client_ip {
             shared.router.client_ip.derive_into(&self.host, &mut request);
         }
+        if shared.router.has_cors && request.is_cors_preflight() {
+            if let Some(verdict) = preflight_verdict(&shared, &request) {
+                return verdict.apply(&self.host, &shared.reply_failures);
+            }
+        }
         let decision = shared.router.decide(&request, || next_random(&shared.random_state));
-        let (verdict, response_headers) = request_verdict(&shared, &request, &decision);
+        let (mut verdict, response_headers) = request_verdict(&shared, &request, &decision);
         self.response_headers = response_headers;
+        if let Some(cors) = shared.router.cors_of(decision.route()) {
+            let origin = request.first("origin");
+            let fields = cors.response_fields(origin);
+            if origin.is_some() && fields.set.is_empty() {
+                verdict = verdict.count(shared.metrics.cors_origin_refused);
+            }
+            match &mut verdict.reply {
+                // Routing's own answer: the fields go into it (there is no upstream copy to remove).
+                Some((reply, _)) => {
+                    reply.headers.extend(fields.set.iter().map(|(name, value)| (name.to_string(), value.clone())));
+                    reply.headers.push(("vary".into(), "origin".into()));
+                }
+                None => self.cors_fields = Some(fields),
+            }
+        }
         verdict.apply(&self.host, &shared.reply_failures)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(index) = self.response_headers else {
+        if self.response_headers.is_none() && self.cors_fields.is_none() {
             return Action::Continue;
+        }
+        let mut verdict = match self.response_headers {
+            Some(index) => response_verdict(&self.shared.router, index),
+            None => Verdict::forward(),
         };
-        response_verdict(&self.shared.router, index).apply(&self.host, &self.shared.reply_failures)
+        if let Some(fields) = self.cors_fields.take() {
+            verdict.edits.extend(cors_edits(&fields));
+        }
+        verdict.apply(&self.host, &self.shared.reply_failures)
     }
 }
 
@@ -204,6 +241,42 @@ fn request_verdict(shared: &Shared, request: &RequestHeaders, decision: &Decisio
         verdict.edits.insert(0, Edit::Remove(MapType::HttpRequestHeaders, router.cluster_header.clone()));
     }
     (verdict, response_headers)
+}
+
+/// The answer to a CORS preflight whose announced request has a CORS policy:
+/// `204` with the policy's fields, or `403` problem+json without any. `None`:
+/// no policy applies, the preflight is routed like any request.
+fn preflight_verdict(shared: &Shared, request: &RequestHeaders) -> Option<Verdict> {
+    let method = request.first("access-control-request-method")?;
+    // Judged as the request it announces: a route for `PUT /orders` answers it.
+    let route = shared.router.matching_route(&request.with_method(method)).map(|(index, _)| index);
+    let cors = shared.router.cors_of(route)?;
+    let requested_headers: Vec<&[u8]> = request.values("access-control-request-headers").collect();
+    let requested_headers = requested_headers.join(&b","[..]);
+    let origin = request.first("origin").unwrap_or_default();
+    let route_name = route.and_then(|index| shared.router.routes.get(index)).map_or("default", |route| &route.name);
+    let verdict = match cors.preflight(origin, method, Some(&requested_headers)) {
+        Ok(fields) => {
+            let headers = fields.into_iter().map(|(name, value)| (name.to_string(), value)).collect();
+            let reply = Reply { status: 204, headers, body: Vec::new(), grpc_status: None };
+            Verdict::answer(reply, OnRefusedReply::Continue).count(shared.metrics.cors_preflight_allowed)
+        }
+        Err(refusal) => {
+            let problem = Problem::new(403, "cors-preflight-refused", "CORS preflight refused", refusal.detail());
+            Verdict::answer(problem.reply(&facts(request)), OnRefusedReply::Continue)
+                .count(shared.metrics.cors_preflight_refused)
+        }
+    };
+    Some(verdict.property(ROUTE_PROPERTY, route_name.as_bytes()))
+}
+
+/// Response-header edits for the CORS fields of an upstream's answer: the
+/// policy's fields replace the upstream's, which are otherwise removed.
+fn cors_edits(fields: &CorsFields) -> Vec<Edit> {
+    let map = MapType::HttpResponseHeaders;
+    let removes = fields.remove.iter().map(|name| Edit::Remove(map, name.to_string()));
+    let sets = fields.set.iter().map(|(name, value)| Edit::Set(map, name.to_string(), value.clone().into_bytes()));
+    removes.chain(sets).chain(std::iter::once(Edit::Add(map, "vary".into(), b"origin".to_vec()))).collect()
 }
 
 /// A redirect or direct response of a route.
@@ -294,7 +367,7 @@ mod glue_tests {
         let host = FakeHost::new().with_headers(MapType::HttpRequestHeaders, request);
         let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), 7, "routing"));
         host.reset_calls();
-        RoutingStream { host, shared, response_headers: None }
+        RoutingStream { host, shared, response_headers: None, cors_fields: None }
     }
 
     #[test]
@@ -398,7 +471,7 @@ mod glue_tests {
         .unwrap();
         let host = FakeHost::new().with_headers(MapType::HttpRequestHeaders, &[(":path", b"/")]);
         let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), 7, "routing"));
-        let mut stream = RoutingStream { host, shared, response_headers: None };
+        let mut stream = RoutingStream { host, shared, response_headers: None, cors_fields: None };
         assert_eq!(stream.on_http_request_headers(0, true), Action::Continue);
         stream.host.reset_calls();
         assert_eq!(stream.on_http_response_headers(0, true), Action::Continue);

@@ -4,6 +4,7 @@ use gateway_common::hash::fnv1a64;
 use gateway_common::request::RequestHeaders;
 
 use crate::config::{Action, Route, Router, Split, StickyKey};
+use crate::cors::Cors;
 
 /// What the filter must do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,11 +34,32 @@ pub struct LocalAnswer {
     pub location: Option<String>,
 }
 
+impl Decision {
+    /// The route that decided (`None`: the default cluster, or no route).
+    pub fn route(&self) -> Option<usize> {
+        match self {
+            Decision::Forward(forward) => forward.route,
+            Decision::Respond(answer) => Some(answer.route),
+            Decision::NoRoute => None,
+        }
+    }
+}
+
 impl Router {
+    /// The first route whose conditions hold.
+    pub fn matching_route(&self, request: &RequestHeaders) -> Option<(usize, &Route)> {
+        self.routes.iter().enumerate().find(|(_, route)| route.conditions.matches(request))
+    }
+
+    /// The CORS policy of an answer: its route's own, else the top-level one
+    /// (also for the default cluster and for requests no route matches).
+    pub fn cors_of(&self, route: Option<usize>) -> Option<&Cors> {
+        route.and_then(|index| self.routes.get(index)).and_then(|route| route.cors.as_ref()).or(self.cors.as_ref())
+    }
+
     /// Routes one request. `random` is consulted only for non-sticky splits.
     pub fn decide(&self, request: &RequestHeaders, random: impl FnOnce() -> u64) -> Decision {
-        let Some((index, route)) = self.routes.iter().enumerate().find(|(_, route)| route.conditions.matches(request))
-        else {
+        let Some((index, route)) = self.matching_route(request) else {
             return match &self.default_cluster {
                 Some(cluster) => {
                     Decision::Forward(Forward { route: None, cluster: cluster.clone(), path: None, authority: None })

@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 mod client_ip;
 mod configs;
+mod cors;
 mod harness;
 mod hostile;
 mod modules;
