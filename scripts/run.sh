@@ -40,6 +40,7 @@ The demo gateway is up (JSON access log below; Ctrl-C stops everything).
 Chain: ratelimit (per IP) -> auth -> ratelimit (per user, /orders) -> aggregate -> routing -> cache -> backends.
   HTTP   http://127.0.0.1:8080
   HTTPS  https://localhost:8443   (self-signed: curl -k)
+  mTLS   https://localhost:8444   (client certificate envoy/tls/client.pem)
   admin  http://127.0.0.1:9901    (stats: /stats/prometheus)
 
 Try (a demo token for user alice, valid one hour):
@@ -57,6 +58,8 @@ Try (a demo token for user alice, valid one hour):
   curl -s -X OPTIONS http://127.0.0.1:8080/orders -i -H 'origin: http://localhost:3000' -H 'access-control-request-method: PUT'
                                                      # CORS preflight answered by the gateway (204)
   curl -sk https://localhost:8443/products/1 --http2 -H 'x-api-key: demo-key-123'          # TLS terminated at the gateway
+  curl -sk https://localhost:8444/products/1 --cert envoy/tls/client.pem --key envoy/tls/client.key
+                                                     # mTLS: the client certificate is consumer checkout-service
   curl -s http://127.0.0.1:9901/stats/prometheus | grep wasmcustom
 
 TEXT

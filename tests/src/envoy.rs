@@ -84,6 +84,17 @@ pub struct EnvoyConfig {
     pub concurrency: u32,
     /// `xff_num_trusted_hops` of the connection manager (0: the peer is the client).
     pub xff_trusted_hops: u32,
+    /// TLS on the listener (HTTPS only), optionally verifying client certificates.
+    pub tls: Option<DownstreamTls>,
+}
+
+/// A TLS listener: Envoy's certificate, and the CA it verifies client
+/// certificates with (a client may also connect without one unless required).
+#[derive(Debug, Clone)]
+pub struct DownstreamTls {
+    pub server: crate::tls::CertifiedKey,
+    pub client_ca: std::path::PathBuf,
+    pub require_client_certificate: bool,
 }
 
 impl EnvoyConfig {
@@ -96,7 +107,13 @@ impl EnvoyConfig {
             grpc_clusters: Vec::new(),
             concurrency: 2,
             xff_trusted_hops: 0,
+            tls: None,
         }
+    }
+
+    pub fn tls(mut self, tls: DownstreamTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Trust `hops` proxies in front (their `x-forwarded-for` / `x-forwarded-proto`).
@@ -199,6 +216,27 @@ impl EnvoyConfig {
                 port = addr.port(),
             );
         }
+        let transport_socket = match &self.tls {
+            None => String::new(),
+            Some(tls) => format!(
+                r#"transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: {required}
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: {{ filename: {cert} }}
+              private_key: {{ filename: {key} }}
+            validation_context:
+              trusted_ca: {{ filename: {ca} }}
+      "#,
+                required = tls.require_client_certificate,
+                cert = tls.server.cert.display(),
+                key = tls.server.key.display(),
+                ca = tls.client_ca.display(),
+            ),
+        };
         format!(
             r#"admin:
   address:
@@ -209,7 +247,7 @@ static_resources:
     address:
       socket_address: {{ address: 127.0.0.1, port_value: 0 }}
     filter_chains:
-    - filters:
+    - {transport_socket}filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager

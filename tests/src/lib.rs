@@ -14,6 +14,7 @@ pub mod paths;
 pub mod process;
 pub mod raw;
 pub mod services;
+pub mod tls;
 pub mod tokens;
 pub mod upstream;
 

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::jwt::{algorithm_from_name, ClaimRules, JwsAlgorithm, KeySet, ALL_ALGORITHMS};
+use crate::mtls::{Mtls, MtlsSpec, MTLS_METHOD};
 
 /// Method names that are not JWT providers.
 pub const API_KEY_METHOD: &str = "api_key";
@@ -43,6 +44,8 @@ pub struct AuthConfig {
     /// Where rules' `client_ip` conditions take the client's address from.
     #[serde(default)]
     pub client_ip: ClientIpSpec,
+    /// Consumers by the client certificate Envoy verified; referred to as `mtls`.
+    pub mtls: Option<MtlsSpec>,
 }
 
 fn default_true() -> bool {
@@ -374,6 +377,8 @@ pub enum MethodKind {
     Provider(usize),
     ApiKey,
     Basic,
+    /// The client certificate of the connection.
+    Mtls,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +420,7 @@ pub struct Auth {
     pub client_ip: ClientIpSpec,
     /// Some rule matches on the client's address (derive it per request).
     pub needs_client_ip: bool,
+    pub mtls: Option<Mtls>,
 }
 
 impl Auth {
@@ -443,8 +449,8 @@ impl AuthConfig {
         let mut providers = Vec::new();
         for (index, spec) in self.providers.iter().enumerate() {
             let field = format!("providers[{index}]");
-            if spec.name.is_empty() || spec.name == API_KEY_METHOD || spec.name == BASIC_METHOD {
-                errors.add(format!("{field}.name"), "must be non-empty and not `api_key` or `basic`");
+            if spec.name.is_empty() || [API_KEY_METHOD, BASIC_METHOD, MTLS_METHOD].contains(&spec.name.as_str()) {
+                errors.add(format!("{field}.name"), "must be non-empty and not `api_key`, `basic` or `mtls`");
             } else if method_names.insert(spec.name.clone(), MethodKind::Provider(index)).is_some() {
                 errors.add(format!("{field}.name"), format!("duplicate provider `{}`", spec.name));
             }
@@ -459,6 +465,10 @@ impl AuthConfig {
         let basic = self.basic.as_ref().and_then(|spec| {
             method_names.insert(BASIC_METHOD.into(), MethodKind::Basic);
             spec.compile("basic", &mut errors)
+        });
+        let mtls = self.mtls.as_ref().and_then(|spec| {
+            method_names.insert(MTLS_METHOD.into(), MethodKind::Mtls);
+            spec.compile("mtls", &mut errors)
         });
         if let Some(header) = &self.consumer_header {
             check_header(header, "consumer_header", &mut errors);
@@ -504,6 +514,7 @@ impl AuthConfig {
             consumer_groups: self.consumer_groups(),
             client_ip: self.client_ip,
             needs_client_ip,
+            mtls,
         })
     }
 }
@@ -517,7 +528,9 @@ impl AuthConfig {
         let users = self.basic.iter().flat_map(|spec| {
             spec.users.iter().map(|user| (user.consumer.as_ref().unwrap_or(&user.username), &user.groups))
         });
-        for (consumer, own) in keys.chain(users) {
+        let certificates =
+            self.mtls.iter().flat_map(|spec| spec.consumers.iter().map(|entry| (&entry.consumer, &entry.groups)));
+        for (consumer, own) in keys.chain(users).chain(certificates) {
             groups.entry(consumer.clone()).or_default().extend(own.iter().cloned());
         }
         groups.into_iter().map(|(consumer, set)| (consumer, set.into_iter().collect())).collect()
@@ -784,7 +797,7 @@ impl RuleSpec {
                             None => {
                                 errors.add(
                                     format!("{field}.require[{index}]"),
-                                    format!("`{name}` is not a configured provider (nor api_key / basic)"),
+                                    format!("`{name}` is not a configured provider (nor api_key / basic / mtls)"),
                                 );
                                 None
                             }

@@ -7,8 +7,10 @@ pub mod config;
 pub mod credentials;
 pub mod jwks;
 pub mod jwt;
+pub mod mtls;
 pub mod policy;
 
+use crate::mtls::PeerCertificate;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -58,6 +60,7 @@ const DENIAL_REASONS: &[&str] = &[
     "malformed",
     "algorithm",
     "unknown_key",
+    "unknown_certificate",
     "bad_signature",
     "expired",
     "not_yet_valid",
@@ -385,6 +388,19 @@ impl<H: Host> Verifier for StateVerifier<'_, H> {
         }
         result
     }
+
+    fn peer_certificate(&mut self) -> Option<PeerCertificate> {
+        let property = |name: &str| self.host.property(&["connection", name]).ok().flatten();
+        if !property("mtls").is_some_and(|flag| mtls::is_true(&flag)) {
+            return None;
+        }
+        Some(PeerCertificate {
+            subject: property("subject_peer_certificate"),
+            uri_san: property("uri_san_peer_certificate"),
+            dns_san: property("dns_san_peer_certificate"),
+            sha256: property("sha256_peer_certificate_digest"),
+        })
+    }
 }
 
 fn unknown_key(token: &str) -> JwtError {
@@ -701,13 +717,13 @@ mod glue_tests {
                 | JwtError::LifetimeTooLong => {}
             }
         }
-        let credential_codes = ["malformed", "unknown_key", "bad_password"];
+        let credential_codes = ["malformed", "unknown_key", "bad_password", "unknown_certificate"];
         for code in jwt_errors.iter().map(JwtError::code).chain(credential_codes) {
             assert!(DENIAL_REASONS.contains(&code), "`{code}` has no auth.denied.* counter");
         }
         let host = FakeHost::new();
         let metrics = Metrics::new(&host, "auth");
-        let schemes = policy::Schemes { bearer: true, basic: false, api_key: false };
+        let schemes = policy::Schemes { bearer: true, basic: false, api_key: false, mtls: false };
         for denial in [
             Denial::MultipleAuthorization,
             Denial::Missing(schemes),

@@ -13,6 +13,7 @@ use crate::config::{
 };
 use crate::credentials::{check_api_key, find_credential, parse_basic, BasicFailure};
 use crate::jwt::{claim_at, JwtError};
+use crate::mtls::PeerCertificate;
 
 /// Result of checking one JWT.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +28,8 @@ pub enum JwtCheck {
 pub trait Verifier {
     fn verify_jwt(&mut self, provider_index: usize, provider: &Provider, token: &str) -> JwtCheck;
     fn check_basic(&mut self, basic: &Basic, user: &str, password: &str) -> Result<String, BasicFailure>;
+    /// The client certificate Envoy verified on this connection; `None` without one.
+    fn peer_certificate(&mut self) -> Option<PeerCertificate>;
 }
 
 /// Who was let in, by which method, and which credential to strip.
@@ -46,6 +49,14 @@ pub struct Schemes {
     pub bearer: bool,
     pub basic: bool,
     pub api_key: bool,
+    pub mtls: bool,
+}
+
+impl Schemes {
+    /// Only a client certificate would do: no HTTP challenge to send.
+    fn only_mtls(&self) -> bool {
+        self.mtls && !self.bearer && !self.basic && !self.api_key
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +212,7 @@ fn schemes(methods: &[AuthMethod]) -> Schemes {
         bearer: methods.iter().any(|method| matches!(method.kind, MethodKind::Provider(_))),
         basic: methods.iter().any(|method| method.kind == MethodKind::Basic),
         api_key: methods.iter().any(|method| method.kind == MethodKind::ApiKey),
+        mtls: methods.iter().any(|method| method.kind == MethodKind::Mtls),
     }
 }
 
@@ -242,6 +254,20 @@ fn check_method(
                 }),
                 None => invalid(method, "unknown API key", "unknown_key"),
             },
+        };
+    }
+    if kind == MethodKind::Mtls {
+        let Some(mtls) = &auth.mtls else { return MethodResult::Absent };
+        let Some(certificate) = verifier.peer_certificate() else { return MethodResult::Absent };
+        return match mtls.consumer_for(&certificate) {
+            Some(consumer) => MethodResult::Ok(Identity {
+                method: method.to_string(),
+                name: Some(consumer.to_string()),
+                claims: None,
+                provider: None,
+                strip: None,
+            }),
+            None => invalid(method, "the client certificate belongs to no consumer", "unknown_certificate"),
         };
     }
     if kind == MethodKind::Basic {
@@ -396,6 +422,16 @@ pub fn problem(denial: &Denial, realm: &str) -> Problem {
             "Bad Request",
             "the request carries more than one Authorization header",
         ),
+        // RFC 9110: a 401 carries a challenge; a client certificate has none.
+        Denial::Missing(schemes) if schemes.only_mtls() => Problem::new(
+            403,
+            "client-certificate-required",
+            "Forbidden",
+            "this request needs a client certificate the gateway trusts (mutual TLS)",
+        ),
+        Denial::Invalid { method, reason, schemes, .. } if schemes.only_mtls() => {
+            Problem::new(403, "client-certificate-refused", "Forbidden", format!("{method}: {reason}"))
+        }
         Denial::Missing(schemes) => with_challenges(
             Problem::new(401, "credentials-missing", "Unauthorized", "this request needs credentials"),
             challenges(schemes, None),
@@ -471,6 +507,9 @@ mod tests {
             } else {
                 Err(BasicFailure::Invalid)
             }
+        }
+        fn peer_certificate(&mut self) -> Option<PeerCertificate> {
+            None
         }
     }
 
@@ -597,7 +636,7 @@ mod tests {
                 method: "idp".into(),
                 reason: "unknown kid `a\"\r\nSet-Cookie: x=1\r\n\r\n\u{0}\u{7f}é\\`".into(),
                 code: "invalid",
-                schemes: Schemes { bearer: true, basic: false, api_key: false },
+                schemes: Schemes { bearer: true, basic: false, api_key: false, mtls: false },
             },
             "gw",
         );
@@ -615,7 +654,7 @@ mod tests {
                 method: "idp".into(),
                 reason: "token expired".into(),
                 code: "expired",
-                schemes: Schemes { bearer: true, basic: false, api_key: false },
+                schemes: Schemes { bearer: true, basic: false, api_key: false, mtls: false },
             },
             "gw",
         );

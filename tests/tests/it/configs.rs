@@ -6,7 +6,7 @@ use gateway_tests::paths;
 
 /// Listener and admin ports the shipped configs use; rewritten to 0 in tests so
 /// they never collide with anything on the machine.
-const FIXED_PORTS: &[u16] = &[8080, 8443, 9901];
+const FIXED_PORTS: &[u16] = &[8080, 8443, 8444, 9901];
 
 fn shipped_configs() -> Vec<std::path::PathBuf> {
     let mut configs: Vec<_> = std::fs::read_dir(paths::workspace_root().join("envoy"))
@@ -110,7 +110,7 @@ fn docker_compose_runs_the_same_gateway() {
     for (name, port) in &backends {
         assert!(compose.contains(&format!("{name}:{port}")), "compose does not serve backend {name} on {port}");
     }
-    for port in [8080, 8443] {
+    for port in [8080, 8443, 8444] {
         assert!(gateway.contains(&format!("port_value: {port} ")), "gateway.yaml no longer uses {port}");
         assert!(compose.contains(&format!("\"{port}:{port}\"")), "compose does not publish {port}");
     }

@@ -11,6 +11,7 @@ mod cors;
 mod harness;
 mod hostile;
 mod modules;
+mod mtls;
 mod ratelimit;
 mod ratelimit_global;
 mod routing;
