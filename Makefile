@@ -24,7 +24,7 @@ ENVOY_STAMP :=
 ENVOY_BIN_RESOLVED = $(ENVOY_BIN)
 endif
 
-.PHONY: build toolchain binaryen envoy tls run test lint unit integration redis rls-service oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
+.PHONY: build toolchain binaryen envoy tls run test lint unit integration redis rls-service idp oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
 
 ## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
 toolchain:
@@ -95,7 +95,7 @@ unit:
 	cargo test --workspace --exclude gateway-tests --exclude rls-service
 
 ## integration: the suite against real Envoy (and the real servers some modules talk to).
-integration: build bench-modules envoy tls redis rls-service
+integration: build bench-modules envoy tls redis rls-service idp
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests --test it -- --test-threads $(TEST_THREADS)
 
 ## test: everything CI runs, then proof that nothing it started still runs.
@@ -161,6 +161,11 @@ redis:
 rls-service:
 	@ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev; }
 	cargo build -p rls-service
+
+## idp: the OAuth 2.0 server of auth's introspection tests (panva's oidc-provider, from
+## npm into tests/idp, pinned by its package-lock.json).
+idp:
+	@[[ -d tests/idp/node_modules/oidc-provider ]] || npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error
 
 ## wrk: the load generator, from Debian.
 wrk:

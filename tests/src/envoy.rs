@@ -132,6 +132,12 @@ impl EnvoyConfig {
         self
     }
 
+    /// An HTTP/1.1 cluster `name` for a server at `addr` (an IdP, a dead port).
+    pub fn http_cluster(mut self, name: &str, addr: SocketAddr) -> Self {
+        self.clusters.push((name.to_string(), addr));
+        self
+    }
+
     /// An HTTP/2 cluster `name` for a gRPC service at `addr`.
     pub fn grpc_cluster(mut self, name: &str, addr: SocketAddr) -> Self {
         self.grpc_clusters.push((name.to_string(), addr));

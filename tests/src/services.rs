@@ -1,7 +1,8 @@
 //! Real servers the modules talk to, started from packages: Redis (Debian's
-//! `redis-server`) and the rate-limit service fixture (`rls-service`: Envoy's RLS
-//! protocol over Kuadrant's Limitador engine, counting in that Redis). Both run
-//! from a directory under `target/itest/` and die with the test process.
+//! `redis-server`), the rate-limit service fixture (`rls-service`: Envoy's RLS
+//! protocol over Kuadrant's Limitador engine, counting in that Redis) and an
+//! OAuth 2.0 server (`tests/idp`: panva's oidc-provider from npm). They run from a
+//! directory under `target/itest/` and die with the test process.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -74,4 +75,59 @@ pub fn rls(redis: Option<&Server>, limits: &serde_json::Value, extra: &[&str]) -
         .and_then(|addr| addr.parse().ok())
         .unwrap_or_else(|| panic!("rls-service did not start: {line:?}"));
     Server { addr, child }
+}
+
+/// The OAuth 2.0 server of the introspection tests (`make idp`): issuer
+/// `https://idp.test`, client `gateway` / `gateway-secret` may introspect,
+/// `shop-app` / `shop-secret` and `reporting` / `reporting-secret` get tokens by
+/// client credentials ([`idp_token`]).
+pub fn idp() -> Server {
+    let dir = paths::run_dir("idp");
+    let script = paths::workspace_root().join("tests/idp/server.mjs");
+    assert!(
+        paths::workspace_root().join("tests/idp/node_modules/oidc-provider").exists(),
+        "oidc-provider is missing: run `make idp`"
+    );
+    let mut command = Command::new("node");
+    let log = std::fs::File::create(dir.join("idp.log")).expect("IdP log");
+    command.arg(&script).arg(&dir).stdout(Stdio::piped()).stderr(log);
+    let mut child = process::spawn(command).expect("node (Node.js, for tests/idp)");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    while line.is_empty() || !line.starts_with("listening on ") {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("the IdP did not start");
+        }
+    }
+    let addr = line.trim().strip_prefix("listening on ").and_then(|addr| addr.parse().ok()).expect("IdP address");
+    // Node dies of EPIPE if it logs into a closed pipe later: keep reading.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    Server { addr, child }
+}
+
+/// An access token for `client` with `scope`, by the client-credentials grant.
+pub fn idp_token(idp: &Server, client: &str, secret: &str, scope: &str) -> String {
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{client}:{secret}"));
+    let response = crate::client::RequestBuilder::new(idp.addr, "POST", "/token")
+        .header("authorization", format!("Basic {basic}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("grant_type=client_credentials&scope={}", scope.replace(' ', "%20")))
+        .send();
+    assert_eq!(response.status, 200, "token: {}", response.text());
+    response.json()["access_token"].as_str().expect("access_token").to_string()
+}
+
+/// Revokes a token at the IdP (RFC 7009).
+pub fn idp_revoke(idp: &Server, client: &str, secret: &str, token: &str) {
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{client}:{secret}"));
+    let response = crate::client::RequestBuilder::new(idp.addr, "POST", "/token/revocation")
+        .header("authorization", format!("Basic {basic}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send();
+    assert_eq!(response.status, 200, "revocation: {}", response.text());
 }

@@ -206,7 +206,7 @@ impl<H: Host> HttpContext for AggregateStream<H> {
             }
             let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
             let timeout = Duration::from_millis(part.spec.timeout_ms);
-            match self.host.dispatch_http_call(&part.spec.cluster, &pairs, timeout) {
+            match self.host.dispatch_http_call(&part.spec.cluster, &pairs, &[], timeout) {
                 Ok(token) => {
                     composite.calls.insert(token, (part_index, self.host.now_nanos()));
                 }

@@ -9,6 +9,7 @@ use gateway_common::request_match::{is_lower_case_header_name, Conditions, Match
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::introspection::{Introspection, IntrospectionSpec};
 use crate::jwt::{algorithm_from_name, ClaimRules, JwsAlgorithm, KeySet, ALL_ALGORITHMS};
 use crate::mtls::{Mtls, MtlsSpec, MTLS_METHOD};
 
@@ -109,6 +110,8 @@ pub struct ProviderSpec {
     pub jwks: Option<Value>,
     pub pem_keys: Option<Vec<PemKeySpec>>,
     pub remote_jwks: Option<RemoteJwksSpec>,
+    /// Opaque tokens, judged by the IdP (RFC 7662) instead of a signature.
+    pub introspection: Option<IntrospectionSpec>,
     /// Where the token is looked for, in order; default `Authorization: Bearer`.
     pub from: Option<Vec<TokenSourceSpec>>,
     #[serde(default)]
@@ -312,6 +315,8 @@ pub enum TokenSource {
 pub enum Keys {
     Static(KeySet),
     Remote(RemoteJwksSpec),
+    /// No keys: the IdP judges each token (RFC 7662).
+    Introspection(Introspection),
 }
 
 #[derive(Debug, Clone)]
@@ -539,9 +544,10 @@ impl AuthConfig {
 
 impl ProviderSpec {
     fn compile(&self, field: &str, errors: &mut ConfigErrors) -> Option<Provider> {
-        let sources_given = [self.jwks.is_some(), self.pem_keys.is_some(), self.remote_jwks.is_some()];
+        let sources_given =
+            [self.jwks.is_some(), self.pem_keys.is_some(), self.remote_jwks.is_some(), self.introspection.is_some()];
         if sources_given.iter().filter(|given| **given).count() != 1 {
-            errors.add(field, "needs exactly one key source: jwks, pem_keys or remote_jwks");
+            errors.add(field, "needs exactly one key source: jwks, pem_keys, remote_jwks or introspection");
             return None;
         }
         let configured: Vec<JwsAlgorithm> = match &self.algorithms {
@@ -599,6 +605,8 @@ impl ProviderSpec {
                 }
             }
             Keys::Static(set)
+        } else if let Some(spec) = &self.introspection {
+            Keys::Introspection(spec.compile(&format!("{field}.introspection"), errors)?)
         } else {
             let remote = self.remote_jwks.clone()?;
             if remote.cluster.is_empty() {

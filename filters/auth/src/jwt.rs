@@ -249,6 +249,10 @@ pub enum JwtError {
     WrongAudience,
     MissingClaim(String),
     LifetimeTooLong,
+    /// The IdP says the (opaque) token is not active: unknown, expired or revoked.
+    Inactive,
+    /// The IdP could not be asked (down, slow, not answering RFC 7662).
+    Unverifiable,
 }
 
 impl JwtError {
@@ -267,6 +271,8 @@ impl JwtError {
             JwtError::WrongAudience => "wrong audience".into(),
             JwtError::MissingClaim(claim) => format!("required claim {claim} missing"),
             JwtError::LifetimeTooLong => "token lifetime exceeds the maximum".into(),
+            JwtError::Inactive => "token is not active".into(),
+            JwtError::Unverifiable => "the identity provider could not check the token".into(),
         }
     }
 
@@ -283,6 +289,8 @@ impl JwtError {
             JwtError::WrongAudience => "audience",
             JwtError::MissingClaim(_) => "missing_claim",
             JwtError::LifetimeTooLong => "lifetime",
+            JwtError::Inactive => "inactive",
+            JwtError::Unverifiable => "unverifiable",
         }
     }
 }

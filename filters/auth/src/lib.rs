@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod credentials;
+pub mod introspection;
 pub mod jwks;
 pub mod jwt;
 pub mod mtls;
@@ -32,6 +33,7 @@ use proxy_wasm::types::Action;
 
 use crate::config::{Auth, AuthConfig, Basic, Keys, Provider, RemoteJwksSpec, TokenSource};
 use crate::credentials::{sha256, BasicChecker, BasicFailure, TokenCache};
+use crate::introspection::{Answer, Introspection, OnFailure};
 use crate::jwks::RemoteKeys;
 use crate::jwt::{JwtError, KeySet};
 use crate::policy::{decide, AuthResult, Denial, Identity, JwtCheck, Outcome, Verifier};
@@ -52,6 +54,11 @@ struct Metrics {
     cache_hits: Metric,
     cache_misses: Metric,
     basic_hashes: Metric,
+    introspection_calls: Metric,
+    introspection_active: Metric,
+    introspection_inactive: Metric,
+    introspection_failed: Metric,
+    introspection_cache_hits: Metric,
     reply_failures: ReplyFailures,
 }
 
@@ -74,6 +81,8 @@ const DENIAL_REASONS: &[&str] = &[
     "claim_mismatch",
     "consumer_not_allowed",
     "denied_by_rule",
+    "unverifiable",
+    "inactive",
     "no_rule",
     "multiple_authorization",
 ];
@@ -91,6 +100,11 @@ impl Metrics {
             cache_hits: Metric::counter_on(host, &format!("{prefix}.token_cache.hits")),
             cache_misses: Metric::counter_on(host, &format!("{prefix}.token_cache.misses")),
             basic_hashes: Metric::counter_on(host, &format!("{prefix}.basic.hash_computations")),
+            introspection_calls: Metric::counter_on(host, &format!("{prefix}.introspection.calls")),
+            introspection_active: Metric::counter_on(host, &format!("{prefix}.introspection.active")),
+            introspection_inactive: Metric::counter_on(host, &format!("{prefix}.introspection.inactive")),
+            introspection_failed: Metric::counter_on(host, &format!("{prefix}.introspection.failed")),
+            introspection_cache_hits: Metric::counter_on(host, &format!("{prefix}.introspection.cache_hits")),
             reply_failures: ReplyFailures::new(host, prefix),
         }
     }
@@ -105,6 +119,7 @@ impl Metrics {
             Denial::InsufficientScope { .. } => "insufficient_scope",
             Denial::ClaimMismatch { .. } => "claim_mismatch",
             Denial::ConsumerNotAllowed => "consumer_not_allowed",
+            Denial::Unavailable { .. } => "unverifiable",
             Denial::DeniedByRule { .. } => "denied_by_rule",
             Denial::NoRule => "no_rule",
         };
@@ -124,6 +139,8 @@ struct VmState {
 
 struct Shared {
     auth: Auth,
+    /// Namespace of this instance's shared-data keys (the metric prefix).
+    prefix: String,
     /// Headers this module sets, removed from every incoming request.
     identity_headers: Vec<String>,
     metrics: Metrics,
@@ -146,7 +163,13 @@ impl Shared {
             warned: vec![false; auth.providers.len()],
         };
         let identity_headers = auth.identity_headers();
-        Some(Shared { auth, identity_headers, metrics: Metrics::new(host, prefix), state: RefCell::new(state) })
+        Some(Shared {
+            auth,
+            prefix: prefix.to_string(),
+            identity_headers,
+            metrics: Metrics::new(host, prefix),
+            state: RefCell::new(state),
+        })
     }
 }
 
@@ -167,8 +190,67 @@ fn random_key() -> [u8; 16] {
 fn remote_spec(provider: &Provider) -> Option<&RemoteJwksSpec> {
     match &provider.keys {
         Keys::Remote(spec) => Some(spec),
-        Keys::Static(_) => None,
+        Keys::Static(_) | Keys::Introspection(_) => None,
     }
+}
+
+/// Starts the introspection call for `token`; `None` when it cannot start.
+fn start_introspection(host: &impl Host, shared: &Shared, index: usize, token: &str) -> Option<u32> {
+    let provider = shared.auth.providers.get(index)?;
+    let Keys::Introspection(introspection) = &provider.keys else { return None };
+    let (headers, body) = introspection.request(token);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let timeout = Duration::from_millis(introspection.timeout_ms);
+    shared.metrics.introspection_calls.increment_on(host);
+    match host.dispatch_http_call(&introspection.cluster, &headers, &body, timeout) {
+        Ok(call) => Some(call),
+        Err(error) => {
+            host.log(
+                LogLevel::Warn,
+                &format!(
+                    "auth: provider {}: cannot call the introspection endpoint on cluster `{}` ({error:?})",
+                    provider.name, introspection.cluster
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Reads the introspection answer being delivered and caches it for every worker.
+fn finish_introspection(
+    host: &impl Host,
+    shared: &Shared,
+    index: usize,
+    digest: &[u8; 32],
+    body_size: usize,
+) -> Result<Answer, String> {
+    let provider = shared.auth.providers.get(index).ok_or("no provider")?;
+    let Keys::Introspection(introspection) = &provider.keys else { return Err("not introspected".into()) };
+    let status = host
+        .header(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|status| std::str::from_utf8(&status).ok().and_then(|s| s.parse::<u16>().ok()));
+    let body = if body_size > 0 { host.http_call_response_body(body_size).unwrap_or_default() } else { Vec::new() };
+    let answer = introspection::parse_answer(status, &body);
+    match &answer {
+        Ok(answer) => {
+            let metric = match answer {
+                Answer::Active(_) => shared.metrics.introspection_active,
+                Answer::Inactive => shared.metrics.introspection_inactive,
+            };
+            metric.increment_on(host);
+            let key = introspection::slot_key(&shared.prefix, &provider.name, digest, introspection.slots);
+            let now = host.now_nanos() / 1_000_000_000;
+            let _ = introspection::store_answer(&SharedData(host), &key, introspection, digest, answer, now);
+        }
+        Err(reason) => {
+            shared.metrics.introspection_failed.increment_on(host);
+            host.log(LogLevel::Warn, &format!("auth: provider {}: introspection failed: {reason}", provider.name));
+        }
+    }
+    answer
 }
 
 /// Starts a JWKS fetch; logs (once) and counts a failure to start.
@@ -182,7 +264,7 @@ fn start_fetch(host: &impl Host, shared: &Shared, index: usize) -> Option<u32> {
         (":authority", authority.as_str()),
         ("accept", "application/json"),
     ];
-    match host.dispatch_http_call(&spec.cluster, &headers, Duration::from_millis(spec.timeout_ms)) {
+    match host.dispatch_http_call(&spec.cluster, &headers, &[], Duration::from_millis(spec.timeout_ms)) {
         Ok(token) => Some(token),
         Err(error) => {
             shared.metrics.jwks_fetch_failed.increment_on(host);
@@ -267,6 +349,7 @@ impl Module for AuthModule {
             request: None,
             fetched: vec![false; providers],
             pending: None,
+            introspected: None,
         })
     }
 
@@ -308,8 +391,10 @@ struct AuthStream<H: Host> {
     request: Option<RequestHeaders>,
     /// Providers whose keys this request already fetched (never twice).
     fetched: Vec<bool>,
-    /// The JWKS fetch this request waits for: (token, provider).
-    pending: Option<(u32, usize)>,
+    /// The call this request waits for.
+    pending: Option<PendingCall>,
+    /// The introspection answer it got: (provider, answer).
+    introspected: Option<(usize, Result<Answer, String>)>,
 }
 
 /// Credential checks backed by this worker's state and the shared JWKS.
@@ -318,11 +403,17 @@ struct StateVerifier<'a, H: Host> {
     state: &'a mut VmState,
     metrics: &'a Metrics,
     fetched: &'a [bool],
+    /// The introspection answer this request waited for: (provider, answer).
+    introspected: Option<&'a (usize, Result<Answer, String>)>,
+    prefix: &'a str,
     now: u64,
 }
 
 impl<H: Host> Verifier for StateVerifier<'_, H> {
     fn verify_jwt(&mut self, index: usize, provider: &Provider, token: &str) -> JwtCheck {
+        if let Keys::Introspection(introspection) = &provider.keys {
+            return self.introspected_token(index, provider, introspection, token);
+        }
         let digest = sha256(token.as_bytes());
         if let Some(claims) = self.state.token_cache.get(&digest, index, self.now) {
             self.metrics.cache_hits.increment_on(self.host);
@@ -333,6 +424,7 @@ impl<H: Host> Verifier for StateVerifier<'_, H> {
         let remote_keys: Rc<KeySet>;
         let keys: &KeySet = match &provider.keys {
             Keys::Static(keys) => keys,
+            Keys::Introspection(_) => return JwtCheck::Invalid(JwtError::UnknownKey(None)),
             Keys::Remote(_) => {
                 let Some(remote) = self.state.remote.get_mut(index) else {
                     return JwtCheck::Invalid(JwtError::UnknownKey(None));
@@ -403,19 +495,73 @@ impl<H: Host> Verifier for StateVerifier<'_, H> {
     }
 }
 
+impl<H: Host> StateVerifier<'_, H> {
+    /// An opaque token: this request's own introspection answer, else a cached
+    /// one, else the IdP must be asked.
+    fn introspected_token(
+        &mut self,
+        index: usize,
+        provider: &Provider,
+        introspection: &Introspection,
+        token: &str,
+    ) -> JwtCheck {
+        let answer = match self.introspected.filter(|(provider, _)| *provider == index) {
+            Some((_, Ok(answer))) => answer.clone(),
+            Some((_, Err(_))) => {
+                return match introspection.on_failure {
+                    OnFailure::Unavailable => JwtCheck::Unavailable,
+                    OnFailure::RejectToken => JwtCheck::Invalid(JwtError::Unverifiable),
+                }
+            }
+            None => {
+                let digest = sha256(token.as_bytes());
+                let key = introspection::slot_key(self.prefix, &provider.name, &digest, introspection.slots);
+                match introspection::cached(&SharedData(self.host), &key, &digest, self.now) {
+                    Ok(Some(answer)) => {
+                        self.metrics.introspection_cache_hits.increment_on(self.host);
+                        answer
+                    }
+                    _ => return JwtCheck::NeedIntrospection,
+                }
+            }
+        };
+        match answer {
+            Answer::Inactive => JwtCheck::Invalid(JwtError::Inactive),
+            Answer::Active(claims) => match jwt::check_claims(&claims, &provider.rules, self.now) {
+                Ok(()) => JwtCheck::Valid(Rc::new(claims)),
+                Err(error) => JwtCheck::Invalid(error),
+            },
+        }
+    }
+}
+
 fn unknown_key(token: &str) -> JwtError {
     JwtError::UnknownKey(jwt::parse_header(token).ok().and_then(|header| header.kid))
 }
 
+/// An HTTP call a paused request waits for, by the host's token.
+enum PendingCall {
+    Jwks { call: u32, provider: usize },
+    Introspection { call: u32, provider: usize, digest: [u8; 32] },
+}
+
 impl<H: Host> Context for AuthStream<H> {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some((token, index)) = self.pending.take() else { return };
-        if token != token_id {
-            return;
-        }
-        finish_fetch(&self.host, &self.shared, index, body_size);
-        if let Some(fetched) = self.fetched.get_mut(index) {
-            *fetched = true;
+        match self.pending.take() {
+            Some(PendingCall::Jwks { call, provider }) if call == token_id => {
+                finish_fetch(&self.host, &self.shared, provider, body_size);
+                if let Some(fetched) = self.fetched.get_mut(provider) {
+                    *fetched = true;
+                }
+            }
+            Some(PendingCall::Introspection { call, provider, digest }) if call == token_id => {
+                let answer = finish_introspection(&self.host, &self.shared, provider, &digest, body_size);
+                self.introspected = Some((provider, answer));
+            }
+            other => {
+                self.pending = other;
+                return;
+            }
         }
         if let Action::Continue = self.evaluate() {
             let resumed = self.host.resume_request();
@@ -489,14 +635,30 @@ impl<H: Host> AuthStream<H> {
                 state: &mut state,
                 metrics: &shared.metrics,
                 fetched: &self.fetched,
+                introspected: self.introspected.as_ref(),
+                prefix: &shared.prefix,
                 now: self.host.now_nanos() / 1_000_000_000,
             };
             decide(&shared.auth, &request, &mut verifier)
         };
         let action = match outcome {
+            Outcome::NeedIntrospection(index, token) => match start_introspection(&self.host, &shared, index, &token) {
+                Some(call) => {
+                    let digest = sha256(token.as_bytes());
+                    self.pending = Some(PendingCall::Introspection { call, provider: index, digest });
+                    self.request = Some(request);
+                    return Action::Pause;
+                }
+                None => {
+                    shared.metrics.introspection_failed.increment_on(&self.host);
+                    self.introspected = Some((index, Err("the call could not start".into())));
+                    self.request = Some(request);
+                    return self.evaluate();
+                }
+            },
             Outcome::NeedKeys(index) => match start_fetch(&self.host, &shared, index) {
                 Some(token) => {
-                    self.pending = Some((token, index));
+                    self.pending = Some(PendingCall::Jwks { call: token, provider: index });
                     self.request = Some(request);
                     return Action::Pause;
                 }
@@ -613,7 +775,14 @@ mod glue_tests {
 
     fn stream<'h>(host: &'h FakeHost, shared: &Rc<Shared>) -> AuthStream<&'h FakeHost> {
         let providers = shared.auth.providers.len();
-        AuthStream { host, shared: Rc::clone(shared), request: None, fetched: vec![false; providers], pending: None }
+        AuthStream {
+            host,
+            shared: Rc::clone(shared),
+            request: None,
+            fetched: vec![false; providers],
+            pending: None,
+            introspected: None,
+        }
     }
 
     fn request(host: &FakeHost, authorization: &[u8]) {
@@ -653,6 +822,41 @@ mod glue_tests {
         );
         assert_eq!(host.header_values(MapType::HttpRequestHeaders, "x-user-id"), vec![b"alice".to_vec()]);
         assert!(host.header_values(MapType::HttpRequestHeaders, "authorization").is_empty());
+    }
+
+    /// Introspection: the first request waits for one POST to the IdP; the next
+    /// (any worker: the answer is in shared data) reads it with one host call.
+    #[test]
+    fn an_introspected_token_is_asked_once_then_read_from_shared_data() {
+        let host = FakeHost::new();
+        host.set_now(NOW * 1_000_000_000);
+        let config = r#"{"providers": [{"name": "idp", "introspection": {"cluster": "idp", "path": "/introspect",
+                             "client_id": "gw", "client_secret": "pw"}}],
+                         "rules": [{"name": "api", "require": {"any": ["idp"]}}]}"#;
+        let config: AuthConfig = gateway_common::config::parse_json(config.as_bytes()).unwrap();
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), [7; 16], "auth").unwrap());
+        request(&host, b"Bearer opaque-1");
+        let mut first = stream(&host, &shared);
+        assert_eq!(first.on_http_request_headers(0, true), Action::Pause);
+        let call = host.dispatched().pop().unwrap();
+        assert_eq!(call.cluster, "idp");
+        assert!(call.headers.contains(&(":method".into(), "POST".into())), "{:?}", call.headers);
+        assert_eq!(call.body, b"token=opaque-1&token_type_hint=access_token");
+        let answer = format!(r#"{{"active": true, "sub": "svc", "exp": {}}}"#, NOW + 60);
+        host.answer_call(&[(":status", b"200")], answer.as_bytes());
+        first.on_http_call_response(call.token, 1, answer.len(), 0);
+        assert_eq!(host.resumed(), 1);
+        assert_eq!(host.metric("auth.introspection.active"), 1);
+
+        request(&host, b"Bearer opaque-1");
+        host.reset_calls();
+        assert_eq!(stream(&host, &shared).on_http_request_headers(0, true), Action::Continue);
+        assert_eq!(host.dispatched().len(), 1, "no second call");
+        assert_eq!(host.metric("auth.introspection.cache_hits"), 1);
+        let calls = host.calls();
+        assert_eq!(calls.iter().filter(|call| *call == "shared_data").count(), 1, "{calls:?}");
+        assert_eq!(calls.len(), 9, "{calls:?}");
+        assert_eq!(host.header_values(MapType::HttpRequestHeaders, "x-consumer"), vec![b"svc".to_vec()]);
     }
 
     #[test]
@@ -699,6 +903,8 @@ mod glue_tests {
             JwtError::WrongAudience,
             JwtError::MissingClaim("x".into()),
             JwtError::LifetimeTooLong,
+            JwtError::Inactive,
+            JwtError::Unverifiable,
         ];
         // Exhaustive on purpose: a new variant must be added above (and counted).
         for error in &jwt_errors {
@@ -714,7 +920,9 @@ mod glue_tests {
                 | JwtError::WrongIssuer
                 | JwtError::WrongAudience
                 | JwtError::MissingClaim(_)
-                | JwtError::LifetimeTooLong => {}
+                | JwtError::LifetimeTooLong
+                | JwtError::Inactive
+                | JwtError::Unverifiable => {}
             }
         }
         let credential_codes = ["malformed", "unknown_key", "bad_password", "unknown_certificate"];
@@ -731,6 +939,7 @@ mod glue_tests {
             Denial::InsufficientScope { required: vec![] },
             Denial::ClaimMismatch { claim: "x".into() },
             Denial::DeniedByRule { rule: "r".into() },
+            Denial::Unavailable { method: "idp".into() },
             Denial::NoRule,
         ] {
             let before = host.calls().len();

@@ -22,6 +22,10 @@ pub enum JwtCheck {
     Invalid(JwtError),
     /// The provider's remote keys must be fetched before this token can be judged.
     NeedKeys,
+    /// The provider's IdP must be asked about this (opaque) token first.
+    NeedIntrospection,
+    /// The IdP could not answer: the token cannot be judged now.
+    Unavailable,
 }
 
 /// Stateful credential checks (keys, caches, failure counters).
@@ -80,6 +84,10 @@ pub enum Denial {
     },
     /// The rule's `consumers` / `groups` do not include this identity.
     ConsumerNotAllowed,
+    /// The IdP that must judge the token could not answer (introspection).
+    Unavailable {
+        method: String,
+    },
     /// A `deny: true` rule matched.
     DeniedByRule {
         rule: String,
@@ -89,9 +97,15 @@ pub enum Denial {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Allow { rule: Option<String>, identities: Vec<Identity>, result: AuthResult },
+    Allow {
+        rule: Option<String>,
+        identities: Vec<Identity>,
+        result: AuthResult,
+    },
     Deny(Denial),
     NeedKeys(usize),
+    /// Introspect `token` at provider `usize`'s IdP, then decide again.
+    NeedIntrospection(usize, String),
 }
 
 /// How an allowed request passed, for `result_header`.
@@ -120,6 +134,7 @@ enum MethodResult {
     Ok(Identity),
     Failed(Denial),
     NeedKeys(usize),
+    NeedIntrospection(usize, String),
 }
 
 /// Decides one request.
@@ -155,6 +170,9 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
                         break;
                     }
                     MethodResult::NeedKeys(provider) => return Outcome::NeedKeys(provider),
+                    MethodResult::NeedIntrospection(provider, token) => {
+                        return Outcome::NeedIntrospection(provider, token)
+                    }
                     MethodResult::Failed(denial) => {
                         first_failure.get_or_insert(denial);
                     }
@@ -177,6 +195,9 @@ pub fn decide(auth: &Auth, request: &RequestHeaders, verifier: &mut impl Verifie
                     MethodResult::Absent => absent += 1,
                     MethodResult::Ok(identity) => identities.push(identity),
                     MethodResult::NeedKeys(provider) => return Outcome::NeedKeys(provider),
+                    MethodResult::NeedIntrospection(provider, token) => {
+                        return Outcome::NeedIntrospection(provider, token)
+                    }
                     MethodResult::Failed(_) if rule.optional == Optional::AllowMissingOrFailed => {
                         return anonymous(rule, AuthResult::Failed)
                     }
@@ -302,15 +323,26 @@ fn check_method(
         Some(Ok(found)) => match verifier.verify_jwt(index, provider, &found.value) {
             JwtCheck::Valid(claims) => MethodResult::Ok(Identity {
                 method: method.to_string(),
-                name: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
+                name: subject(&claims),
                 claims: Some(claims),
                 provider: Some(index),
                 strip: (!provider.forward_token).then_some(found.source),
             }),
             JwtCheck::Invalid(error) => invalid(method, error.description(), error.code()),
             JwtCheck::NeedKeys => MethodResult::NeedKeys(index),
+            JwtCheck::NeedIntrospection => MethodResult::NeedIntrospection(index, found.value.clone()),
+            JwtCheck::Unavailable => MethodResult::Failed(Denial::Unavailable { method: method.to_string() }),
         },
     }
+}
+
+/// Who a verified token speaks for: `sub`; for an introspection answer without
+/// one (a client-credentials token), its `username`, else its `client_id`.
+fn subject(claims: &Value) -> Option<String> {
+    ["sub", "username", "client_id"]
+        .iter()
+        .find_map(|name| claims.get(*name).and_then(Value::as_str))
+        .map(str::to_owned)
 }
 
 /// Scopes from `scope` (space-separated) or `scp` (array or string).
@@ -476,6 +508,13 @@ pub fn problem(denial: &Denial, realm: &str) -> Problem {
             "Forbidden",
             "this consumer is not allowed by the rule".to_string(),
         ),
+        Denial::Unavailable { method } => Problem::new(
+            503,
+            "credentials-unverifiable",
+            "Service Unavailable",
+            format!("{method}: the identity provider cannot check this token now; retry"),
+        )
+        .with_header("retry-after", "1"),
         Denial::DeniedByRule { rule } => {
             Problem::new(403, "denied-by-rule", "Forbidden", format!("rule {rule} refuses this request"))
         }

@@ -323,7 +323,7 @@ impl Module for CacheModule {
         let jobs: Vec<Background> = shared.revalidations.borrow_mut().drain(..).collect();
         for job in jobs {
             let headers: Vec<(&str, &str)> = job.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            match host::dispatch_http_call(&job.cluster, &headers, Duration::from_secs(10)) {
+            match host::dispatch_http_call(&job.cluster, &headers, &[], Duration::from_secs(10)) {
                 Ok(token) => calls.insert(token, job),
                 Err(_) => {
                     shared.in_flight.borrow_mut().remove(&job.exchange.key);
@@ -862,7 +862,7 @@ impl<H: Host> CacheStream<H> {
         let headers = policy::refetch_headers(client);
         let dispatched = cluster.zip(headers).and_then(|(cluster, headers)| {
             let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            self.host.dispatch_http_call(&cluster, &pairs, REFETCH_TIMEOUT).ok()
+            self.host.dispatch_http_call(&cluster, &pairs, &[], REFETCH_TIMEOUT).ok()
         });
         if dispatched.is_none() {
             let problem = Problem::new(

@@ -185,10 +185,16 @@ pub fn set_effective_context(context_id: u32) -> HostResult<()> {
 /// dispatcher must register the token to route the answer; the SDK returns
 /// unknown clusters (BadArgument) and internal failures as errors.
 /// Headers that are not valid field values are left out (and counted).
-pub fn dispatch_http_call(cluster: &str, headers: &[(&str, &str)], timeout: std::time::Duration) -> HostResult<u32> {
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: std::time::Duration,
+) -> HostResult<u32> {
     let headers: Vec<(&str, &str)> =
         headers.iter().copied().filter(|(name, value)| checked_field(name, value.as_bytes()).is_ok()).collect();
-    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, None, Vec::new(), timeout)
+    let body = (!body.is_empty()).then_some(body);
+    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, body, Vec::new(), timeout)
         .map_err(|status| HostError(status as u32))
 }
 

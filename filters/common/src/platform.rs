@@ -40,7 +40,15 @@ pub trait Host {
     fn log(&self, level: LogLevel, message: &str);
     /// Starts an HTTP call; the answer arrives in the calling context's
     /// `on_http_call_response` with this token.
-    fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32>;
+    /// Starts an HTTP call (`body` empty: none); the answer arrives in the calling
+    /// context's `on_http_call_response` with this token.
+    fn dispatch_http_call(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> HostResult<u32>;
     /// The body of the HTTP call response being delivered (at most `size` bytes).
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>>;
     /// Starts a unary gRPC call (`message`: the serialized request); the answer
@@ -113,8 +121,14 @@ impl<H: Host + ?Sized> Host for &H {
     fn log(&self, level: LogLevel, message: &str) {
         (**self).log(level, message)
     }
-    fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32> {
-        (**self).dispatch_http_call(cluster, headers, timeout)
+    fn dispatch_http_call(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> HostResult<u32> {
+        (**self).dispatch_http_call(cluster, headers, body, timeout)
     }
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
         (**self).http_call_response_body(size)
@@ -196,8 +210,14 @@ impl Host for Ffi {
     fn log(&self, level: LogLevel, message: &str) {
         host::log(level, message)
     }
-    fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32> {
-        host::dispatch_http_call(cluster, headers, timeout)
+    fn dispatch_http_call(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> HostResult<u32> {
+        host::dispatch_http_call(cluster, headers, body, timeout)
     }
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {
         host::http_call_response_body(size)
@@ -225,6 +245,7 @@ pub struct DispatchedCall {
     pub token: u32,
     pub cluster: String,
     pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
     pub timeout: Duration,
 }
 
@@ -547,7 +568,13 @@ impl Host for FakeHost {
         self.record("log");
         self.logs.borrow_mut().push(message.to_string());
     }
-    fn dispatch_http_call(&self, cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> HostResult<u32> {
+    fn dispatch_http_call(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> HostResult<u32> {
         self.record("dispatch_http_call");
         if self.unknown_clusters.borrow().iter().any(|unknown| unknown == cluster) {
             return Err(HostError(2));
@@ -559,7 +586,7 @@ impl Host for FakeHost {
             .filter(|(name, value)| writable(name, value.as_bytes()).is_ok())
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect();
-        dispatched.push(DispatchedCall { token, cluster: cluster.to_string(), headers, timeout });
+        dispatched.push(DispatchedCall { token, cluster: cluster.to_string(), headers, body: body.to_vec(), timeout });
         Ok(token)
     }
     fn http_call_response_body(&self, size: usize) -> HostResult<Vec<u8>> {

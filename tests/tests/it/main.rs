@@ -10,6 +10,7 @@ mod configs;
 mod cors;
 mod harness;
 mod hostile;
+mod introspection;
 mod modules;
 mod mtls;
 mod ratelimit;
