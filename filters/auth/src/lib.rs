@@ -227,12 +227,7 @@ fn finish_introspection(
 ) -> Result<Answer, String> {
     let provider = shared.auth.providers.get(index).ok_or("no provider")?;
     let Keys::Introspection(introspection) = &provider.keys else { return Err("not introspected".into()) };
-    let status = host
-        .header(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|status| std::str::from_utf8(&status).ok().and_then(|s| s.parse::<u16>().ok()));
-    let body = if body_size > 0 { host.http_call_response_body(body_size).unwrap_or_default() } else { Vec::new() };
+    let (status, body) = call_answer(host, body_size);
     let answer = introspection::parse_answer(status, &body);
     match &answer {
         Ok(answer) => {
@@ -286,15 +281,21 @@ fn start_fetch(host: &impl Host, shared: &Shared, index: usize) -> Option<u32> {
     }
 }
 
-/// Reads the fetch answer being delivered, validates it, and publishes it.
-fn finish_fetch(host: &impl Host, shared: &Shared, index: usize, body_size: usize) {
-    let Some(provider) = shared.auth.providers.get(index) else { return };
+/// The status and body of the HTTP call answer being delivered.
+fn call_answer(host: &impl Host, body_size: usize) -> (Option<u16>, Vec<u8>) {
     let status = host
         .header(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
         .and_then(|status| std::str::from_utf8(&status).ok().and_then(|s| s.parse::<u16>().ok()));
     let body = if body_size > 0 { host.http_call_response_body(body_size).unwrap_or_default() } else { Vec::new() };
+    (status, body)
+}
+
+/// Reads the fetch answer being delivered, validates it, and publishes it.
+fn finish_fetch(host: &impl Host, shared: &Shared, index: usize, body_size: usize) {
+    let Some(provider) = shared.auth.providers.get(index) else { return };
+    let (status, body) = call_answer(host, body_size);
     let version = host.now_nanos();
     let now = version / 1_000_000_000;
     match jwks::validate_response(status, &body) {
