@@ -80,11 +80,27 @@ const RSA_ALGORITHMS: &[JwsAlgorithm] = &[
 const HMAC_ALGORITHMS: &[JwsAlgorithm] =
     &[JwsAlgorithm::Jose(Algorithm::HS256), JwsAlgorithm::Jose(Algorithm::HS384), JwsAlgorithm::Jose(Algorithm::HS512)];
 
-/// The key material, for the library that verifies with it.
+/// The key material, for the code that verifies with it: RSA and P-521 our own
+/// (`rsa.rs`; RustCrypto `p521`), the rest jsonwebtoken.
 #[derive(Clone)]
 enum KeyMaterial {
     Jose(DecodingKey),
+    Rsa(crate::rsa::RsaPublicKey),
     P521(p521::ecdsa::VerifyingKey),
+}
+
+/// The hash and padding of an RSA algorithm: `(hash, pss)`.
+fn rsa_scheme(alg: JwsAlgorithm) -> Option<(crate::rsa::Hash, bool)> {
+    use crate::rsa::Hash;
+    match alg {
+        JwsAlgorithm::Jose(Algorithm::RS256) => Some((Hash::Sha256, false)),
+        JwsAlgorithm::Jose(Algorithm::RS384) => Some((Hash::Sha384, false)),
+        JwsAlgorithm::Jose(Algorithm::RS512) => Some((Hash::Sha512, false)),
+        JwsAlgorithm::Jose(Algorithm::PS256) => Some((Hash::Sha256, true)),
+        JwsAlgorithm::Jose(Algorithm::PS384) => Some((Hash::Sha384, true)),
+        JwsAlgorithm::Jose(Algorithm::PS512) => Some((Hash::Sha512, true)),
+        _ => None,
+    }
 }
 
 /// One verification key and the algorithms it may verify.
@@ -139,7 +155,8 @@ impl KeySet {
                 KeyMaterial::P521(key)
             }
             alg if RSA_ALGORITHMS.contains(&alg) => {
-                KeyMaterial::Jose(DecodingKey::from_rsa_pem(bytes).map_err(|error| invalid(&error))?)
+                let (modulus, exponent) = crate::rsa::components_from_pem(pem).map_err(|error| invalid(&error))?;
+                KeyMaterial::Rsa(crate::rsa::RsaPublicKey::new(&modulus, &exponent).map_err(|error| invalid(&error))?)
             }
             JwsAlgorithm::Jose(Algorithm::ES256 | Algorithm::ES384) => {
                 KeyMaterial::Jose(DecodingKey::from_ec_pem(bytes).map_err(|error| invalid(&error))?)
@@ -192,6 +209,15 @@ fn verifying_key_from_jwk(entry: &Value) -> Result<VerifyingKey, String> {
     if algorithms == [JwsAlgorithm::Es512] {
         return Ok(VerifyingKey { kid, algorithms, key: KeyMaterial::P521(p521_key_from_jwk(entry)?) });
     }
+    if text("kty") == Some("RSA") {
+        let component = |name: &str| -> Result<Vec<u8>, String> {
+            let text = text(name).ok_or_else(|| format!("no `{name}`"))?;
+            URL_SAFE_NO_PAD.decode(text).map_err(|_| format!("`{name}` is not base64url"))
+        };
+        let key = crate::rsa::RsaPublicKey::new(&component("n")?, &component("e")?)
+            .map_err(|error| format!("invalid key material: {error}"))?;
+        return Ok(VerifyingKey { kid, algorithms, key: KeyMaterial::Rsa(key) });
+    }
     let jwk: jsonwebtoken::jwk::Jwk =
         serde_json::from_value(entry.clone()).map_err(|error| format!("invalid JWK: {error}"))?;
     let key = DecodingKey::from_jwk(&jwk).map_err(|error| format!("invalid key material: {error}"))?;
@@ -216,19 +242,57 @@ fn p521_key_from_jwk(entry: &Value) -> Result<p521::ecdsa::VerifyingKey, String>
 /// Bytes of a P-521 field element, and of each half of an ES512 signature.
 const P521_FIELD_BYTES: usize = 66;
 
-/// Verifies an ES512 JWS (RFC 7518 §3.4: the signature is R || S, 66 bytes each,
-/// over the ASCII of `header.payload` with SHA-512) and returns its payload.
-fn verify_es512(token: &str, key: &p521::ecdsa::VerifyingKey) -> Result<Value, JwtError> {
-    use p521::ecdsa::signature::Verifier as _;
+/// Checks the signature of `token` with one key and returns the payload.
+fn signature_and_payload(token: &str, key: &VerifyingKey, alg: JwsAlgorithm) -> Result<Value, JwtError> {
+    match (&key.key, alg, rsa_scheme(alg)) {
+        (KeyMaterial::Rsa(rsa), _, Some((hash, pss))) => verify_signed(token, |input, signature| match pss {
+            true => rsa.verify_pss(hash, input, signature),
+            false => rsa.verify_pkcs1v15(hash, input, signature),
+        }),
+        (KeyMaterial::P521(p521), JwsAlgorithm::Es512, _) => {
+            verify_signed(token, |input, signature| es512_signs(p521, input, signature))
+        }
+        (KeyMaterial::Jose(decoding_key), JwsAlgorithm::Jose(jose_alg), _) => {
+            let mut validation = Validation::new(jose_alg);
+            // Claims are checked by the caller with the host's clock and our own rules.
+            validation.validate_exp = false;
+            validation.validate_nbf = false;
+            validation.validate_aud = false;
+            validation.required_spec_claims.clear();
+            match jsonwebtoken::decode::<Value>(token, decoding_key, &validation) {
+                Ok(data) => Ok(data.claims),
+                Err(error) => Err(match error.kind() {
+                    jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => {
+                        JwtError::Malformed("bad payload")
+                    }
+                    jsonwebtoken::errors::ErrorKind::Base64(_) => JwtError::Malformed("bad base64url"),
+                    _ => JwtError::BadSignature,
+                }),
+            }
+        }
+        // A key of another family never verifies (the candidates are filtered by algorithm).
+        _ => Err(JwtError::BadSignature),
+    }
+}
+
+/// A JWS verified outside jsonwebtoken: `signs(signing input, signature)` over
+/// the ASCII of `header.payload`, then the payload.
+fn verify_signed(token: &str, signs: impl Fn(&[u8], &[u8]) -> bool) -> Result<Value, JwtError> {
     let (signing_input, signature) = token.rsplit_once('.').ok_or(JwtError::Malformed("not three parts"))?;
     let (_, payload) = signing_input.split_once('.').ok_or(JwtError::Malformed("not three parts"))?;
     let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| JwtError::Malformed("bad base64url"))?;
-    if signature.len() != 2 * P521_FIELD_BYTES {
+    if !signs(signing_input.as_bytes(), &signature) {
         return Err(JwtError::BadSignature);
     }
-    let signature = p521::ecdsa::Signature::from_slice(&signature).map_err(|_| JwtError::BadSignature)?;
-    key.verify(signing_input.as_bytes(), &signature).map_err(|_| JwtError::BadSignature)?;
     decode_json_part(payload).map_err(|_| JwtError::Malformed("bad payload"))
+}
+
+/// ES512 (RFC 7518 §3.4): the signature is R || S, 66 bytes each, SHA-512.
+fn es512_signs(key: &p521::ecdsa::VerifyingKey, signing_input: &[u8], signature: &[u8]) -> bool {
+    use p521::ecdsa::signature::Verifier as _;
+    signature.len() == 2 * P521_FIELD_BYTES
+        && p521::ecdsa::Signature::from_slice(signature)
+            .is_ok_and(|signature| key.verify(signing_input, &signature).is_ok())
 }
 
 /// Why a token was rejected. The descriptions never contain the token.
@@ -369,43 +433,15 @@ pub fn verify(
     if candidates.is_empty() {
         return Err(JwtError::UnknownKey(header.kid.map(|kid| kid.chars().take(64).collect())));
     }
-    let JwsAlgorithm::Jose(jose_alg) = alg else {
-        for key in candidates {
-            if let KeyMaterial::P521(key) = &key.key {
-                match verify_es512(token, key) {
-                    Ok(claims) => {
-                        check_claims(&claims, rules, now)?;
-                        return Ok(claims);
-                    }
-                    Err(JwtError::BadSignature) => continue,
-                    Err(other) => return Err(other),
-                }
-            }
-        }
-        return Err(JwtError::BadSignature);
-    };
-    let mut validation = Validation::new(jose_alg);
-    // Claims are checked below with the host's clock and our own rules.
-    validation.validate_exp = false;
-    validation.validate_nbf = false;
-    validation.validate_aud = false;
-    validation.required_spec_claims.clear();
     for key in candidates {
-        let KeyMaterial::Jose(decoding_key) = &key.key else { continue };
-        match jsonwebtoken::decode::<Value>(token, decoding_key, &validation) {
-            Ok(data) => {
-                check_claims(&data.claims, rules, now)?;
-                return Ok(data.claims);
+        match signature_and_payload(token, key, alg) {
+            Ok(claims) => {
+                check_claims(&claims, rules, now)?;
+                return Ok(claims);
             }
-            Err(error) => match error.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => continue,
-                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => continue,
-                jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => {
-                    return Err(JwtError::Malformed("bad payload"))
-                }
-                jsonwebtoken::errors::ErrorKind::Base64(_) => return Err(JwtError::Malformed("bad base64url")),
-                _ => continue,
-            },
+            // Another candidate (same kid, or no kid) may have signed it.
+            Err(JwtError::BadSignature) => continue,
+            Err(other) => return Err(other),
         }
     }
     Err(JwtError::BadSignature)

@@ -10,6 +10,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod mtls;
 pub mod policy;
+pub mod rsa;
 
 use crate::mtls::PeerCertificate;
 use std::cell::RefCell;
