@@ -7,7 +7,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::Algorithm;
 use serde_json::Value;
 
 /// Tokens longer than this are rejected before any parsing.
@@ -80,13 +80,18 @@ const RSA_ALGORITHMS: &[JwsAlgorithm] = &[
 const HMAC_ALGORITHMS: &[JwsAlgorithm] =
     &[JwsAlgorithm::Jose(Algorithm::HS256), JwsAlgorithm::Jose(Algorithm::HS384), JwsAlgorithm::Jose(Algorithm::HS512)];
 
-/// The key material, for the code that verifies with it: RSA and P-521 our own
-/// (`rsa.rs`; RustCrypto `p521`), the rest jsonwebtoken.
+/// The key material, decoded once when the key set is loaded. RSA is verified
+/// by `rsa.rs`, the rest by the RustCrypto crates; jsonwebtoken only names the
+/// algorithms (its verification rebuilt keys per token and pulled in the slow
+/// constant-time RSA code).
 #[derive(Clone)]
 enum KeyMaterial {
-    Jose(DecodingKey),
+    Hmac(Vec<u8>),
     Rsa(crate::rsa::RsaPublicKey),
+    P256(p256::ecdsa::VerifyingKey),
+    P384(p384::ecdsa::VerifyingKey),
     P521(p521::ecdsa::VerifyingKey),
+    Ed25519(ed25519_dalek::VerifyingKey),
 }
 
 /// The hash and padding of an RSA algorithm: `(hash, pss)`.
@@ -146,24 +151,25 @@ impl KeySet {
 
     /// One PEM public key (RSA, EC P-256/P-384/P-521 or Ed25519) for `algorithm`.
     pub fn pem_key(pem: &str, algorithm: JwsAlgorithm, kid: Option<String>) -> Result<VerifyingKey, String> {
-        let bytes = pem.as_bytes();
+        use p256::pkcs8::DecodePublicKey as _;
         let invalid = |error: &dyn std::fmt::Display| format!("invalid PEM key: {error}");
         let key = match algorithm {
             JwsAlgorithm::Es512 => {
-                use p521::pkcs8::DecodePublicKey as _;
-                let key = p521::ecdsa::VerifyingKey::from_public_key_pem(pem).map_err(|error| invalid(&error))?;
-                KeyMaterial::P521(key)
+                KeyMaterial::P521(p521::ecdsa::VerifyingKey::from_public_key_pem(pem).map_err(|error| invalid(&error))?)
             }
             alg if RSA_ALGORITHMS.contains(&alg) => {
                 let (modulus, exponent) = crate::rsa::components_from_pem(pem).map_err(|error| invalid(&error))?;
                 KeyMaterial::Rsa(crate::rsa::RsaPublicKey::new(&modulus, &exponent).map_err(|error| invalid(&error))?)
             }
-            JwsAlgorithm::Jose(Algorithm::ES256 | Algorithm::ES384) => {
-                KeyMaterial::Jose(DecodingKey::from_ec_pem(bytes).map_err(|error| invalid(&error))?)
+            JwsAlgorithm::Jose(Algorithm::ES256) => {
+                KeyMaterial::P256(p256::ecdsa::VerifyingKey::from_public_key_pem(pem).map_err(|error| invalid(&error))?)
             }
-            JwsAlgorithm::Jose(Algorithm::EdDSA) => {
-                KeyMaterial::Jose(DecodingKey::from_ed_pem(bytes).map_err(|error| invalid(&error))?)
+            JwsAlgorithm::Jose(Algorithm::ES384) => {
+                KeyMaterial::P384(p384::ecdsa::VerifyingKey::from_public_key_pem(pem).map_err(|error| invalid(&error))?)
             }
+            JwsAlgorithm::Jose(Algorithm::EdDSA) => KeyMaterial::Ed25519(
+                ed25519_dalek::VerifyingKey::from_public_key_pem(pem).map_err(|error| invalid(&error))?,
+            ),
             _ => return Err("PEM keys are public keys: use RS*, PS*, ES* or EdDSA".into()),
         };
         Ok(VerifyingKey { kid, algorithms: vec![algorithm], key })
@@ -206,37 +212,52 @@ fn verifying_key_from_jwk(entry: &Value) -> Result<VerifyingKey, String> {
         Some(alg) => return Err(format!("alg {} does not fit kty {:?}", algorithm_name(alg), text("kty"))),
         None => family,
     };
-    if algorithms == [JwsAlgorithm::Es512] {
-        return Ok(VerifyingKey { kid, algorithms, key: KeyMaterial::P521(p521_key_from_jwk(entry)?) });
-    }
-    if text("kty") == Some("RSA") {
-        let component = |name: &str| -> Result<Vec<u8>, String> {
-            let text = text(name).ok_or_else(|| format!("no `{name}`"))?;
-            URL_SAFE_NO_PAD.decode(text).map_err(|_| format!("`{name}` is not base64url"))
-        };
-        let key = crate::rsa::RsaPublicKey::new(&component("n")?, &component("e")?)
-            .map_err(|error| format!("invalid key material: {error}"))?;
-        return Ok(VerifyingKey { kid, algorithms, key: KeyMaterial::Rsa(key) });
-    }
-    let jwk: jsonwebtoken::jwk::Jwk =
-        serde_json::from_value(entry.clone()).map_err(|error| format!("invalid JWK: {error}"))?;
-    let key = DecodingKey::from_jwk(&jwk).map_err(|error| format!("invalid key material: {error}"))?;
-    Ok(VerifyingKey { kid, algorithms, key: KeyMaterial::Jose(key) })
+    let member = |name: &str| -> Result<Vec<u8>, String> {
+        let text = text(name).ok_or_else(|| format!("no `{name}`"))?;
+        URL_SAFE_NO_PAD.decode(text).map_err(|_| format!("`{name}` is not base64url"))
+    };
+    let not_on_curve = |curve: &str| format!("invalid key material: not a {curve} point");
+    let key = match (text("kty"), text("crv")) {
+        (Some("RSA"), _) => KeyMaterial::Rsa(
+            crate::rsa::RsaPublicKey::new(&member("n")?, &member("e")?)
+                .map_err(|error| format!("invalid key material: {error}"))?,
+        ),
+        (Some("EC"), Some("P-256")) => KeyMaterial::P256(
+            p256::ecdsa::VerifyingKey::from_sec1_bytes(&ec_point(&member, 32)?).map_err(|_| not_on_curve("P-256"))?,
+        ),
+        (Some("EC"), Some("P-384")) => KeyMaterial::P384(
+            p384::ecdsa::VerifyingKey::from_sec1_bytes(&ec_point(&member, 48)?).map_err(|_| not_on_curve("P-384"))?,
+        ),
+        (Some("EC"), _) => KeyMaterial::P521(
+            p521::ecdsa::VerifyingKey::from_sec1_bytes(&ec_point(&member, P521_FIELD_BYTES)?)
+                .map_err(|_| not_on_curve("P-521"))?,
+        ),
+        (Some("OKP"), _) => {
+            let x: [u8; 32] = member("x")?.try_into().map_err(|_| "`x` must be 32 bytes".to_string())?;
+            KeyMaterial::Ed25519(ed25519_dalek::VerifyingKey::from_bytes(&x).map_err(|_| not_on_curve("Ed25519"))?)
+        }
+        _ => {
+            let secret = member("k")?;
+            if secret.is_empty() {
+                return Err("`k` must not be empty".into());
+            }
+            KeyMaterial::Hmac(secret)
+        }
+    };
+    Ok(VerifyingKey { kid, algorithms, key })
 }
 
-/// A P-521 public key from a JWK's `x` and `y` (RFC 7518 §6.2.1: 66 bytes each,
-/// base64url); a point not on the curve is refused.
-fn p521_key_from_jwk(entry: &Value) -> Result<p521::ecdsa::VerifyingKey, String> {
+/// The SEC1 uncompressed point of an EC JWK: `x` and `y`, `size` bytes each
+/// (RFC 7518 §6.2.1.2); the caller refuses a point not on its curve.
+fn ec_point(member: &impl Fn(&str) -> Result<Vec<u8>, String>, size: usize) -> Result<Vec<u8>, String> {
     let coordinate = |name: &str| -> Result<Vec<u8>, String> {
-        let text = entry.get(name).and_then(Value::as_str).ok_or_else(|| format!("no `{name}`"))?;
-        let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| format!("`{name}` is not base64url"))?;
-        if bytes.len() != P521_FIELD_BYTES {
-            return Err(format!("`{name}` must be {P521_FIELD_BYTES} bytes, not {}", bytes.len()));
+        let bytes = member(name)?;
+        if bytes.len() != size {
+            return Err(format!("`{name}` must be {size} bytes, not {}", bytes.len()));
         }
         Ok(bytes)
     };
-    let point = [&[0x04][..], &coordinate("x")?, &coordinate("y")?].concat();
-    p521::ecdsa::VerifyingKey::from_sec1_bytes(&point).map_err(|_| "invalid key material: not a P-521 point".into())
+    Ok([&[0x04][..], &coordinate("x")?, &coordinate("y")?].concat())
 }
 
 /// Bytes of a P-521 field element, and of each half of an ES512 signature.
@@ -252,23 +273,28 @@ fn signature_and_payload(token: &str, key: &VerifyingKey, alg: JwsAlgorithm) -> 
         (KeyMaterial::P521(p521), JwsAlgorithm::Es512, _) => {
             verify_signed(token, |input, signature| es512_signs(p521, input, signature))
         }
-        (KeyMaterial::Jose(decoding_key), JwsAlgorithm::Jose(jose_alg), _) => {
-            let mut validation = Validation::new(jose_alg);
-            // Claims are checked by the caller with the host's clock and our own rules.
-            validation.validate_exp = false;
-            validation.validate_nbf = false;
-            validation.validate_aud = false;
-            validation.required_spec_claims.clear();
-            match jsonwebtoken::decode::<Value>(token, decoding_key, &validation) {
-                Ok(data) => Ok(data.claims),
-                Err(error) => Err(match error.kind() {
-                    jsonwebtoken::errors::ErrorKind::Json(_) | jsonwebtoken::errors::ErrorKind::Utf8(_) => {
-                        JwtError::Malformed("bad payload")
-                    }
-                    jsonwebtoken::errors::ErrorKind::Base64(_) => JwtError::Malformed("bad base64url"),
-                    _ => JwtError::BadSignature,
-                }),
-            }
+        (KeyMaterial::P256(key), JwsAlgorithm::Jose(Algorithm::ES256), _) => {
+            verify_signed(token, |input, signature| {
+                use p256::ecdsa::signature::Verifier as _;
+                // R || S, 32 bytes each (RFC 7518 §3.4), not DER.
+                signature.len() == 64
+                    && p256::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| key.verify(input, &sig).is_ok())
+            })
+        }
+        (KeyMaterial::P384(key), JwsAlgorithm::Jose(Algorithm::ES384), _) => {
+            verify_signed(token, |input, signature| {
+                use p384::ecdsa::signature::Verifier as _;
+                signature.len() == 96
+                    && p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| key.verify(input, &sig).is_ok())
+            })
+        }
+        (KeyMaterial::Ed25519(key), JwsAlgorithm::Jose(Algorithm::EdDSA), _) => {
+            verify_signed(token, |input, signature| {
+                ed25519_dalek::Signature::from_slice(signature).is_ok_and(|sig| key.verify_strict(input, &sig).is_ok())
+            })
+        }
+        (KeyMaterial::Hmac(secret), JwsAlgorithm::Jose(jose_alg), _) => {
+            verify_signed(token, |input, signature| hmac_signs(jose_alg, secret, input, signature))
         }
         // A key of another family never verifies (the candidates are filtered by algorithm).
         _ => Err(JwtError::BadSignature),
@@ -285,6 +311,22 @@ fn verify_signed(token: &str, signs: impl Fn(&[u8], &[u8]) -> bool) -> Result<Va
         return Err(JwtError::BadSignature);
     }
     decode_json_part(payload).map_err(|_| JwtError::Malformed("bad payload"))
+}
+
+/// HS256/384/512 (RFC 7518 §3.2), compared in constant time.
+fn hmac_signs(alg: Algorithm, secret: &[u8], input: &[u8], signature: &[u8]) -> bool {
+    fn check<M: hmac::Mac + hmac::KeyInit>(secret: &[u8], input: &[u8], signature: &[u8]) -> bool {
+        <M as hmac::KeyInit>::new_from_slice(secret).is_ok_and(|mut mac| {
+            mac.update(input);
+            mac.verify_slice(signature).is_ok()
+        })
+    }
+    match alg {
+        Algorithm::HS256 => check::<hmac::Hmac<sha2::Sha256>>(secret, input, signature),
+        Algorithm::HS384 => check::<hmac::Hmac<sha2::Sha384>>(secret, input, signature),
+        Algorithm::HS512 => check::<hmac::Hmac<sha2::Sha512>>(secret, input, signature),
+        _ => false,
+    }
 }
 
 /// ES512 (RFC 7518 §3.4): the signature is R || S, 66 bytes each, SHA-512.
