@@ -206,6 +206,10 @@ pub struct TokenCache {
     capacity: usize,
     max_ttl: u64,
     entries: HashMap<[u8; 32], CachedToken>,
+    /// Digests in insertion order: at capacity the oldest goes, in O(1) (a scan
+    /// for the entry closest to expiry cost two passes over every entry per
+    /// insert, which is every request when each token is new).
+    order: std::collections::VecDeque<[u8; 32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -217,7 +221,7 @@ pub struct CachedToken {
 
 impl TokenCache {
     pub fn new(capacity: usize, max_ttl: u64) -> Self {
-        Self { capacity, max_ttl, entries: HashMap::new() }
+        Self { capacity, max_ttl, entries: HashMap::new(), order: std::collections::VecDeque::new() }
     }
 
     pub fn get(&self, digest: &[u8; 32], provider: usize, now: u64) -> Option<Rc<Value>> {
@@ -233,17 +237,19 @@ impl TokenCache {
         if until <= now {
             return;
         }
-        if self.entries.len() >= self.capacity {
-            self.entries.retain(|_, entry| entry.until > now);
+        let entry = CachedToken { provider, claims, until };
+        if let Some(existing) = self.entries.get_mut(&digest) {
+            *existing = entry;
+            return;
         }
-        if self.entries.len() >= self.capacity {
-            // Evict the entry closest to expiry.
-            let victim = self.entries.iter().min_by_key(|(_, entry)| entry.until).map(|(key, _)| *key);
-            if let Some(victim) = victim {
-                self.entries.remove(&victim);
-            }
+        // Entries live at most max_ttl, so the oldest inserted is about the first
+        // to expire anyway.
+        while self.entries.len() >= self.capacity {
+            let Some(oldest) = self.order.pop_front() else { break };
+            self.entries.remove(&oldest);
         }
-        self.entries.insert(digest, CachedToken { provider, claims, until });
+        self.entries.insert(digest, entry);
+        self.order.push_back(digest);
     }
 
     pub fn len(&self) -> usize {
@@ -392,9 +398,15 @@ mod tests {
         assert!(cache.get(&[1; 32], 0, 150).is_none(), "never past exp");
         assert!(cache.get(&[1; 32], 1, 120).is_none(), "another provider");
         cache.insert([2; 32], 0, Rc::clone(&claims), None, 100);
+        cache.insert([2; 32], 0, Rc::clone(&claims), None, 110);
         cache.insert([3; 32], 0, Rc::clone(&claims), None, 100);
         assert_eq!(cache.len(), 2);
-        assert!(cache.get(&[1; 32], 0, 120).is_none(), "the entry closest to expiry was evicted");
+        assert!(cache.get(&[1; 32], 0, 120).is_none(), "the oldest entry was evicted");
+        assert!(cache.get(&[2; 32], 0, 120).is_some() && cache.get(&[3; 32], 0, 120).is_some());
+        for n in 4..100u8 {
+            cache.insert([n; 32], 0, Rc::clone(&claims), None, 100);
+        }
+        assert_eq!((cache.len(), cache.order.len()), (2, 2), "bounded, and the order with it");
     }
 
     #[test]

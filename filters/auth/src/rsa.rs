@@ -4,8 +4,9 @@
 //! Why our own: verifying needs `s^e mod n` with a public `s`, `e` and `n`, so
 //! none of the constant-time machinery a private-key operation needs. The `rsa`
 //! crate's constant-time arithmetic (behind jsonwebtoken) cost 112 µs per RS256
-//! verification natively and far more in Wasm; Montgomery multiplication over
-//! 64-bit limbs with the usual e = 65537 is 17 multiplications. Every input is
+//! verification natively and far more in Wasm; Montgomery multiplication with
+//! the usual e = 65537 is 17 multiplications. Limbs are 32-bit: Wasm multiplies
+//! 64-bit integers natively but has no 64x64->128 product to build on. Every input is
 //! checked: the signature must be exactly as long as the modulus and below it,
 //! and the whole encoded message is compared, never parsed leniently.
 
@@ -63,17 +64,17 @@ const MAX_MODULUS_BITS: usize = 8192;
 /// An RSA public key with its Montgomery constants, computed once.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RsaPublicKey {
-    /// The modulus, little-endian 64-bit limbs.
-    n: Vec<u64>,
+    /// The modulus, little-endian 32-bit limbs.
+    n: Vec<u32>,
     /// Bytes of the modulus (k in RFC 8017).
     size: usize,
     /// Bits of the modulus.
     bits: usize,
     e: u64,
-    /// -n^-1 mod 2^64.
-    n_prime: u64,
-    /// R^2 mod n, R = 2^(64 * limbs).
-    r_squared: Vec<u64>,
+    /// -n^-1 mod 2^32.
+    n_prime: u32,
+    /// R^2 mod n, R = 2^(32 * limbs).
+    r_squared: Vec<u32>,
 }
 
 impl std::fmt::Debug for RsaPublicKey {
@@ -88,18 +89,18 @@ fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
 }
 
 /// Big-endian bytes to little-endian limbs (`limbs` of them; the value must fit).
-fn to_limbs(bytes: &[u8], limbs: usize) -> Vec<u64> {
-    let mut out = vec![0u64; limbs];
+fn to_limbs(bytes: &[u8], limbs: usize) -> Vec<u32> {
+    let mut out = vec![0u32; limbs];
     for (index, byte) in bytes.iter().rev().enumerate() {
-        if let Some(limb) = out.get_mut(index / 8) {
-            *limb |= u64::from(*byte) << (8 * (index % 8));
+        if let Some(limb) = out.get_mut(index / 4) {
+            *limb |= u32::from(*byte) << (8 * (index % 4));
         }
     }
     out
 }
 
 /// `a >= b` for equal-length limb vectors.
-fn greater_or_equal(a: &[u64], b: &[u64]) -> bool {
+fn greater_or_equal(a: &[u32], b: &[u32]) -> bool {
     for (x, y) in a.iter().rev().zip(b.iter().rev()) {
         if x != y {
             return x > y;
@@ -108,12 +109,12 @@ fn greater_or_equal(a: &[u64], b: &[u64]) -> bool {
     true
 }
 
-/// `a -= b` (mod 2^(64 * len)); returns the borrow.
-fn subtract_in_place(a: &mut [u64], b: &[u64]) -> bool {
+/// `a -= b` (mod 2^(32 * len)); returns the borrow.
+fn subtract_in_place(a: &mut [u32], b: &[u32]) -> bool {
     let mut borrow = false;
     for (x, y) in a.iter_mut().zip(b) {
         let (difference, first) = x.overflowing_sub(*y);
-        let (difference, second) = difference.overflowing_sub(u64::from(borrow));
+        let (difference, second) = difference.overflowing_sub(u32::from(borrow));
         *x = difference;
         borrow = first || second;
     }
@@ -139,24 +140,24 @@ impl RsaPublicKey {
         if e < 3 || e & 1 == 0 {
             return Err("an RSA exponent that is not odd and at least 3".into());
         }
-        let limbs = modulus.len().div_ceil(8);
+        let limbs = modulus.len().div_ceil(4);
         let n = to_limbs(modulus, limbs);
-        // Newton's iteration for n^-1 mod 2^64 (n is odd): each step doubles the bits.
+        // Newton's iteration for n^-1 mod 2^32 (n is odd): each step doubles the bits.
         let low = n.first().copied().unwrap_or(1);
-        let mut inverse: u64 = 1;
-        for _ in 0..6 {
-            inverse = inverse.wrapping_mul(2u64.wrapping_sub(low.wrapping_mul(inverse)));
+        let mut inverse: u32 = 1;
+        for _ in 0..5 {
+            inverse = inverse.wrapping_mul(2u32.wrapping_sub(low.wrapping_mul(inverse)));
         }
-        // R^2 mod n by doubling 1 (2 * 64 * limbs) times, reducing each time.
-        let mut r_squared = vec![0u64; limbs];
+        // R^2 mod n by doubling 1 (2 * 32 * limbs) times, reducing each time.
+        let mut r_squared = vec![0u32; limbs];
         if let Some(first) = r_squared.first_mut() {
             *first = 1;
         }
-        for _ in 0..2 * 64 * limbs {
-            let carry = r_squared.last().is_some_and(|top| top >> 63 == 1);
-            let mut previous = 0u64;
+        for _ in 0..2 * 32 * limbs {
+            let carry = r_squared.last().is_some_and(|top| top >> 31 == 1);
+            let mut previous = 0u32;
             for limb in r_squared.iter_mut() {
-                let next = *limb >> 63;
+                let next = *limb >> 31;
                 *limb = (*limb << 1) | previous;
                 previous = next;
             }
@@ -169,33 +170,33 @@ impl RsaPublicKey {
 
     /// Montgomery product a * b * R^-1 mod n (CIOS). Every index is below
     /// `limbs + 2`, the length of `t`, and `a`, `b`, `n` have `limbs` limbs (at
-    /// least 32: the modulus has 2048 bits or more), so no index can be out of
+    /// least 64: the modulus has 2048 bits or more), so no index can be out of
     /// bounds.
     #[allow(clippy::indexing_slicing)]
-    fn multiply(&self, a: &[u64], b: &[u64]) -> Vec<u64> {
+    fn multiply(&self, a: &[u32], b: &[u32]) -> Vec<u32> {
         let limbs = self.n.len();
-        let mut t = vec![0u64; limbs + 2];
+        let mut t = vec![0u32; limbs + 2];
         for &a_i in a {
-            let mut carry: u128 = 0;
+            let mut carry: u64 = 0;
             for (t_j, &b_j) in t.iter_mut().zip(b) {
-                let sum = u128::from(*t_j) + u128::from(a_i) * u128::from(b_j) + carry;
-                *t_j = sum as u64;
-                carry = sum >> 64;
+                let sum = u64::from(*t_j) + u64::from(a_i) * u64::from(b_j) + carry;
+                *t_j = sum as u32;
+                carry = sum >> 32;
             }
-            let sum = u128::from(t[limbs]) + carry;
-            t[limbs] = sum as u64;
-            t[limbs + 1] = (sum >> 64) as u64;
+            let sum = u64::from(t[limbs]) + carry;
+            t[limbs] = sum as u32;
+            t[limbs + 1] = (sum >> 32) as u32;
             let m = t[0].wrapping_mul(self.n_prime);
-            let mut carry = (u128::from(t[0]) + u128::from(m) * u128::from(self.n[0])) >> 64;
+            let mut carry = (u64::from(t[0]) + u64::from(m) * u64::from(self.n[0])) >> 32;
             for j in 1..limbs {
-                let sum = u128::from(t[j]) + u128::from(m) * u128::from(self.n[j]) + carry;
-                t[j - 1] = sum as u64;
-                carry = sum >> 64;
+                let sum = u64::from(t[j]) + u64::from(m) * u64::from(self.n[j]) + carry;
+                t[j - 1] = sum as u32;
+                carry = sum >> 32;
             }
-            let sum = u128::from(t[limbs]) + carry;
-            t[limbs - 1] = sum as u64;
-            let sum = u128::from(t[limbs + 1]) + (sum >> 64);
-            t[limbs] = sum as u64;
+            let sum = u64::from(t[limbs]) + carry;
+            t[limbs - 1] = sum as u32;
+            let sum = u64::from(t[limbs + 1]) + (sum >> 32);
+            t[limbs] = sum as u32;
             t[limbs + 1] = 0;
         }
         let overflow = t[limbs] != 0;
@@ -208,7 +209,7 @@ impl RsaPublicKey {
 
     /// `s^e mod n`, big-endian, `size` bytes; `None` unless `signature` is
     /// exactly `size` bytes and below the modulus (RFC 8017 §5.2.2 step 1).
-    #[allow(clippy::indexing_slicing)] // `one` has `limbs` >= 32 limbs
+    #[allow(clippy::indexing_slicing)] // `one` has `limbs` >= 64 limbs
     fn public_operation(&self, signature: &[u8]) -> Option<Vec<u8>> {
         if signature.len() != self.size {
             return None;
@@ -227,7 +228,7 @@ impl RsaPublicKey {
                 result = self.multiply(&result, &s_montgomery);
             }
         }
-        let mut one = vec![0u64; limbs];
+        let mut one = vec![0u32; limbs];
         one[0] = 1;
         let plain = self.multiply(&result, &one);
         let mut bytes: Vec<u8> = plain.iter().rev().flat_map(|limb| limb.to_be_bytes()).collect();
