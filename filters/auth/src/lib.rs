@@ -351,7 +351,7 @@ impl Module for AuthModule {
             request: None,
             fetched: vec![false; providers],
             pending: None,
-            introspected: None,
+            introspected: Vec::new(),
         })
     }
 
@@ -396,7 +396,8 @@ struct AuthStream<H: Host> {
     /// The call this request waits for.
     pending: Option<PendingCall>,
     /// The introspection answer it got: (provider, answer).
-    introspected: Option<(usize, Result<Answer, String>)>,
+    /// (One per provider: a rule may require several introspected tokens.)
+    introspected: Vec<(usize, Result<Answer, String>)>,
 }
 
 /// Credential checks backed by this worker's state and the shared JWKS.
@@ -406,7 +407,7 @@ struct StateVerifier<'a, H: Host> {
     metrics: &'a Metrics,
     fetched: &'a [bool],
     /// The introspection answer this request waited for: (provider, answer).
-    introspected: Option<&'a (usize, Result<Answer, String>)>,
+    introspected: &'a [(usize, Result<Answer, String>)],
     prefix: &'a str,
     now: u64,
 }
@@ -507,7 +508,7 @@ impl<H: Host> StateVerifier<'_, H> {
         introspection: &Introspection,
         token: &str,
     ) -> JwtCheck {
-        let answer = match self.introspected.filter(|(provider, _)| *provider == index) {
+        let answer = match self.introspected.iter().find(|(provider, _)| *provider == index) {
             Some((_, Ok(answer))) => answer.clone(),
             Some((_, Err(_))) => {
                 return match introspection.on_failure {
@@ -558,7 +559,7 @@ impl<H: Host> Context for AuthStream<H> {
             }
             Some(PendingCall::Introspection { call, provider, digest }) if call == token_id => {
                 let answer = finish_introspection(&self.host, &self.shared, provider, &digest, body_size);
-                self.introspected = Some((provider, answer));
+                self.introspected.push((provider, answer));
             }
             other => {
                 self.pending = other;
@@ -637,7 +638,7 @@ impl<H: Host> AuthStream<H> {
                 state: &mut state,
                 metrics: &shared.metrics,
                 fetched: &self.fetched,
-                introspected: self.introspected.as_ref(),
+                introspected: &self.introspected,
                 prefix: &shared.prefix,
                 now: self.host.now_nanos() / 1_000_000_000,
             };
@@ -653,7 +654,7 @@ impl<H: Host> AuthStream<H> {
                 }
                 None => {
                     shared.metrics.introspection_failed.increment_on(&self.host);
-                    self.introspected = Some((index, Err("the call could not start".into())));
+                    self.introspected.push((index, Err("the call could not start".into())));
                     self.request = Some(request);
                     return self.evaluate();
                 }
@@ -783,7 +784,7 @@ mod glue_tests {
             request: None,
             fetched: vec![false; providers],
             pending: None,
-            introspected: None,
+            introspected: Vec::new(),
         }
     }
 
@@ -859,6 +860,38 @@ mod glue_tests {
         assert_eq!(calls.iter().filter(|call| *call == "shared_data").count(), 1, "{calls:?}");
         assert_eq!(calls.len(), 9, "{calls:?}");
         assert_eq!(host.header_values(MapType::HttpRequestHeaders, "x-consumer"), vec![b"svc".to_vec()]);
+    }
+
+    /// A rule that needs two introspected tokens keeps both answers: with nothing
+    /// cached (TTL 0) it makes exactly two calls, never asks the first IdP again.
+    #[test]
+    fn two_introspected_tokens_are_asked_once_each() {
+        let host = FakeHost::new();
+        host.set_now(NOW * 1_000_000_000);
+        let provider = |name: &str, header: &str| {
+            serde_json::json!({"name": name, "from": [{"header": header}], "introspection": {"cluster": name,
+                "path": "/introspect", "client_id": "gw", "client_secret": "pw", "cache_max_ttl_seconds": 0}})
+        };
+        let config = serde_json::json!({"providers": [provider("one", "x-one"), provider("two", "x-two")],
+                                        "rules": [{"name": "api", "require": {"all": ["one", "two"]}}]});
+        let config: AuthConfig = gateway_common::config::parse_json(config.to_string().as_bytes()).unwrap();
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), [7; 16], "auth").unwrap());
+        host.replace_headers(
+            MapType::HttpRequestHeaders,
+            &[(":method", b"GET"), (":path", b"/"), ("x-one", b"t1"), ("x-two", b"t2")],
+        );
+        let mut stream = stream(&host, &shared);
+        assert_eq!(stream.on_http_request_headers(0, true), Action::Pause);
+        let answer = br#"{"active": true, "sub": "svc"}"#;
+        for expected_cluster in ["one", "two"] {
+            let call = host.dispatched().pop().unwrap();
+            assert_eq!(call.cluster, expected_cluster);
+            host.answer_call(&[(":status", b"200")], answer);
+            stream.on_http_call_response(call.token, 1, answer.len(), 0);
+        }
+        assert_eq!(host.dispatched().len(), 2, "no third call");
+        assert_eq!(host.resumed(), 1);
+        assert_eq!(host.metric("auth.allowed"), 1);
     }
 
     #[test]
