@@ -134,7 +134,7 @@ struct VmState {
     basic: BasicChecker,
     /// Per provider index (only remote providers use theirs).
     remote: Vec<RemoteKeys>,
-    /// Whether the missing-cluster problem was logged (once per VM and provider).
+    /// Whether a remote-call problem was logged (once per VM and provider).
     warned: Vec<bool>,
 }
 
@@ -195,6 +195,17 @@ fn remote_spec(provider: &Provider) -> Option<&RemoteJwksSpec> {
     }
 }
 
+/// Logs a provider's remote-call problem once per VM: a failure that repeats
+/// with every request (a missing cluster, an IdP down) is counted in the
+/// metrics, not written to the log per request.
+fn warn_once(host: &impl Host, shared: &Shared, index: usize, level: LogLevel, text: &str) {
+    let Ok(mut state) = shared.state.try_borrow_mut() else { return };
+    if let Some(warned) = state.warned.get_mut(index).filter(|warned| !**warned) {
+        *warned = true;
+        host.log(level, text);
+    }
+}
+
 /// Starts the introspection call for `token`; `None` when it cannot start.
 fn start_introspection(host: &impl Host, shared: &Shared, index: usize, token: &str) -> Option<u32> {
     let provider = shared.auth.providers.get(index)?;
@@ -206,13 +217,11 @@ fn start_introspection(host: &impl Host, shared: &Shared, index: usize, token: &
     match host.dispatch_http_call(&introspection.cluster, &headers, &body, timeout) {
         Ok(call) => Some(call),
         Err(error) => {
-            host.log(
-                LogLevel::Warn,
-                &format!(
-                    "auth: provider {}: cannot call the introspection endpoint on cluster `{}` ({error:?})",
-                    provider.name, introspection.cluster
-                ),
+            let text = format!(
+                "auth: provider {}: cannot call the introspection endpoint on cluster `{}` ({error:?}): does the cluster exist?",
+                provider.name, introspection.cluster
             );
+            warn_once(host, shared, index, LogLevel::Error, &text);
             None
         }
     }
@@ -243,7 +252,9 @@ fn finish_introspection(
         }
         Err(reason) => {
             shared.metrics.introspection_failed.increment_on(host);
-            host.log(LogLevel::Warn, &format!("auth: provider {}: introspection failed: {reason}", provider.name));
+            let text =
+                format!("auth: provider {}: introspection failed: {reason} (counted from now on)", provider.name);
+            warn_once(host, shared, index, LogLevel::Warn, &text);
         }
     }
     answer
@@ -264,19 +275,16 @@ fn start_fetch(host: &impl Host, shared: &Shared, index: usize) -> Option<u32> {
         Ok(token) => Some(token),
         Err(error) => {
             shared.metrics.jwks_fetch_failed.increment_on(host);
-            let Ok(mut state) = shared.state.try_borrow_mut() else { return None };
-            if let Some(warned) = state.warned.get_mut(index) {
-                if !*warned {
-                    *warned = true;
-                    host.log(
-                        LogLevel::Error,
-                        &format!(
-                            "auth: provider {}: cannot fetch the JWKS from cluster `{}` ({error:?}): does the cluster exist?",
-                            provider.name, spec.cluster
-                        ),
-                    );
-                }
-            }
+            warn_once(
+                host,
+                shared,
+                index,
+                LogLevel::Error,
+                &format!(
+                    "auth: provider {}: cannot fetch the JWKS from cluster `{}` ({error:?}): does the cluster exist?",
+                    provider.name, spec.cluster
+                ),
+            );
             None
         }
     }
