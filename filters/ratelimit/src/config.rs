@@ -232,21 +232,16 @@ pub struct Policy {
     pub table: Table,
     pub on_contention: OnContention,
     pub response_headers: bool,
+    /// Some rule keys on the client address or matches on it (derived once at
+    /// load: the request path only reads the flag).
+    pub needs_client_ip: bool,
+    /// Some rule charges a cost its response reports.
+    pub has_response_costs: bool,
 }
 
 impl Policy {
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.rules.iter().flat_map(|rule| rule.limits.iter())
-    }
-
-    /// Whether any rule charges a cost its response reports.
-    pub fn has_response_costs(&self) -> bool {
-        self.rules.iter().any(|rule| rule.cost.as_ref().is_some_and(|cost| cost.response_header.is_some()))
-    }
-
-    /// Whether any rule keys on the client address or matches on it.
-    pub fn needs_client_ip(&self) -> bool {
-        self.rules.iter().any(|rule| rule.key.contains(&KeyPart::ClientIp) || rule.conditions.needs_client_ip())
     }
 }
 
@@ -280,7 +275,13 @@ impl RateLimitConfig {
                 rules.push(rule);
             }
         }
+        let needs_client_ip =
+            rules.iter().any(|rule| rule.key.contains(&KeyPart::ClientIp) || rule.conditions.needs_client_ip());
+        let has_response_costs =
+            rules.iter().any(|rule| rule.cost.as_ref().is_some_and(|cost| cost.response_header.is_some()));
         errors.into_result(Policy {
+            needs_client_ip,
+            has_response_costs,
             rules,
             global,
             client_ip: self.client_ip,

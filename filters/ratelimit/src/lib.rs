@@ -227,7 +227,7 @@ impl<H: Host> RateLimitStream<H> {
             self.allowed_fields =
                 Some((policy::policy_field(&decision.policy), policy::limit_field(&decision.statuses)));
         }
-        if decision.denial.is_none() && shared.policy.has_response_costs() {
+        if decision.denial.is_none() && shared.policy.has_response_costs {
             self.after_response =
                 Some(AfterResponse { taken: decision.taken.clone(), global: decision.global.clone() });
         }
@@ -383,7 +383,7 @@ impl<H: Host> HttpContext for RateLimitStream<H> {
             Err(action) => return action,
         };
         let client_ip =
-            if policy.needs_client_ip() { policy.client_ip.derive_into(&self.host, &mut headers) } else { None };
+            if policy.needs_client_ip { policy.client_ip.derive_into(&self.host, &mut headers) } else { None };
         let view = RequestView { headers: &headers, client_ip: client_ip.as_deref() };
         let decision = match policy.decide(&SharedData(&self.host), &view, self.host.now_nanos()) {
             Ok(decision) => decision,
