@@ -130,6 +130,24 @@ pub struct Response {
 }
 
 impl Response {
+    /// A whole HTTP/1.1 response as read from a connection until it closed
+    /// (header names lower-cased, a chunked body decoded).
+    pub fn from_http1(raw: &[u8]) -> Option<Response> {
+        let end = raw.windows(4).position(|window| window == b"\r\n\r\n")?;
+        let head = std::str::from_utf8(raw.get(..end)?).ok()?;
+        let mut lines = head.split("\r\n");
+        let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        let headers: Vec<(String, Vec<u8>)> = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().as_bytes().to_vec()))
+            .collect();
+        let mut body = raw.get(end + 4..)?.to_vec();
+        if headers.iter().any(|(name, value)| name == "transfer-encoding" && value.eq_ignore_ascii_case(b"chunked")) {
+            body = dechunk(&body)?;
+        }
+        Some(Response { status, headers, body })
+    }
+
     /// The first value of a header, as text.
     pub fn header(&self, name: &str) -> Option<String> {
         self.header_all(name).into_iter().next()
@@ -208,4 +226,20 @@ pub fn send_all(requests: Vec<RequestBuilder>, concurrency: usize) -> Vec<Respon
         }
         responses
     })
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|window| window == b"\r\n")?;
+        let size_line = std::str::from_utf8(rest.get(..line_end)?).ok()?;
+        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        let after = rest.get(line_end + 2..)?;
+        body.extend_from_slice(after.get(..size)?);
+        rest = after.get(size + 2..)?;
+    }
 }

@@ -466,25 +466,8 @@ pub fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
     write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    Some((status, if chunked { dechunk(body)? } else { body.to_string() }))
-}
-
-/// Decodes an HTTP/1.1 chunked body.
-fn dechunk(mut rest: &str) -> Option<String> {
-    let mut body = String::new();
-    loop {
-        let (size_line, after) = rest.split_once("\r\n")?;
-        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(body);
-        }
-        body.push_str(after.get(..size)?);
-        rest = after.get(size + 2..)?;
-    }
+    let response = crate::client::Response::from_http1(&raw)?;
+    Some((response.status, response.text()))
 }
 
 fn first_listener(admin: SocketAddr) -> Option<SocketAddr> {

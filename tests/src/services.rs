@@ -109,25 +109,25 @@ pub fn idp() -> Server {
 
 /// An access token for `client` with `scope`, by the client-credentials grant.
 pub fn idp_token(idp: &Server, client: &str, secret: &str, scope: &str) -> String {
-    use base64::Engine as _;
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{client}:{secret}"));
-    let response = crate::client::RequestBuilder::new(idp.addr, "POST", "/token")
-        .header("authorization", format!("Basic {basic}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("grant_type=client_credentials&scope={}", scope.replace(' ', "%20")))
-        .send();
+    let body = format!("grant_type=client_credentials&scope={}", scope.replace(' ', "%20"));
+    let response = idp_post(idp, client, secret, "/token", body);
     assert_eq!(response.status, 200, "token: {}", response.text());
     response.json()["access_token"].as_str().expect("access_token").to_string()
 }
 
 /// Revokes a token at the IdP (RFC 7009).
 pub fn idp_revoke(idp: &Server, client: &str, secret: &str, token: &str) {
+    let response = idp_post(idp, client, secret, "/token/revocation", format!("token={token}"));
+    assert_eq!(response.status, 200, "revocation: {}", response.text());
+}
+
+/// A form POST to the IdP, authenticated as `client` (HTTP Basic).
+fn idp_post(idp: &Server, client: &str, secret: &str, path: &str, form: String) -> crate::client::Response {
     use base64::Engine as _;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{client}:{secret}"));
-    let response = crate::client::RequestBuilder::new(idp.addr, "POST", "/token/revocation")
+    crate::client::RequestBuilder::new(idp.addr, "POST", path)
         .header("authorization", format!("Basic {basic}"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={token}"))
-        .send();
-    assert_eq!(response.status, 200, "revocation: {}", response.text());
+        .body(form)
+        .send()
 }

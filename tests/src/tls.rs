@@ -146,37 +146,5 @@ pub fn https_get(
     let mut raw = Vec::new();
     // TLS 1.3 reports a refused client certificate only at the first read.
     stream.read_to_end(&mut raw).map_err(|error| format!("read: {error}"))?;
-    parse_http1(&raw).ok_or_else(|| format!("no HTTP response: {:?}", String::from_utf8_lossy(&raw)))
-}
-
-/// A whole HTTP/1.1 response (read until the connection closed).
-fn parse_http1(raw: &[u8]) -> Option<Response> {
-    let end = raw.windows(4).position(|window| window == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().as_bytes().to_vec()))
-        .collect::<Vec<_>>();
-    let mut body = raw[end + 4..].to_vec();
-    let chunked = headers.iter().any(|(name, value)| name == "transfer-encoding" && value == b"chunked");
-    if chunked {
-        body = dechunk(&body);
-    }
-    Some(Response { status, headers, body })
-}
-
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = body.windows(2).position(|window| window == b"\r\n") {
-        let size = usize::from_str_radix(std::str::from_utf8(&body[..line_end]).unwrap_or("0").trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = line_end + 2;
-        out.extend_from_slice(&body[start..(start + size).min(body.len())]);
-        body = &body[(start + size + 2).min(body.len())..];
-    }
-    out
+    Response::from_http1(&raw).ok_or_else(|| format!("no HTTP response: {:?}", String::from_utf8_lossy(&raw)))
 }
