@@ -66,6 +66,12 @@ fn shop_token() -> String {
     idp_token(&gateway().idp, "shop-app", "shop-secret", "orders:read orders:write")
 }
 
+/// The tests count IdP calls in one Envoy-wide metric: they run one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn calls() -> u64 {
     gateway().envoy.stat("wasmcustom.auth.introspection.calls")
 }
@@ -76,6 +82,7 @@ fn get(path: &str, header: &str, token: &str) -> Response {
 
 #[test]
 fn an_active_token_passes_with_its_claims_and_is_introspected_once_for_every_worker() {
+    let _serial = serial();
     let token = shop_token();
     let response = get("/orders/1", "authorization", &token);
     assert_eq!(response.status, 200, "{}", response.text());
@@ -95,6 +102,7 @@ fn an_active_token_passes_with_its_claims_and_is_introspected_once_for_every_wor
 
 #[test]
 fn an_unknown_token_is_401_and_its_inactive_answer_is_cached_too() {
+    let _serial = serial();
     let before = calls();
     let response = get("/orders/1", "authorization", "not-a-token-the-idp-issued");
     assert_eq!(response.status, 401, "{}", response.text());
@@ -107,6 +115,7 @@ fn an_unknown_token_is_401_and_its_inactive_answer_is_cached_too() {
 
 #[test]
 fn scopes_from_the_answer_are_enforced() {
+    let _serial = serial();
     let reporting = idp_token(&gateway().idp, "reporting", "reporting-secret", "reports:read");
     let response = get("/orders/1", "authorization", &reporting);
     assert_eq!(response.status, 403, "{}", response.text());
@@ -115,6 +124,7 @@ fn scopes_from_the_answer_are_enforced() {
 
 #[test]
 fn a_revoked_token_is_refused_once_no_answer_is_cached() {
+    let _serial = serial();
     let token = shop_token();
     assert_eq!(get("/uncached/report", "x-uncached", &token).status, 200);
     idp_revoke(&gateway().idp, "shop-app", "shop-secret", &token);
@@ -124,6 +134,7 @@ fn a_revoked_token_is_refused_once_no_answer_is_cached() {
 
 #[test]
 fn a_slow_or_dead_idp_fails_safe() {
+    let _serial = serial();
     let gateway = gateway();
     let before = gateway.backend.served_path("/slow/x");
     let started = Instant::now();
@@ -149,4 +160,19 @@ fn an_introspection_provider_with_a_second_key_source_is_refused() {
     let config = json!({"providers": [{"name": "p",
         "introspection": {"cluster": "idp", "path": "introspect", "client_id": "", "client_secret": "b"}}]});
     assert_config_refused(&upstream, "auth", &config.to_string(), "providers[0].introspection.path");
+}
+
+#[test]
+fn a_token_no_header_value_may_hold_never_reaches_the_idp_over_http2() {
+    let _serial = serial();
+    let before = calls();
+    let response = gateway_tests::raw::get(
+        gateway().envoy.listener,
+        b"/orders/1",
+        &[(b"authorization", b"Bearer opaque-\xff\xfe-token")],
+    )
+    .response();
+    assert_eq!(response.status, 401, "{}", response.text());
+    assert!(response.header("www-authenticate").unwrap().contains("malformed"), "{:?}", response.headers);
+    assert_eq!(calls(), before, "nothing was sent to the IdP");
 }
