@@ -177,3 +177,26 @@ fn origins_that_are_no_origin_are_never_echoed_over_http2() {
         assert!(cors_fields(&response).is_empty(), "{origin:?}: {:?}", cors_fields(&response));
     }
 }
+
+#[test]
+fn preflights_with_bytes_no_method_or_header_name_holds_are_refused_over_http2() {
+    let gateway = gateway();
+    for (method, requested) in [(&b"PU\xffT"[..], &b"content-type"[..]), (b"PUT", b"content-type, x-\xff\xfe")] {
+        let headers: [(&[u8], &[u8]); 7] = [
+            (b":method", b"OPTIONS"),
+            (b":scheme", b"http"),
+            (b":authority", b"gateway.test"),
+            (b":path", b"/orders/raw-preflight"),
+            (b"origin", APP.as_bytes()),
+            (b"access-control-request-method", method),
+            (b"access-control-request-headers", requested),
+        ];
+        let response = raw::send(gateway.envoy.listener, &headers, b"").response();
+        assert_eq!(response.status, 403, "{}", response.text());
+        assert!(cors_fields(&response).is_empty(), "{:?}", cors_fields(&response));
+        // The refused name is named escaped, never as raw bytes.
+        let detail = response.json()["detail"].as_str().unwrap().to_string();
+        assert!(detail.contains("%FF"), "{detail}");
+    }
+    assert_eq!(gateway.backend.served_path("/orders/raw-preflight"), 0);
+}
