@@ -15,6 +15,7 @@ Usage: run.py [--quick] [--smoke] [--out DIR]
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -183,6 +184,20 @@ def ours_ratelimit_config():
 def ours_routing_config():
     return {"routes": [{"name": f"r{n}", "match": {"headers": {"x-route": {"exact": f"r{n}"}}}, "cluster": f"c{n}"}
                        for n in range(ROUTES)]}
+
+
+# The host calls each module makes for a bench request (as its budget test pins
+# them, for the configuration above): the `floor:` variants make exactly these.
+AUTH_WARM_CALLS = ["header_pairs", "now", "metric", "metric", "set_property:auth_decision",
+                   "set_property:auth_identity", "remove_header:authorization"]
+RATELIMIT_CALLS = ["header_pairs", "property:source.address", "now", "shared_get:bench", "shared_set:bench", "metric",
+                   "set_property:ratelimit_outcome", "response.set_header:ratelimit-policy",
+                   "response.set_header:ratelimit"]
+ROUTING_CALLS = ["header_pairs", "metric", "set_property:routing_route", f"set_header:x-gateway-cluster=c{ROUTES - 1}"]
+
+
+def floor_filter(calls):
+    return wasm_filter("noop", "calls:" + ",".join(calls))
 
 
 def native_header_routes():
@@ -364,9 +379,14 @@ class Envoy:
         self.startup_ms = (time.monotonic() - started) * 1000
 
     def cpu_seconds(self):
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        """CPU time of every thread so far, in nanoseconds: the process's CPU-time
+        clock (Linux's clock id for a pid, as clock_getcpuclockid makes it); clock
+        ticks (10 ms) from /proc where that clock is refused."""
+        try:
+            return time.clock_gettime(((~self.process.pid) << 3) | 2)
+        except OSError:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_mib(self):
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -400,13 +420,21 @@ request = function()
 end
 """
 
+# A connection of the paced load waits this long after each answer: with
+# PACED_DELAY_MS * rate / 1000 connections, the offered rate is about `rate`.
+PACED_DELAY_MS = 1
+PACED_LUA = f"""
+delay = function() return {PACED_DELAY_MS} end
+"""
 
-def lua_script(workdir, name, headers, tokens, path="/bench"):
+
+def lua_script(workdir, name, headers, tokens, path="/bench", paced=False):
     tokens_file = Path(workdir) / f"{name}.tokens"
     tokens_file.write_text("\n".join(tokens) + ("\n" if tokens else ""))
     table = "{" + ", ".join(f'["{k}"] = "{v}"' for k, v in headers.items()) + "}"
-    script = Path(workdir) / f"{name}.lua"
-    script.write_text(LUA_TEMPLATE.format(headers=table, tokens_file=tokens_file, path=path))
+    script = Path(workdir) / f"{name}{'-paced' if paced else ''}.lua"
+    script.write_text(LUA_TEMPLATE.format(headers=table, tokens_file=tokens_file, path=path)
+                      + (PACED_LUA if paced else ""))
     return script
 
 
@@ -461,16 +489,19 @@ def scenarios():
                                  ("noop.wasm", wasm_filter("noop", {}), None, {}, [])]),
     ]
     for alg in ["RS256", "ES256", "HS256"]:
-        result.append((f"auth {alg}, {TOKENS} tokens reused",
-                       [("native jwt_authn + cache", native_jwt_filter(), None, {}, tokens[alg]),
-                        ("auth.wasm", wasm_filter("auth", ours_auth_config()), None, {}, tokens[alg])]))
+        variants = [("native jwt_authn + cache", native_jwt_filter(), None, {}, tokens[alg]),
+                    ("auth.wasm", wasm_filter("auth", ours_auth_config()), None, {}, tokens[alg])]
+        if alg == "RS256":  # the floor is the same for every algorithm: measured once
+            variants.append(("floor: noop + auth's calls", floor_filter(AUTH_WARM_CALLS), None, {}, tokens[alg]))
+        result.append((f"auth {alg}, {TOKENS} tokens reused", variants))
     result += [
         ("auth RS256, every token new (cold)",
          [("native jwt_authn + cache", native_jwt_filter(), None, {}, cold),
           ("auth.wasm", wasm_filter("auth", ours_auth_config()), None, {}, cold)]),
         ("ratelimit, allowed path, per-IP",
          [("native local_ratelimit", native_ratelimit_filter(), None, {}, []),
-          ("ratelimit.wasm", wasm_filter("ratelimit", ours_ratelimit_config()), None, {}, [])]),
+          ("ratelimit.wasm", wasm_filter("ratelimit", ours_ratelimit_config()), None, {}, []),
+          ("floor: noop + ratelimit's calls", floor_filter(RATELIMIT_CALLS), None, {}, [])]),
         # Every request asks the rate-limit service (a debug build of the fixture,
         # shared by both variants): what a global check costs Envoy per request.
         ("ratelimit global (RLS), allowed path",
@@ -478,7 +509,8 @@ def scenarios():
           ("ratelimit.wasm global", wasm_filter("ratelimit", ours_global_ratelimit_config()), None, {}, [])]),
         (f"routing, {ROUTES} header routes",
          [("native route matcher", "", header_routes, route_header, []),
-          ("routing.wasm", wasm_filter("routing", ours_routing_config()), cluster_header_route, route_header, [])]),
+          ("routing.wasm", wasm_filter("routing", ours_routing_config()), cluster_header_route, route_header, []),
+          ("floor: noop + routing's calls", floor_filter(ROUTING_CALLS), cluster_header_route, route_header, [])]),
         ("cache hit, 1 KiB body",
          [("native cache filter", native_cache_filter(), None, {}, [], "/bench"),
           ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/bench"),
@@ -511,6 +543,133 @@ def summarize(samples, key):
     return median, spread
 
 
+# ---- measuring ----------------------------------------------------------------------
+
+CONNECTIONS = 32
+
+
+class MeasurePlan:
+    """How long a scenario is measured: rounds of one short slice per variant, in
+    alternating order (A B, then B A, ...), at least `min_rounds`, then until every
+    variant's 95 % interval of its ratio to the first is within +-`target_width`,
+    at most `max_rounds` or `time_cap` seconds; then `paced_slices` slices per
+    variant at half the first variant's throughput for CPU per request."""
+
+    def __init__(self, slice_seconds, warmup_seconds, min_rounds, max_rounds, time_cap, paced_slices):
+        self.slice_seconds = slice_seconds
+        self.warmup_seconds = warmup_seconds
+        self.min_rounds = min_rounds
+        self.max_rounds = max_rounds
+        self.time_cap = time_cap
+        self.paced_slices = paced_slices
+        self.target_width = 0.05
+
+    @classmethod
+    def full(cls):
+        return cls(slice_seconds=2, warmup_seconds=2, min_rounds=6, max_rounds=20, time_cap=75, paced_slices=3)
+
+    @classmethod
+    def quick(cls):
+        return cls(slice_seconds=2, warmup_seconds=1, min_rounds=2, max_rounds=2, time_cap=20, paced_slices=1)
+
+    @classmethod
+    def smoke(cls):
+        return cls(slice_seconds=1, warmup_seconds=0, min_rounds=2, max_rounds=2, time_cap=10, paced_slices=1)
+
+
+class Variant:
+    def __init__(self, label, envoy, script, paced_script):
+        self.label = label
+        self.envoy = envoy
+        self.script = script
+        self.paced_script = paced_script
+        self.samples = []
+        self.paced = []
+
+
+def median_interval(values, confidence=0.95):
+    """The median and a distribution-free interval for it (order statistics of a
+    Binomial(n, 1/2)): the k-th smallest and k-th largest values, k the largest
+    rank with P(X < k) <= (1 - confidence) / 2. For n < 6 it is [min, max] (whose
+    coverage is then below 95 %: the table prints how many rounds there were)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    tail = (1 - confidence) / 2
+    k, below = 0, 0.0
+    while k < n // 2:
+        below += math.comb(n, k) / 2 ** n
+        if below > tail:
+            break
+        k += 1
+    k = max(k, 1)
+    return statistics.median(ordered), ordered[k - 1], ordered[n - k]
+
+
+def ratio_intervals(running):
+    """Per non-first variant: the median and interval of its per-round ratio to the first."""
+    base = running[0].samples
+    return [median_interval([mine["rps"] / theirs["rps"] for mine, theirs in zip(variant.samples, base)])
+            for variant in running[1:]]
+
+
+def precise_enough(intervals, target_width):
+    return all(high - low <= 2 * target_width * median for median, low, high in intervals)
+
+
+def measure_scenario(scenario, running, plan):
+    if plan.warmup_seconds:
+        for variant in running:
+            run_wrk(variant.envoy, variant.script, plan.warmup_seconds, CONNECTIONS)
+    started = time.time()
+    rounds = 0
+    while True:
+        order = running if rounds % 2 == 0 else list(reversed(running))
+        for variant in order:
+            variant.samples.append(run_wrk(variant.envoy, variant.script, plan.slice_seconds, CONNECTIONS))
+        rounds += 1
+        if rounds < plan.min_rounds:
+            continue
+        if (rounds >= plan.max_rounds or time.time() - started > plan.time_cap
+                or precise_enough(ratio_intervals(running), plan.target_width)):
+            break
+    # CPU per request at a rate every variant can serve: half the first's throughput.
+    paced_rate = statistics.median(sample["rps"] for sample in running[0].samples) / 2
+    paced_connections = max(1, round(paced_rate * PACED_DELAY_MS / 1000))
+    # A connection's cycle is its wait plus the answer's latency plus the timer's
+    # slack: one calibration slice on the first variant sets the connection count
+    # that offers the rate; every variant then gets that same count.
+    served = run_wrk(running[0].envoy, running[0].paced_script, 1, paced_connections)["rps"]
+    paced_connections = max(1, min(CONNECTIONS, round(paced_connections * paced_rate / max(served, 1.0))))
+    for _ in range(plan.paced_slices):
+        for variant in running:
+            variant.paced.append(run_wrk(variant.envoy, variant.paced_script, plan.slice_seconds, paced_connections))
+    intervals = [None] + ratio_intervals(running)
+    rows = []
+    for variant, interval in zip(running, intervals):
+        rps, rps_spread = summarize(variant.samples, "rps")
+        row = {
+            "scenario": scenario, "variant": variant.label, "rps": rps, "rps_spread": rps_spread,
+            "rounds": len(variant.samples),
+            "rps_min": min(sample["rps"] for sample in variant.samples),
+            "rps_max": max(sample["rps"] for sample in variant.samples),
+            "p50": summarize(variant.samples, "p50")[0], "p99": summarize(variant.samples, "p99")[0],
+            "cpu_us": summarize(variant.samples, "cpu_us")[0],
+            "paced_cpu_us": summarize(variant.paced, "cpu_us")[0],
+            "paced_rps": summarize(variant.paced, "rps")[0],
+            "errors": sum(s["errors"] for s in variant.samples + variant.paced),
+            "rss": variant.envoy.rss_mib(), "startup_ms": variant.envoy.startup_ms,
+            "ratio": interval,
+        }
+        rows.append(row)
+        ratio = f"{interval[0]:.2f}x [{interval[1]:.2f}, {interval[2]:.2f}]" if interval else "first"
+        print(f"   {variant.label:32s} {rps:9.0f} rps  {ratio:22s} p50 {row['p50']:.2f} ms  "
+              f"p99 {row['p99']:.2f} ms  {row['cpu_us']:.1f} µs/req, paced ({row['paced_rps']:.0f} rps) "
+              f"{row['paced_cpu_us']:.1f} µs/req  rounds {row['rounds']}  errors {row['errors']}", flush=True)
+        if row["errors"]:
+            print(f"   !! {row['errors']} non-2xx responses: the figures of {variant.label} are not valid", flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -521,11 +680,9 @@ def main():
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: `make bench` installs it (apt-get install wrk)")
-    rounds, seconds, warmup = (5, 3, 2) if not (args.quick or args.smoke) else (1, 2, 1)
-    if args.smoke:
-        seconds, warmup = 1, 0
-    rounds = args.rounds or rounds
-    connections = 32
+    plan = MeasurePlan.smoke() if args.smoke else MeasurePlan.quick() if args.quick else MeasurePlan.full()
+    if args.rounds:
+        plan.min_rounds = plan.max_rounds = args.rounds
     chosen = scenarios()
     if args.smoke:
         chosen = [next(s for s in chosen if s[0].startswith("routing"))]
@@ -549,32 +706,12 @@ def main():
                 envoy = Envoy(name, lambda a, p, f=filters, r=routes: envoy_yaml(a, p, upstream.port, f, r),
                               workdir, core=0)
                 envoys.append(envoy)
-                script = lua_script(workdir, name, headers, tokens, *(path or ["/bench"]))
-                running.append((label, envoy, script, []))
-            if warmup:
-                for _, envoy, script, _ in running:
-                    run_wrk(envoy, script, warmup, connections)
-            for _ in range(rounds):
-                for label, envoy, script, samples in running:
-                    samples.append(run_wrk(envoy, script, seconds, connections))
-            baseline = None
-            for position, (label, envoy, _, samples) in enumerate(running):
-                rps, rps_spread = summarize(samples, "rps")
-                row = {
-                    "scenario": scenario, "variant": label, "rps": rps, "rps_spread": rps_spread,
-                    "p50": summarize(samples, "p50")[0], "p99": summarize(samples, "p99")[0],
-                    "cpu_us": summarize(samples, "cpu_us")[0], "errors": sum(s["errors"] for s in samples),
-                    "rss": envoy.rss_mib(), "startup_ms": envoy.startup_ms,
-                    "ratio": (rps / baseline) if baseline else None,
-                }
-                baseline = baseline or rps
-                rows.append(row)
-                print(f"   {label:28s} {rps:9.0f} rps (±{rps_spread:4.1f}%)  p50 {row['p50']:.2f} ms  "
-                      f"p99 {row['p99']:.2f} ms  {row['cpu_us']:.1f} µs CPU/req  errors {row['errors']}", flush=True)
-                if row["errors"]:
-                    print(f"   !! {row['errors']} non-2xx responses: the figures of {label} are not valid", flush=True)
-            for _, envoy, _, _ in running:
-                envoy.stop()
+                target = path[0] if path else "/bench"
+                running.append(Variant(label, envoy, lua_script(workdir, name, headers, tokens, target),
+                                       lua_script(workdir, name, headers, tokens, target, paced=True)))
+            rows += measure_scenario(scenario, running, plan)
+            for variant in running:
+                variant.envoy.stop()
     finally:
         for envoy in envoys:
             envoy.stop()
@@ -589,14 +726,14 @@ def main():
         print(f"bench smoke ok ({len(rows)} variants, {elapsed:.0f} s)")
         shutil.rmtree(workdir, ignore_errors=True)
         return
-    write_results(Path(args.out), rows, rounds, seconds, elapsed, args.quick)
+    write_results(Path(args.out), rows, plan, elapsed, args.quick)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def write_results(out, rows, rounds, seconds, elapsed, quick):
+def write_results(out, rows, plan, elapsed, quick):
     out.mkdir(parents=True, exist_ok=True)
     passthrough = next(row["rps"] for row in rows if row["variant"] == "passthrough")
-    noop_cpu = next(row["cpu_us"] for row in rows if row["variant"] == "noop.wasm")
+    noop_cpu = next(row["paced_cpu_us"] for row in rows if row["variant"] == "noop.wasm")
     envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.strip()
     sizes = {p.stem: p.stat().st_size for p in sorted(DIST.glob("*.wasm"))}
     lines = [
@@ -606,23 +743,34 @@ def write_results(out, rows, rounds, seconds, elapsed, quick):
         f"{' (QUICK)' if quick else ''}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         f"- Envoy: {envoy_version.split('version: ')[-1]}; runtime V8 unless noted; `--concurrency 1` pinned to core 0",
-        f"- load: wrk, 1 thread, 32 connections, pinned to core 1 with the upstream (a 1 KiB direct_response Envoy)",
-        f"- method: both variants of a scenario run side by side and are loaded alternately, {rounds} round(s) of "
-        f"{seconds} s after a warm-up; figures are medians, `spread` is (max - min) / median of requests/s",
-        "- `vs first` is this variant's throughput over the scenario's first (native) variant; "
-        "`vs passthrough` over Envoy with no filter; `CPU/req` is Envoy's CPU time per request; "
-        "`over noop` is that minus the empty Wasm filter's",
+        f"- load: wrk, 1 thread, {CONNECTIONS} connections, pinned to core 1 with the upstream (a 1 KiB "
+        "direct_response Envoy)",
+        f"- method: the variants of a scenario run side by side and are loaded in alternating order (A B, B A, ...), "
+        f"one {plan.slice_seconds} s slice each per round, after a {plan.warmup_seconds} s warm-up; at least "
+        f"{plan.min_rounds} rounds, then until every ratio's 95 % interval is within ±{plan.target_width:.0%} "
+        f"(at most {plan.max_rounds} rounds or {plan.time_cap} s)",
+        "- `vs first`: the median over rounds of this variant's requests/s over the first (native) variant's in "
+        "the same round, with a distribution-free 95 % interval of that median (order statistics; with fewer than "
+        "6 rounds it is [min, max]); `spread` is (max - min) / median of requests/s",
+        "- `CPU/req` is Envoy's CPU time per request (all threads) at saturation; `CPU/req paced` the same with "
+        f"every variant offered the same rate, about half the first variant's throughput ({plan.paced_slices} "
+        f"slice(s) each, connections that wait {PACED_DELAY_MS} ms after each answer; `paced req/s` is what was "
+        "served), which saturation does not distort; `over noop` is the paced figure minus the empty Wasm filter's",
+        "- `floor:` variants are the empty Wasm filter making exactly the host calls the module makes for that "
+        "request (its budget test's list) and nothing else: what the module would cost if its own code were free",
         "",
-        "| scenario | variant | req/s | spread | p50 ms | p99 ms | vs first | vs passthrough | CPU/req µs | over noop µs "
-        "| RSS MiB | startup ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | variant | req/s | spread | vs first [95 % CI] | rounds | p50 ms | p99 ms | vs passthrough "
+        "| CPU/req µs | paced req/s | CPU/req paced µs | over noop µs | RSS MiB | startup ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else ""
-        over_noop = f"{row['cpu_us'] - noop_cpu:+.1f}" if ".wasm" in row["variant"] or "wasm" in row["variant"] else ""
+        interval = row["ratio"]
+        ratio = f"{interval[0]:.2f}x [{interval[1]:.2f}, {interval[2]:.2f}]" if interval else ""
+        over_noop = f"{row['paced_cpu_us'] - noop_cpu:+.1f}" if "wasm" in row["variant"] or "floor" in row["variant"] else ""
         lines.append(
-            f"| {row['scenario']} | {row['variant']} | {row['rps']:.0f} | {row['rps_spread']:.1f}% | {row['p50']:.2f} "
-            f"| {row['p99']:.2f} | {ratio} | {row['rps'] / passthrough:.2f}x | {row['cpu_us']:.1f} | {over_noop} "
+            f"| {row['scenario']} | {row['variant']} | {row['rps']:.0f} | {row['rps_spread']:.1f}% | {ratio} "
+            f"| {row['rounds']} | {row['p50']:.2f} | {row['p99']:.2f} | {row['rps'] / passthrough:.2f}x "
+            f"| {row['cpu_us']:.1f} | {row['paced_rps']:.0f} | {row['paced_cpu_us']:.1f} | {over_noop} "
             f"| {row['rss']:.0f} | {row['startup_ms']:.0f} | {row['errors']} |")
     lines += ["", "Module sizes: " + ", ".join(f"`{name}.wasm` {size / 1024:.0f} KiB" for name, size in sizes.items()),
               "", "Startup is the time from exec to Envoy's `/ready`, including Wasm VM creation for every worker.",
@@ -647,15 +795,19 @@ def chart(path, rows, passthrough):
     fig, ax = plt.subplots(figsize=(11, 0.6 * len(scenarios_seen) + 1.5))
     for index, scenario in enumerate(scenarios_seen):
         variants = [row for row in rows if row["scenario"] == scenario]
+        height = 0.8 / len(variants)
         for offset, row in enumerate(variants):
-            y = index + (offset - 0.5) * 0.38
-            color = "#4c72b0" if offset == 0 else "#dd8452"
-            ax.barh(y, row["rps"], height=0.36, color=color)
-            ax.text(row["rps"], y, f" {row['variant']}: {row['rps']:.0f}", va="center", fontsize=7)
+            y = index - 0.4 + (offset + 0.5) * height
+            color = "#4c72b0" if offset == 0 else "#bbbbbb" if row["variant"].startswith("floor") else "#dd8452"
+            # The bar is the median; the whisker spans every round's figure.
+            whisker = [[row["rps"] - row["rps_min"]], [row["rps_max"] - row["rps"]]]
+            ax.barh(y, row["rps"], height=height * 0.95, color=color, xerr=whisker, error_kw={"elinewidth": 0.8})
+            ax.text(row["rps_max"], y, f" {row['variant']}: {row['rps']:.0f}", va="center", fontsize=7)
     ax.axvline(passthrough, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(scenarios_seen)), scenarios_seen, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("requests/s (blue: first variant, usually native; orange: ours; dashed: passthrough)")
+    ax.set_xlabel("requests/s, median and range over rounds (blue: first variant, usually native; orange: ours; "
+                  "grey: floor; dashed: passthrough)")
     ax.set_xlim(0, max(row["rps"] for row in rows) * 1.45)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -7,19 +7,100 @@
 //!
 //! Configured with `"trap"`, a request carrying `x-trap` traps the VM (what a
 //! panic does): the integration tests measure Envoy's `failure_policy` with it.
+//!
+//! Configured with `"calls:<call>,<call>,..."`, it makes exactly those host calls on
+//! every request and nothing else: the floor of a module whose request costs those
+//! calls (`make bench` lists each module's budget-test calls). A call is
+//! `header_pairs`, `header:<name>`, `set_header:<name>[=<value>]`, `remove_header:<name>`,
+//! `property:<a.b>`, `set_property:<name>`, `now`, `shared_get:<key>`,
+//! `shared_set:<key>`, `metric` (a counter increment), or one of the header calls
+//! prefixed with `response.` to run on the response headers instead.
 
 use std::rc::Rc;
 
+use gateway_common::host::{self, MapType, MetricType};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(NoopRoot { reply: None, trap: false }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(NoopRoot { reply: None, trap: false, calls: Rc::default() })
+    });
 }}
 
 struct NoopRoot {
     reply: Option<Rc<Vec<u8>>>,
     trap: bool,
+    calls: Rc<Calls>,
+}
+
+/// The host calls made per request, by phase.
+#[derive(Default)]
+struct Calls {
+    request: Vec<HostCall>,
+    response: Vec<HostCall>,
+}
+
+enum HostCall {
+    HeaderPairs(MapType),
+    Header(MapType, String),
+    /// Name and value (`set_header:<name>=<value>`; value `1` when none is given).
+    SetHeader(MapType, String, String),
+    RemoveHeader(MapType, String),
+    Property(Vec<String>),
+    SetProperty(String),
+    Now,
+    SharedGet(String),
+    SharedSet(String),
+    Metric(u32),
+}
+
+impl HostCall {
+    fn parse(spec: &str) -> Option<(bool, HostCall)> {
+        let (response, spec) = match spec.strip_prefix("response.") {
+            Some(rest) => (true, rest),
+            None => (false, spec),
+        };
+        let map = if response { MapType::HttpResponseHeaders } else { MapType::HttpRequestHeaders };
+        let (verb, argument) = spec.split_once(':').unwrap_or((spec, ""));
+        let argument = argument.to_string();
+        let call = match verb {
+            "header_pairs" => HostCall::HeaderPairs(map),
+            "header" => HostCall::Header(map, argument),
+            "set_header" => {
+                let (name, value) = argument.split_once('=').unwrap_or((&argument, "1"));
+                HostCall::SetHeader(map, name.to_string(), value.to_string())
+            }
+            "remove_header" => HostCall::RemoveHeader(map, argument),
+            "property" => HostCall::Property(argument.split('.').map(str::to_string).collect()),
+            "set_property" => HostCall::SetProperty(argument),
+            "now" => HostCall::Now,
+            "shared_get" => HostCall::SharedGet(argument),
+            "shared_set" => HostCall::SharedSet(argument),
+            "metric" => HostCall::Metric(host::define_metric(MetricType::Counter, "noop.calls").ok()?),
+            _ => return None,
+        };
+        Some((response, call))
+    }
+
+    /// Makes the call through the modules' own host functions (same copies).
+    fn make(&self) {
+        let _ = match self {
+            HostCall::HeaderPairs(map) => host::headers(*map).map(drop),
+            HostCall::Header(map, name) => host::header(*map, name).map(drop),
+            HostCall::SetHeader(map, name, value) => host::set_header(*map, name, value.as_bytes()),
+            HostCall::RemoveHeader(map, name) => host::remove_header(*map, name),
+            HostCall::Property(path) => host::property(&path.iter().map(String::as_str).collect::<Vec<_>>()).map(drop),
+            HostCall::SetProperty(name) => host::set_property(&[name.as_str()], b"1"),
+            HostCall::Now => {
+                std::hint::black_box(host::now_nanos());
+                Ok(())
+            },
+            HostCall::SharedGet(key) => host::shared_data(key).map(drop),
+            HostCall::SharedSet(key) => host::set_shared_data(key, b"0123456789abcdef", None).map(drop),
+            HostCall::Metric(id) => host::increment_metric(*id, 1),
+        };
+    }
 }
 
 impl Context for NoopRoot {}
@@ -31,11 +112,25 @@ impl RootContext for NoopRoot {
         let text = text.trim().trim_matches('"');
         self.reply = text.parse::<usize>().ok().map(|bytes| Rc::new(vec![b'x'; bytes]));
         self.trap = text == "trap";
+        if let Some(list) = text.strip_prefix("calls:") {
+            let mut calls = Calls::default();
+            for spec in list.split(',').filter(|spec| !spec.is_empty()) {
+                match HostCall::parse(spec) {
+                    Some((true, call)) => calls.response.push(call),
+                    Some((false, call)) => calls.request.push(call),
+                    None => {
+                        host::log(host::LogLevel::Error, &format!("noop: bad call {spec}"));
+                        return false;
+                    }
+                }
+            }
+            self.calls = Rc::new(calls);
+        }
         true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(NoopStream { reply: self.reply.clone(), trap: self.trap }))
+        Some(Box::new(NoopStream { reply: self.reply.clone(), trap: self.trap, calls: Rc::clone(&self.calls) }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -46,6 +141,7 @@ impl RootContext for NoopRoot {
 struct NoopStream {
     reply: Option<Rc<Vec<u8>>>,
     trap: bool,
+    calls: Rc<Calls>,
 }
 
 impl Context for NoopStream {}
@@ -55,12 +151,18 @@ impl HttpContext for NoopStream {
         if self.trap && self.get_http_request_header_bytes("x-trap").is_some() {
             trap();
         }
+        self.calls.request.iter().for_each(HostCall::make);
         let Some(body) = &self.reply else { return Action::Continue };
         let headers = [("content-type", "text/plain"), ("cache-control", "public, max-age=600")];
         match proxy_wasm::hostcalls::send_http_response(200, headers.to_vec(), Some(body)) {
             Ok(()) => Action::Pause,
             Err(_) => Action::Continue,
         }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.calls.response.iter().for_each(HostCall::make);
+        Action::Continue
     }
 }
 
