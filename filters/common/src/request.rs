@@ -50,8 +50,25 @@ pub enum ReadError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderPairs {
     bytes: Vec<u8>,
-    /// (name start, name length, value start, value length) per pair.
-    spans: Vec<[u32; 4]>,
+    /// (name start, name length, value start, value length, name key) per pair.
+    spans: Vec<[u32; 5]>,
+}
+
+/// A cheap fingerprint of a header name (its length and three of its bytes): a
+/// lookup compares it before the bytes, so looking a name up among pairs costs a
+/// full comparison only where the fingerprint agrees. Conditions look names up
+/// per route and per rule; in Wasm every byte comparison is a call to a plain
+/// byte loop, so this is most of what a lookup saves.
+fn name_key(name: &[u8]) -> u32 {
+    match name {
+        [] => 0,
+        [first, ..] => {
+            let len = name.len();
+            let middle = name.get(len / 2).copied().unwrap_or_default();
+            let last = name.get(len - 1).copied().unwrap_or_default();
+            (len as u32 & 0xff) | u32::from(*first) << 8 | u32::from(middle) << 16 | u32::from(last) << 24
+        }
+    }
 }
 
 impl HeaderPairs {
@@ -77,8 +94,10 @@ impl HeaderPairs {
                 if value_at.saturating_add(value_len) > bytes.len() {
                     break;
                 }
-                let span = [name_at, name_len, value_at, value_len].map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-                spans.push(span);
+                let [name_at, name_len, value_at, value_len] =
+                    [name_at, name_len, value_at, value_len].map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+                let key = name_key(bytes.get(name_at as usize..name_at as usize + name_len as usize).unwrap_or(&[]));
+                spans.push([name_at, name_len, value_at, value_len, key]);
                 cursor = next;
             }
         }
@@ -87,15 +106,28 @@ impl HeaderPairs {
 
     /// Every pair, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        self.spans.iter().filter_map(|[name_at, name_len, value_at, value_len]| {
-            let slice = |at: u32, len: u32| self.bytes.get(at as usize..(at as usize).checked_add(len as usize)?);
-            Some((slice(*name_at, *name_len)?, slice(*value_at, *value_len)?))
-        })
+        self.spans.iter().filter_map(|span| self.pair(span))
+    }
+
+    fn pair(&self, [name_at, name_len, value_at, value_len, _]: &[u32; 5]) -> Option<(&[u8], &[u8])> {
+        let slice = |at: u32, len: u32| self.bytes.get(at as usize..(at as usize).checked_add(len as usize)?);
+        Some((slice(*name_at, *name_len)?, slice(*value_at, *value_len)?))
+    }
+
+    /// Every value of `name`, in order.
+    pub fn values<'s, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = &'s [u8]> + use<'s, 'n> {
+        let key = name_key(name.as_bytes());
+        self.spans
+            .iter()
+            .filter(move |span| span[4] == key)
+            .filter_map(|span| self.pair(span))
+            .filter(move |(pair_name, _)| *pair_name == name.as_bytes())
+            .map(|(_, value)| value)
     }
 
     /// The first value of `name`.
     pub fn first(&self, name: &str) -> Option<&[u8]> {
-        self.iter().find(|(key, _)| *key == name.as_bytes()).map(|(_, value)| value)
+        self.values(name).next()
     }
 
     pub fn len(&self) -> usize {
@@ -118,7 +150,7 @@ impl<N: AsRef<[u8]>, V: AsRef<[u8]>> FromIterator<(N, V)> for HeaderPairs {
             let value_at = at(&built.bytes);
             built.bytes.extend_from_slice(value);
             let len = |bytes: &[u8]| u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-            built.spans.push([name_at, len(name), value_at, len(value)]);
+            built.spans.push([name_at, len(name), value_at, len(value), name_key(name)]);
         }
         built
     }
@@ -194,7 +226,7 @@ impl RequestHeaders {
 
     /// Every value of a header, in order (a repeated header yields several).
     pub fn values<'s, 'n>(&'s self, name: &'n str) -> impl Iterator<Item = &'s [u8]> + use<'s, 'n> {
-        self.pairs.iter().filter(move |(key, _)| *key == name.as_bytes()).map(|(_, value)| value)
+        self.pairs.values(name)
     }
 
     pub fn first(&self, name: &str) -> Option<&[u8]> {
@@ -451,6 +483,22 @@ pub fn cookie_values<'h, 'n>(header: &'h [u8], name: &'n str) -> impl Iterator<I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_with_the_same_fingerprint_are_still_told_apart() {
+        // Same length, first, middle and last byte: one fingerprint.
+        assert_eq!(name_key(b"xaab"), name_key(b"xcab"));
+        let pairs: HeaderPairs = [("xcab", "other"), ("xaab", "mine"), ("XAAB", "upper"), ("xaab", "again")]
+            .into_iter()
+            .collect();
+        assert_eq!(pairs.first("xaab"), Some(&b"mine"[..]));
+        assert_eq!(pairs.values("xaab").collect::<Vec<_>>(), [&b"mine"[..], b"again"]);
+        assert_eq!(pairs.first("xcab"), Some(&b"other"[..]));
+        assert_eq!(pairs.first("xbab"), None);
+        assert_eq!(pairs.first(""), None);
+        let decoded = HeaderPairs::decode(crate::host::encode_header_pairs(&[("", "empty"), ("xaab", "v")]));
+        assert_eq!((decoded.first(""), decoded.first("xaab")), (Some(&b"empty"[..]), Some(&b"v"[..])));
+    }
 
     #[test]
     fn rfc3986_6_2_2_spellings_of_one_path_normalize_alike() {
