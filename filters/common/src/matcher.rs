@@ -136,30 +136,26 @@ impl StringMatcher {
     }
 
     fn matches_value(&self, value: &[u8]) -> bool {
-        let folded;
-        let value = if self.ignore_case && !matches!(self.kind, StringKind::Regex(_)) {
-            folded = value.to_ascii_lowercase();
-            folded.as_slice()
-        } else {
-            value
-        };
+        // Expected texts were lower-cased at compile time when ignoring case; the
+        // value is compared folded, without a folded copy per request.
+        let same = |a: &[u8], b: &[u8]| if self.ignore_case { a.eq_ignore_ascii_case(b) } else { a == b };
         match &self.kind {
-            StringKind::Exact(expected) => value == expected.as_slice(),
-            StringKind::Prefix(prefix) => value.starts_with(prefix),
-            StringKind::Suffix(suffix) => value.ends_with(suffix),
-            StringKind::Contains(needle) => contains(value, needle),
+            StringKind::Exact(expected) => same(value, expected),
+            StringKind::Prefix(prefix) => value.get(..prefix.len()).is_some_and(|head| same(head, prefix)),
+            StringKind::Suffix(suffix) => {
+                value.len() >= suffix.len() && value.get(value.len() - suffix.len()..).is_some_and(|t| same(t, suffix))
+            }
+            StringKind::Contains(needle) => {
+                needle.is_empty() || value.windows(needle.len()).any(|window| same(window, needle))
+            }
             // A regex describes text: a value that is not UTF-8 is not text and
             // matches no regex (never a lossy copy, where \xff and \xfe look alike).
             StringKind::Regex(regex) => std::str::from_utf8(value).is_ok_and(|text| regex.is_match(text)),
-            StringKind::OneOf(options) => options.iter().any(|option| option.as_slice() == value),
+            StringKind::OneOf(options) => options.iter().any(|option| same(option, value)),
             StringKind::Present => true,
             StringKind::Absent => false,
         }
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || haystack.windows(needle.len()).any(|window| window == needle)
 }
 
 /// A path condition as users write it: exactly one of exact, prefix, regex.
@@ -330,6 +326,13 @@ mod tests {
         assert!(!string_matcher(r#"{"present":true}"#).matches(Vec::<&[u8]>::new()));
         assert!(string_matcher(r#"{"absent":true}"#).matches(Vec::<&[u8]>::new()));
         assert!(string_matcher(r#"{"exact":"AbC","ignore_case":true}"#).matches(one("aBc")));
+        for spec in [r#""prefix":"AB""#, r#""suffix":"yZ""#, r#""contains":"Cx""#, r#""one_of":["q","ABCXYZ"]"#] {
+            let matcher = string_matcher(&format!(r#"{{{spec},"ignore_case":true}}"#));
+            assert!(matcher.matches(one("abcxyz")) && matcher.matches(one("ABCXYZ")), "{spec}");
+            assert!(!matcher.matches(one("bcdefgh")), "{spec}");
+            let matcher = string_matcher(&format!("{{{spec}}}"));
+            assert!(!matcher.matches(one("abcxyz")), "{spec}: case counts without ignore_case");
+        }
         assert!(string_matcher(r#"{"exact":"a","invert":true}"#).matches(one("b")));
         assert!(string_matcher(r#"{"exact":"a","invert":true}"#).matches(Vec::<&[u8]>::new()));
     }
