@@ -200,16 +200,23 @@ impl BasicChecker {
     }
 }
 
-/// Verified tokens per worker, keyed by the token's SHA-256, never kept past the
+/// Verified tokens per worker, keyed by the token itself, never kept past the
 /// token's `exp` nor `max_ttl` (so a revoked key stops working within it).
+///
+/// The key is the whole token, compared byte for byte: a hit is the same token,
+/// never one whose digest collides. The map hashes it with std's keyed SipHash
+/// (random per VM, so no client can aim tokens at one bucket); a SHA-256 per
+/// request, as before, cost more than the rest of a warm check in Wasm. Tokens
+/// longer than [`TokenCache::MAX_TOKEN_BYTES`] are verified every time, which
+/// bounds the memory at `capacity` times that.
 pub struct TokenCache {
     capacity: usize,
     max_ttl: u64,
-    entries: HashMap<[u8; 32], CachedToken>,
-    /// Digests in insertion order: at capacity the oldest goes, in O(1) (a scan
+    entries: HashMap<Rc<[u8]>, CachedToken>,
+    /// Tokens in insertion order: at capacity the oldest goes, in O(1) (a scan
     /// for the entry closest to expiry cost two passes over every entry per
     /// insert, which is every request when each token is new).
-    order: std::collections::VecDeque<[u8; 32]>,
+    order: std::collections::VecDeque<Rc<[u8]>>,
 }
 
 #[derive(Debug, Clone)]
@@ -220,17 +227,20 @@ pub struct CachedToken {
 }
 
 impl TokenCache {
+    /// The longest token kept (real JWTs are well under 2 KiB).
+    pub const MAX_TOKEN_BYTES: usize = 4096;
+
     pub fn new(capacity: usize, max_ttl: u64) -> Self {
         Self { capacity, max_ttl, entries: HashMap::new(), order: std::collections::VecDeque::new() }
     }
 
-    pub fn get(&self, digest: &[u8; 32], provider: usize, now: u64) -> Option<Rc<Value>> {
-        let entry = self.entries.get(digest)?;
+    pub fn get(&self, token: &[u8], provider: usize, now: u64) -> Option<Rc<Value>> {
+        let entry = self.entries.get(token)?;
         (entry.provider == provider && now < entry.until).then(|| Rc::clone(&entry.claims))
     }
 
-    pub fn insert(&mut self, digest: [u8; 32], provider: usize, claims: Rc<Value>, exp: Option<u64>, now: u64) {
-        if self.capacity == 0 {
+    pub fn insert(&mut self, token: &[u8], provider: usize, claims: Rc<Value>, exp: Option<u64>, now: u64) {
+        if self.capacity == 0 || token.len() > Self::MAX_TOKEN_BYTES {
             return;
         }
         let until = exp.map_or(now + self.max_ttl, |exp| exp.min(now + self.max_ttl));
@@ -238,7 +248,7 @@ impl TokenCache {
             return;
         }
         let entry = CachedToken { provider, claims, until };
-        if let Some(existing) = self.entries.get_mut(&digest) {
+        if let Some(existing) = self.entries.get_mut(token) {
             *existing = entry;
             return;
         }
@@ -248,8 +258,9 @@ impl TokenCache {
             let Some(oldest) = self.order.pop_front() else { break };
             self.entries.remove(&oldest);
         }
-        self.entries.insert(digest, entry);
-        self.order.push_back(digest);
+        let key: Rc<[u8]> = Rc::from(token);
+        self.entries.insert(Rc::clone(&key), entry);
+        self.order.push_back(key);
     }
 
     pub fn len(&self) -> usize {
@@ -393,19 +404,23 @@ mod tests {
     fn token_cache_is_bounded_and_respects_expiry() {
         let mut cache = TokenCache::new(2, 300);
         let claims = Rc::new(Value::Null);
-        cache.insert([1; 32], 0, Rc::clone(&claims), Some(150), 100);
-        assert!(cache.get(&[1; 32], 0, 149).is_some());
-        assert!(cache.get(&[1; 32], 0, 150).is_none(), "never past exp");
-        assert!(cache.get(&[1; 32], 1, 120).is_none(), "another provider");
-        cache.insert([2; 32], 0, Rc::clone(&claims), None, 100);
-        cache.insert([2; 32], 0, Rc::clone(&claims), None, 110);
-        cache.insert([3; 32], 0, Rc::clone(&claims), None, 100);
+        cache.insert(b"t1", 0, Rc::clone(&claims), Some(150), 100);
+        assert!(cache.get(b"t1", 0, 149).is_some());
+        assert!(cache.get(b"t1", 0, 150).is_none(), "never past exp");
+        assert!(cache.get(b"t1", 1, 120).is_none(), "another provider");
+        assert!(cache.get(b"t1x", 0, 120).is_none() && cache.get(b"t", 0, 120).is_none(), "only the same token");
+        cache.insert(b"t2", 0, Rc::clone(&claims), None, 100);
+        cache.insert(b"t2", 0, Rc::clone(&claims), None, 110);
+        cache.insert(b"t3", 0, Rc::clone(&claims), None, 100);
         assert_eq!(cache.len(), 2);
-        assert!(cache.get(&[1; 32], 0, 120).is_none(), "the oldest entry was evicted");
-        assert!(cache.get(&[2; 32], 0, 120).is_some() && cache.get(&[3; 32], 0, 120).is_some());
+        assert!(cache.get(b"t1", 0, 120).is_none(), "the oldest entry was evicted");
+        assert!(cache.get(b"t2", 0, 120).is_some() && cache.get(b"t3", 0, 120).is_some());
         for n in 4..100u8 {
-            cache.insert([n; 32], 0, Rc::clone(&claims), None, 100);
+            cache.insert(&[n; 8], 0, Rc::clone(&claims), None, 100);
         }
+        let long = vec![b'a'; TokenCache::MAX_TOKEN_BYTES + 1];
+        cache.insert(&long, 0, Rc::clone(&claims), None, 100);
+        assert!(cache.get(&long, 0, 120).is_none(), "longer tokens are not kept");
         assert_eq!((cache.len(), cache.order.len()), (2, 2), "bounded, and the order with it");
     }
 

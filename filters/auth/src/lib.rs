@@ -425,8 +425,7 @@ impl<H: Host> Verifier for StateVerifier<'_, H> {
         if let Keys::Introspection(introspection) = &provider.keys {
             return self.introspected_token(index, provider, introspection, token);
         }
-        let digest = sha256(token.as_bytes());
-        if let Some(claims) = self.state.token_cache.get(&digest, index, self.now) {
+        if let Some(claims) = self.state.token_cache.get(token.as_bytes(), index, self.now) {
             self.metrics.cache_hits.increment_on(self.host);
             return JwtCheck::Valid(claims);
         }
@@ -454,7 +453,7 @@ impl<H: Host> Verifier for StateVerifier<'_, H> {
             Ok(claims) => {
                 let exp = jwt::expiry(&claims);
                 let claims = Rc::new(claims);
-                self.state.token_cache.insert(digest, index, Rc::clone(&claims), exp, self.now);
+                self.state.token_cache.insert(token.as_bytes(), index, Rc::clone(&claims), exp, self.now);
                 JwtCheck::Valid(claims)
             }
             Err(JwtError::UnknownKey(kid)) => {
