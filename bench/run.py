@@ -190,9 +190,11 @@ def ours_routing_config():
 # them, for the configuration above): the `floor:` variants make exactly these.
 AUTH_WARM_CALLS = ["header_pairs", "now", "metric", "metric", "set_property:auth_decision",
                    "set_property:auth_identity", "remove_header:authorization"]
-RATELIMIT_CALLS = ["header_pairs", "property:source.address", "now", "shared_get:bench", "shared_set:bench", "metric",
+RATELIMIT_CALLS = ["header_pairs", "property:source.address", "now", "shared_get:bench=16", "shared_set:bench", "metric",
                    "set_property:ratelimit_outcome", "response.set_header:ratelimit-policy",
                    "response.set_header:ratelimit"]
+# (shared_get sizes: what the module reads: a bucket; an index set, 1 + 16 x 20 bytes)
+CACHE_HIT_CALLS = ["header_pairs", "now", "shared_get:cache.index=321", "set_property:cache_status"]
 ROUTING_CALLS = ["header_pairs", "metric", "set_property:routing_route", f"set_header:x-gateway-cluster=c{ROUTES - 1}"]
 
 
@@ -514,11 +516,13 @@ def scenarios():
         ("cache hit, 1 KiB body",
          [("native cache filter", native_cache_filter(), None, {}, [], "/bench"),
           ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/bench"),
-          ("floor: Wasm local reply", wasm_filter("noop", 1024), None, {}, [], "/bench")]),
+          ("floor: Wasm local reply", wasm_filter("noop", 1024), None, {}, [], "/bench"),
+          ("floor: noop + a hit's calls", floor_filter(CACHE_HIT_CALLS + ["reply:1024"]), None, {}, [], "/bench")]),
         ("cache hit, 64 KiB body",
          [("native cache filter", native_cache_filter(), None, {}, [], "/big"),
           ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/big"),
-          ("floor: Wasm local reply", wasm_filter("noop", 65536), None, {}, [], "/big")]),
+          ("floor: Wasm local reply", wasm_filter("noop", 65536), None, {}, [], "/big"),
+          ("floor: noop + a hit's calls", floor_filter(CACHE_HIT_CALLS + ["reply:65536"]), None, {}, [], "/big")]),
         ("chain: ratelimit + auth RS256 + routing + cache",
          [("native chain", chain_native, header_routes, route_header, tokens["RS256"]),
           ("wasm chain", chain_ours, cluster_header_route, route_header, tokens["RS256"])]),

@@ -12,9 +12,11 @@
 //! every request and nothing else: the floor of a module whose request costs those
 //! calls (`make bench` lists each module's budget-test calls). A call is
 //! `header_pairs`, `header:<name>`, `set_header:<name>[=<value>]`, `remove_header:<name>`,
-//! `property:<a.b>`, `set_property:<name>`, `now`, `shared_get:<key>`,
+//! `property:<a.b>`, `set_property:<name>`, `now`, `shared_get:<key>[=<bytes>]` (the
+//! key holds that many bytes, written at configure time),
 //! `shared_set:<key>`, `metric` (a counter increment), or one of the header calls
-//! prefixed with `response.` to run on the response headers instead.
+//! prefixed with `response.` to run on the response headers instead; `reply:<bytes>`
+//! answers locally after the calls, as a number alone does.
 
 use std::rc::Rc;
 
@@ -75,7 +77,14 @@ impl HostCall {
             "property" => HostCall::Property(argument.split('.').map(str::to_string).collect()),
             "set_property" => HostCall::SetProperty(argument),
             "now" => HostCall::Now,
-            "shared_get" => HostCall::SharedGet(argument),
+            "shared_get" => {
+                let (key, bytes) = argument.split_once('=').unwrap_or((&argument, "0"));
+                let bytes = bytes.parse::<usize>().ok()?;
+                if bytes > 0 {
+                    host::set_shared_data(key, &vec![b'v'; bytes], None).ok()?;
+                }
+                HostCall::SharedGet(key.to_string())
+            }
             "shared_set" => HostCall::SharedSet(argument),
             "metric" => HostCall::Metric(host::define_metric(MetricType::Counter, "noop.calls").ok()?),
             _ => return None,
@@ -115,6 +124,10 @@ impl RootContext for NoopRoot {
         if let Some(list) = text.strip_prefix("calls:") {
             let mut calls = Calls::default();
             for spec in list.split(',').filter(|spec| !spec.is_empty()) {
+                if let Some(bytes) = spec.strip_prefix("reply:").and_then(|bytes| bytes.parse::<usize>().ok()) {
+                    self.reply = Some(Rc::new(vec![b'x'; bytes]));
+                    continue;
+                }
                 match HostCall::parse(spec) {
                     Some((true, call)) => calls.response.push(call),
                     Some((false, call)) => calls.request.push(call),
