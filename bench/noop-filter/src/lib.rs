@@ -104,7 +104,7 @@ impl HostCall {
             HostCall::Now => {
                 std::hint::black_box(host::now_nanos());
                 Ok(())
-            },
+            }
             HostCall::SharedGet(key) => host::shared_data(key).map(drop),
             HostCall::SharedSet(key) => host::set_shared_data(key, b"0123456789abcdef", None).map(drop),
             HostCall::Metric(id) => host::increment_metric(*id, 1),

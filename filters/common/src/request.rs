@@ -488,9 +488,8 @@ mod tests {
     fn names_with_the_same_fingerprint_are_still_told_apart() {
         // Same length, first, middle and last byte: one fingerprint.
         assert_eq!(name_key(b"xaab"), name_key(b"xcab"));
-        let pairs: HeaderPairs = [("xcab", "other"), ("xaab", "mine"), ("XAAB", "upper"), ("xaab", "again")]
-            .into_iter()
-            .collect();
+        let pairs: HeaderPairs =
+            [("xcab", "other"), ("xaab", "mine"), ("XAAB", "upper"), ("xaab", "again")].into_iter().collect();
         assert_eq!(pairs.first("xaab"), Some(&b"mine"[..]));
         assert_eq!(pairs.values("xaab").collect::<Vec<_>>(), [&b"mine"[..], b"again"]);
         assert_eq!(pairs.first("xcab"), Some(&b"other"[..]));
