@@ -24,7 +24,7 @@ ENVOY_STAMP :=
 ENVOY_BIN_RESOLVED = $(ENVOY_BIN)
 endif
 
-.PHONY: build toolchain binaryen envoy tls run test lint unit integration redis rls-service idp oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
+.PHONY: build toolchain binaryen envoy tls run test lint unit unit-wasm integration redis rls-service idp oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
 
 ## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
 toolchain:
@@ -94,12 +94,18 @@ lint: toolchain
 unit:
 	cargo test --workspace --exclude gateway-tests --exclude rls-service
 
+## unit-wasm: auth's unit tests built for Wasm and run in V8 (Node.js's WASI): the RSA
+## arithmetic's bigint cross-check also runs where the module runs (32-bit usize).
+unit-wasm: toolchain
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/scripts/wasm-test-runner.mjs" \
+		cargo test --release --target $(WASM_TARGET) -p auth
+
 ## integration: the suite against real Envoy (and the real servers some modules talk to).
 integration: build bench-modules envoy tls redis rls-service idp
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" cargo test -p gateway-tests --test it -- --test-threads $(TEST_THREADS)
 
 ## test: everything CI runs, then proof that nothing it started still runs.
-test: lint unit bench-smoke integration oci-test compose-test check-no-leftovers
+test: lint unit unit-wasm bench-smoke integration oci-test compose-test check-no-leftovers
 
 ## test-runtimes: the integration suite under V8, wasmtime and WAMR (a runtime this
 ## Envoy build lacks is reported and skipped: the PyPI build has V8 only).
