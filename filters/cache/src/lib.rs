@@ -22,7 +22,7 @@ use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{read_request_from, unescape_bytes, RequestHeaders};
 use gateway_common::shared::{HostStore, SharedData, Store};
 use gateway_common::skeleton::{metric_prefix, Module, RootCalls};
-use gateway_common::verdict::{Edit, Reply, Verdict};
+use gateway_common::verdict::{Body, Edit, Reply, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use sha2::{Digest, Sha256};
@@ -218,19 +218,19 @@ impl Shared {
     /// A variant's body: from this VM's copy when it holds that generation (a
     /// generation's body never changes, and the caller just read the index, so
     /// the variant is current), else from shared data (then kept, within
-    /// `LOCAL_BODY_BYTES`).
-    fn body(&self, data: &impl Store, location: &Location, variant: &Variant) -> Option<Vec<u8>> {
+    /// `LOCAL_BODY_BYTES`). Shared, not copied: a hit answers with these bytes.
+    fn body(&self, data: &impl Store, location: &Location, variant: &Variant) -> Option<Rc<[u8]>> {
         let key = (location.set, location.way, variant.position, variant.generation);
         if let Some(body) = self.local_bodies.borrow().get(&key) {
-            return Some(body.to_vec());
+            return Some(Rc::clone(body));
         }
-        let body = self.table.body(data, location, variant).ok().flatten()?;
+        let body: Rc<[u8]> = Rc::from(self.table.body(data, location, variant).ok().flatten()?);
         let mut local = self.local_bodies.borrow_mut();
         if local.bytes + body.len() > LOCAL_BODY_BYTES {
             local.clear();
         }
         if body.len() <= LOCAL_BODY_BYTES {
-            local.insert(key, Rc::from(body.as_slice()));
+            local.insert(key, Rc::clone(&body));
         }
         Some(body)
     }
@@ -493,7 +493,8 @@ impl<H: Host> Context for CacheStream<H> {
             .reply(&RequestFacts::of(&exchange.selectors_request))
         } else {
             let headers = policy::replayed_headers(&headers);
-            Reply { status: u32::from(status), headers, body: if head { Vec::new() } else { body }, grpc_status: None }
+            let body = if head { Body::default() } else { body.into() };
+            Reply { status: u32::from(status), headers, body, grpc_status: None }
         };
         let status_value = self.status_header(&detail);
         let mut reply = reply;
@@ -775,7 +776,7 @@ impl<H: Host> CacheStream<H> {
     fn serve(
         &self,
         variant: &Variant,
-        body: Vec<u8>,
+        body: Rc<[u8]>,
         client: &RequestHeaders,
         head: bool,
         detail: &str,
@@ -969,7 +970,7 @@ impl<H: Host> CacheStream<H> {
         }
         let body = format!("{{\"purged\":{removed}}}").into_bytes();
         let headers = vec![("content-type".to_string(), "application/json".to_string())];
-        self.answer(Reply { status: 200, headers, body, grpc_status: None })
+        self.answer(Reply { status: 200, headers, body: body.into(), grpc_status: None })
     }
 }
 

@@ -3,7 +3,7 @@
 
 use gateway_common::host::MapType;
 use gateway_common::request::{escape_bytes, percent_decode, RequestHeaders};
-use gateway_common::verdict::{Edit, Reply};
+use gateway_common::verdict::{Body, Edit, Reply};
 
 use crate::config::CacheConfig;
 use crate::http::{
@@ -253,7 +253,7 @@ fn same_origin_path(target: &str, origin: &str) -> Option<String> {
 /// stored status, headers and body (none for HEAD); `Age` and `Cache-Status` always.
 pub fn stored_reply(
     variant: &Variant,
-    body: Vec<u8>,
+    body: impl Into<Body>,
     client: &RequestHeaders,
     head: bool,
     cache_status: &str,
@@ -270,9 +270,9 @@ pub fn stored_reply(
     headers.push(("age".into(), variant.current_age(now).to_string()));
     headers.push(("cache-status".into(), cache_status.to_string()));
     if not_modified {
-        return Reply { status: 304, headers, body: Vec::new(), grpc_status: None };
+        return Reply { status: 304, headers, body: Body::default(), grpc_status: None };
     }
-    let body = if head { Vec::new() } else { body };
+    let body = if head { Body::default() } else { body.into() };
     Reply { status: u32::from(variant.status), headers, body, grpc_status: None }
 }
 
@@ -728,9 +728,14 @@ mod tests {
         variant.etag = Some("\"v1\"".into());
         let plain = request(&[(":path", "/")]);
         let reply = stored_reply(&variant, b"body".to_vec(), &plain, false, "wasm-cache; hit", 1010);
-        assert_eq!((reply.status, reply.body.as_slice()), (200, &b"body"[..]));
+        assert_eq!((reply.status, &*reply.body), (200, &b"body"[..]));
         assert!(reply.headers.contains(&("age".into(), "10".into())));
         assert!(reply.headers.contains(&("x-extra".into(), "1".into())));
+        // A hit answers with the stored bytes themselves, not a copy.
+        let stored_body: std::rc::Rc<[u8]> = std::rc::Rc::from(&b"body"[..]);
+        let shared = stored_reply(&variant, std::rc::Rc::clone(&stored_body), &plain, false, "wasm-cache; hit", 1010);
+        assert!(matches!(&shared.body, Body::Shared(bytes) if std::rc::Rc::ptr_eq(bytes, &stored_body)));
+        assert_eq!(shared.body, reply.body, "equal bytes are equal bodies, however held");
         let head = stored_reply(&variant, b"body".to_vec(), &plain, true, "wasm-cache; hit", 1010);
         assert!(head.body.is_empty());
         let conditional = request(&[(":path", "/"), ("if-none-match", "\"v1\"")]);

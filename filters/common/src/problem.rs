@@ -80,12 +80,12 @@ impl Problem {
             return Reply {
                 status: self.status,
                 headers,
-                body: self.detail.as_bytes().to_vec(),
+                body: self.detail.as_bytes().to_vec().into(),
                 grpc_status: Some(self.grpc_status),
             };
         }
         headers.push(("content-type".to_string(), "application/problem+json".to_string()));
-        Reply { status: self.status, headers, body: self.body(request.request_id.as_deref()), grpc_status: None }
+        Reply { status: self.status, headers, body: self.body(request.request_id.as_deref()).into(), grpc_status: None }
     }
 }
 

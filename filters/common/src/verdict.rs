@@ -5,6 +5,8 @@
 //! reply as the module chose ([`OnRefusedReply`]). Unit tests assert on verdicts
 //! directly; glue tests on `FakeHost` pin what applying them costs.
 
+use std::rc::Rc;
+
 use proxy_wasm::types::Action;
 
 use crate::host::MapType;
@@ -24,8 +26,61 @@ pub enum Edit {
 pub struct Reply {
     pub status: u32,
     pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    pub body: Body,
     pub grpc_status: Option<u32>,
+}
+
+/// A local reply's body: bytes of its own, or bytes shared with whoever keeps
+/// them (a cache hit answers with the stored body itself: a copy per hit cost
+/// an allocation and a copy of the whole body, 64 KiB and more).
+#[derive(Debug, Clone)]
+pub enum Body {
+    Owned(Vec<u8>),
+    Shared(Rc<[u8]>),
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Body::Owned(Vec::new())
+    }
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Body::Owned(bytes) => bytes,
+            Body::Shared(bytes) => bytes,
+        }
+    }
+}
+
+/// Bodies are equal when their bytes are, however they are held.
+impl PartialEq for Body {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Body {}
+
+impl<T: AsRef<[u8]> + ?Sized> PartialEq<T> for Body {
+    fn eq(&self, other: &T) -> bool {
+        **self == *other.as_ref()
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(bytes: Vec<u8>) -> Self {
+        Body::Owned(bytes)
+    }
+}
+
+impl From<Rc<[u8]>> for Body {
+    fn from(bytes: Rc<[u8]>) -> Self {
+        Body::Shared(bytes)
+    }
 }
 
 /// What a callback decided, applied by [`Verdict::apply`].
@@ -150,7 +205,7 @@ mod tests {
         let host = FakeHost::new();
         let failures = ReplyFailures::new(&host, "m");
         host.refuse_local_reply.set(true);
-        let reply = Reply { status: 403, headers: vec![], body: vec![], grpc_status: None };
+        let reply = Reply { status: 403, headers: vec![], body: Body::default(), grpc_status: None };
         for (policy, action) in [
             (OnRefusedReply::Continue, Action::Continue),
             (OnRefusedReply::Resume, Action::Continue),

@@ -17,7 +17,7 @@ use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
 use gateway_common::problem::{Problem, RequestFacts};
 use gateway_common::request::{escape_bytes, read_request_from, RequestHeaders};
 use gateway_common::skeleton::{metric_prefix, Module};
-use gateway_common::verdict::{Edit, Reply, Verdict};
+use gateway_common::verdict::{Body, Edit, Reply, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -258,7 +258,7 @@ fn preflight_verdict(shared: &Shared, request: &RequestHeaders) -> Option<Verdic
     let verdict = match cors.preflight(origin, method, Some(&requested_headers)) {
         Ok(fields) => {
             let headers = fields.into_iter().map(|(name, value)| (name.to_string(), value)).collect();
-            let reply = Reply { status: 204, headers, body: Vec::new(), grpc_status: None };
+            let reply = Reply { status: 204, headers, body: Body::default(), grpc_status: None };
             Verdict::answer(reply, OnRefusedReply::Continue).count(shared.metrics.cors_preflight_allowed)
         }
         Err(refusal) => {
@@ -293,11 +293,11 @@ fn local_answer(router: &Router, request: &RequestHeaders, answer: &LocalAnswer,
     let reply = match &route.action {
         RouteAction::Redirect { location, .. } => {
             headers.push(("location".into(), location.clone()));
-            Reply { status: answer.status, headers, body: Vec::new(), grpc_status: None }
+            Reply { status: answer.status, headers, body: Body::default(), grpc_status: None }
         }
         RouteAction::Respond { body: Some(body), content_type, .. } => {
             headers.push(("content-type".into(), content_type.clone()));
-            Reply { status: answer.status, headers, body: body.clone().into_bytes(), grpc_status: None }
+            Reply { status: answer.status, headers, body: body.clone().into_bytes().into(), grpc_status: None }
         }
         RouteAction::Respond { body: None, detail, .. } => {
             let mut problem = Problem::new(answer.status, "direct-response", "Answered by the gateway", detail.clone());
