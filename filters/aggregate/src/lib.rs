@@ -271,7 +271,7 @@ fn answer_verdict(shared: &Shared, endpoint: &Endpoint, answer: Answer, facts: &
             if !partial.is_empty() {
                 headers.push(("x-aggregate-partial".into(), partial.join(",")));
             }
-            let reply = Reply { status: 200, headers, body: body.into(), grpc_status: None };
+            let reply = Reply::new(200, headers, body);
             let verdict = Verdict::answer(reply, OnRefusedReply::Resume);
             if partial.is_empty() {
                 verdict

@@ -1,8 +1,11 @@
 //! The caching decisions of RFC 9111 for one exchange: the cache key, which
 //! stored variant a request may use and how, and whether a response may be stored.
 
+use std::rc::Rc;
+
 use gateway_common::host::MapType;
-use gateway_common::request::{escape_bytes, percent_decode, RequestHeaders};
+use gateway_common::request::{escape_bytes, escape_bytes_into, percent_decode, RequestHeaders};
+use gateway_common::text::decimal;
 use gateway_common::verdict::{Body, Edit, Reply};
 
 use crate::config::CacheConfig;
@@ -37,23 +40,18 @@ const NOT_STORED: &[&str] = &[
 /// ASCII (the authority holds no `/`), and header values are [`escape_bytes`]d,
 /// so two different requests never share a key.
 pub fn primary_key(config: &CacheConfig, request: &RequestHeaders) -> String {
-    let mut key = escape_bytes(&scheme(request).to_ascii_lowercase());
+    let authority = request.authority();
+    let mut key = String::with_capacity(authority.len() + request.target().len() + 16);
+    // Lower-cased byte by byte: ASCII folding, every other byte escaped as it is.
+    for byte in scheme(request) {
+        escape_bytes_into(&mut key, &[byte.to_ascii_lowercase()]);
+    }
     key.push_str("://");
-    key.push_str(&String::from_utf8_lossy(request.authority()).to_ascii_lowercase());
+    // Checked to be ASCII when the request was read (`is_authority`).
+    key.extend(authority.iter().map(|byte| char::from(byte.to_ascii_lowercase())));
     key.push_str(request.path());
     if let Some(query) = request.query().filter(|_| !config.ignore_query) {
-        let mut pairs: Vec<&[u8]> = query.split(|byte| *byte == b'&').filter(|pair| !pair.is_empty()).collect();
-        let name_of = |pair: &[u8]| percent_decode(pair.split(|byte| *byte == b'=').next().unwrap_or_default());
-        if let Some(include) = &config.query_include {
-            pairs.retain(|pair| include.iter().any(|name| name.as_bytes() == name_of(pair).as_slice()));
-        }
-        if let Some(exclude) = &config.query_exclude {
-            pairs.retain(|pair| exclude.iter().all(|name| name.as_bytes() != name_of(pair).as_slice()));
-        }
-        if !pairs.is_empty() {
-            key.push('?');
-            key.push_str(&escape_bytes(&pairs.join(&b'&')));
-        }
+        push_query(&mut key, config, query);
     }
     for name in &config.key_headers {
         key.push('\n');
@@ -62,6 +60,37 @@ pub fn primary_key(config: &CacheConfig, request: &RequestHeaders) -> String {
         key.push_str(&joined(request, name).unwrap_or_default());
     }
     key
+}
+
+/// The query of a key: its parameters as sent, filtered by the configured names
+/// (compared decoded), in their order; nothing when none is left.
+fn push_query(key: &mut String, config: &CacheConfig, query: &[u8]) {
+    let parameters = || query.split(|byte| *byte == b'&').filter(|pair| !pair.is_empty());
+    if config.query_include.is_none() && config.query_exclude.is_none() {
+        if parameters().next().is_some() {
+            key.push('?');
+            let mut first = true;
+            for pair in parameters() {
+                if !std::mem::take(&mut first) {
+                    key.push('&');
+                }
+                escape_bytes_into(key, pair);
+            }
+        }
+        return;
+    }
+    let mut pairs: Vec<&[u8]> = parameters().collect();
+    let name_of = |pair: &[u8]| percent_decode(pair.split(|byte| *byte == b'=').next().unwrap_or_default());
+    if let Some(include) = &config.query_include {
+        pairs.retain(|pair| include.iter().any(|name| name.as_bytes() == name_of(pair).as_slice()));
+    }
+    if let Some(exclude) = &config.query_exclude {
+        pairs.retain(|pair| exclude.iter().all(|name| name.as_bytes() != name_of(pair).as_slice()));
+    }
+    if !pairs.is_empty() {
+        key.push('?');
+        escape_bytes_into(key, &pairs.join(&b'&'));
+    }
 }
 
 /// The scheme the client used: `x-forwarded-proto` as Envoy sets it (from the
@@ -168,11 +197,11 @@ pub enum LookupPlan {
     Forward(&'static str),
     /// `only-if-cached` and nothing usable: 504.
     GatewayTimeout,
-    /// Answer from the stored variant (its body permitting), with this
-    /// `Cache-Status` detail.
-    Serve(String),
+    /// Answer from the stored variant (its body permitting); `ttl` is its
+    /// freshness left (negative: stale that long), for `Cache-Status`.
+    Serve { ttl: i64 },
     /// Answer with the stale variant now and revalidate it in the background.
-    ServeStaleAndRevalidate(String),
+    ServeStaleAndRevalidate { ttl: i64 },
     /// Forward with the stored validators, then answer from the result.
     Revalidate,
 }
@@ -190,9 +219,9 @@ pub fn plan_lookup(request_cc: &CacheControl, found: bool, variant: Option<&Vari
         return LookupPlan::Forward(if found { "fwd=vary-miss" } else { "fwd=uri-miss" });
     };
     match usability(variant, request_cc, now) {
-        Use::Fresh | Use::StaleAccepted => LookupPlan::Serve(format!("hit; ttl={}", variant.ttl(now))),
+        Use::Fresh | Use::StaleAccepted => LookupPlan::Serve { ttl: variant.ttl(now) },
         Use::Revalidate if within_stale_while_revalidate(variant, request_cc, now) => {
-            LookupPlan::ServeStaleAndRevalidate(format!("hit; ttl={}; detail=stale-while-revalidate", variant.ttl(now)))
+            LookupPlan::ServeStaleAndRevalidate { ttl: variant.ttl(now) }
         }
         Use::Revalidate if request_cc.only_if_cached => LookupPlan::GatewayTimeout,
         Use::Revalidate => LookupPlan::Revalidate,
@@ -256,24 +285,18 @@ pub fn stored_reply(
     body: impl Into<Body>,
     client: &RequestHeaders,
     head: bool,
-    cache_status: &str,
+    cache_status: String,
     now: u64,
 ) -> Reply {
     const KEPT_ON_304: &[&str] = &["etag", "cache-control", "content-location", "date", "expires", "vary"];
-    let not_modified = not_modified(variant, client);
-    let mut headers: Vec<(String, String)> = variant
-        .headers
-        .iter()
-        .filter(|(name, _)| !not_modified || KEPT_ON_304.contains(&name.as_str()))
-        .cloned()
-        .collect();
-    headers.push(("age".into(), variant.current_age(now).to_string()));
-    headers.push(("cache-status".into(), cache_status.to_string()));
-    if not_modified {
-        return Reply { status: 304, headers, body: Body::default(), grpc_status: None };
+    let computed = vec![("age".into(), decimal(variant.current_age(now))), ("cache-status".into(), cache_status)];
+    if not_modified(variant, client) {
+        let kept = variant.headers.iter().filter(|(name, _)| KEPT_ON_304.contains(&name.as_str())).cloned();
+        return Reply::new(304, kept.chain(computed).collect(), Body::default());
     }
     let body = if head { Body::default() } else { body.into() };
-    Reply { status: u32::from(variant.status), headers, body, grpc_status: None }
+    // The stored fields are sent as they are kept: no copy per hit.
+    Reply { shared_headers: Some(Rc::clone(&variant.headers)), ..Reply::new(u32::from(variant.status), computed, body) }
 }
 
 /// The response headers a cache replays from an origin's answer: everything but
@@ -443,7 +466,8 @@ pub fn storable(
             .iter()
             .filter(|(name, _)| !name.starts_with(':') && !NOT_STORED.contains(&name.as_str()))
             .map(|(name, value)| (name.clone(), text(value)))
-            .collect(),
+            .collect::<Vec<_>>()
+            .into(),
         stored_at: response_time,
         initial_age: corrected_initial_age(age, date, exchange.request_time, response_time),
         lifetime: freshness_lifetime(&cc, first("expires"), date, response_time, config.default_ttl_seconds),
@@ -498,10 +522,12 @@ pub fn refreshed(
         |name: &str| !name.starts_with(':') && !NOT_STORED.contains(&name) && !DESCRIBE_THE_CONTENT.contains(&name);
     // Every field the 304 carries replaces all stored lines of that name (a
     // repeated field keeps all its new lines).
-    variant.headers.retain(|(stored_name, _)| !headers.iter().any(|(name, _)| name == stored_name && updating(name)));
+    let mut fields = variant.headers.to_vec();
+    fields.retain(|(stored_name, _)| !headers.iter().any(|(name, _)| name == stored_name && updating(name)));
     for (name, value) in headers.iter().filter(|(name, _)| updating(name)) {
-        variant.headers.push((name.clone(), String::from_utf8_lossy(value).into_owned()));
+        fields.push((name.clone(), String::from_utf8_lossy(value).into_owned()));
     }
+    variant.headers = fields.into();
     let stored: Vec<(String, Vec<u8>)> =
         variant.headers.iter().map(|(name, value)| (name.clone(), value.as_bytes().to_vec())).collect();
     let values = |name: &'static str| header_values(&stored, name);
@@ -669,7 +695,7 @@ mod tests {
         Variant {
             selectors: vec![],
             status: 200,
-            headers: vec![],
+            headers: Rc::default(),
             stored_at: 1000,
             initial_age: 0,
             lifetime,
@@ -690,23 +716,17 @@ mod tests {
         let plain = CacheControl::default();
         let cc = |text: &str| CacheControl::parse([text.as_bytes()]);
         let fresh = stored(60, None);
-        assert_eq!(plan_lookup(&plain, true, Some(&fresh), 1010), LookupPlan::Serve("hit; ttl=50".into()));
+        assert_eq!(plan_lookup(&plain, true, Some(&fresh), 1010), LookupPlan::Serve { ttl: 50 });
         assert_eq!(plan_lookup(&cc("no-store"), true, Some(&fresh), 1010), LookupPlan::Forward("fwd=request"));
         assert_eq!(plan_lookup(&plain, false, None, 1010), LookupPlan::Forward("fwd=uri-miss"));
         assert_eq!(plan_lookup(&plain, true, None, 1010), LookupPlan::Forward("fwd=vary-miss"));
         assert_eq!(plan_lookup(&cc("only-if-cached"), false, None, 1010), LookupPlan::GatewayTimeout);
         assert_eq!(plan_lookup(&cc("no-cache"), true, Some(&fresh), 1010), LookupPlan::Revalidate);
         let stale = stored(10, Some(30));
-        assert_eq!(
-            plan_lookup(&plain, true, Some(&stale), 1020),
-            LookupPlan::ServeStaleAndRevalidate("hit; ttl=-10; detail=stale-while-revalidate".into())
-        );
+        assert_eq!(plan_lookup(&plain, true, Some(&stale), 1020), LookupPlan::ServeStaleAndRevalidate { ttl: -10 });
         assert_eq!(plan_lookup(&plain, true, Some(&stale), 1050), LookupPlan::Revalidate, "past the window");
         assert_eq!(plan_lookup(&cc("only-if-cached"), true, Some(&stale), 1050), LookupPlan::GatewayTimeout);
-        assert_eq!(
-            plan_lookup(&cc("max-stale=100"), true, Some(&stale), 1050),
-            LookupPlan::Serve("hit; ttl=-40".into())
-        );
+        assert_eq!(plan_lookup(&cc("max-stale=100"), true, Some(&stale), 1050), LookupPlan::Serve { ttl: -40 });
     }
 
     #[test]
@@ -724,25 +744,31 @@ mod tests {
     #[test]
     fn stored_replies_and_revalidation_edits() {
         let mut variant = stored(60, None);
-        variant.headers = vec![("etag".into(), "\"v1\"".into()), ("x-extra".into(), "1".into())];
+        variant.headers = vec![("etag".into(), "\"v1\"".into()), ("x-extra".into(), "1".into())].into();
         variant.etag = Some("\"v1\"".into());
         let plain = request(&[(":path", "/")]);
-        let reply = stored_reply(&variant, b"body".to_vec(), &plain, false, "wasm-cache; hit", 1010);
+        let reply = stored_reply(&variant, b"body".to_vec(), &plain, false, "wasm-cache; hit".into(), 1010);
         assert_eq!((reply.status, &*reply.body), (200, &b"body"[..]));
-        assert!(reply.headers.contains(&("age".into(), "10".into())));
-        assert!(reply.headers.contains(&("x-extra".into(), "1".into())));
+        assert_eq!(reply.header("age"), Some("10"));
+        assert_eq!(reply.header("x-extra"), Some("1"));
+        assert!(
+            matches!(&reply.shared_headers, Some(fields) if std::rc::Rc::ptr_eq(fields, &variant.headers)),
+            "not copied"
+        );
         // A hit answers with the stored bytes themselves, not a copy.
         let stored_body: std::rc::Rc<[u8]> = std::rc::Rc::from(&b"body"[..]);
-        let shared = stored_reply(&variant, std::rc::Rc::clone(&stored_body), &plain, false, "wasm-cache; hit", 1010);
+        let shared =
+            stored_reply(&variant, std::rc::Rc::clone(&stored_body), &plain, false, "wasm-cache; hit".into(), 1010);
         assert!(matches!(&shared.body, Body::Shared(bytes) if std::rc::Rc::ptr_eq(bytes, &stored_body)));
         assert_eq!(shared.body, reply.body, "equal bytes are equal bodies, however held");
-        let head = stored_reply(&variant, b"body".to_vec(), &plain, true, "wasm-cache; hit", 1010);
+        let head = stored_reply(&variant, b"body".to_vec(), &plain, true, "wasm-cache; hit".into(), 1010);
         assert!(head.body.is_empty());
         let conditional = request(&[(":path", "/"), ("if-none-match", "\"v1\"")]);
-        let not_modified = stored_reply(&variant, b"body".to_vec(), &conditional, false, "wasm-cache; hit", 1010);
+        let not_modified =
+            stored_reply(&variant, b"body".to_vec(), &conditional, false, "wasm-cache; hit".into(), 1010);
         assert_eq!(not_modified.status, 304);
         assert!(not_modified.body.is_empty());
-        assert!(!not_modified.headers.iter().any(|(name, _)| name == "x-extra"), "only the RFC 9111 4.3.4 headers");
+        assert_eq!(not_modified.header("x-extra"), None, "only the RFC 9111 4.3.4 headers");
         let map = MapType::HttpRequestHeaders;
         assert_eq!(
             revalidation_edits(&variant),

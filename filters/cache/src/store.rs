@@ -28,6 +28,7 @@ use gateway_common::hash::KeyedHash;
 use gateway_common::shared::{
     add_to_counter, read_counter, reserve_within, shared_secret, Reserve, Store, StoreError, CREATE_ONLY,
 };
+use gateway_common::text::push_u64;
 use gateway_common::wire::{Reader, Writer};
 
 /// The first byte of every index, metadata and bitmap value.
@@ -58,8 +59,13 @@ impl Keys {
         Self { prefix: format!("c2:{}:{instance}:", instance.len()) }
     }
 
+    /// Built without `format!`: it is read on every lookup.
     fn index(&self, set: u32) -> String {
-        format!("{}i:{set}", self.prefix)
+        let mut key = String::with_capacity(self.prefix.len() + 12);
+        key.push_str(&self.prefix);
+        key.push_str("i:");
+        push_u64(&mut key, u64::from(set));
+        key
     }
 
     fn meta(&self, set: u32, way: usize) -> String {
@@ -97,7 +103,8 @@ pub struct Variant {
     /// upstream (routing header) under the name `:upstream`.
     pub selectors: Vec<(String, Option<String>)>,
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    /// Shared with the replies that send them (see `policy::stored_reply`).
+    pub headers: gateway_common::verdict::SharedFields,
     /// Response time (s) and the corrected initial age (RFC 9111 4.2.3).
     pub stored_at: u64,
     pub initial_age: u64,
@@ -211,7 +218,7 @@ pub fn decode_meta(bytes: &[u8]) -> Option<Meta> {
         variants.push(Variant {
             selectors,
             status,
-            headers,
+            headers: headers.into(),
             stored_at,
             initial_age,
             lifetime,
@@ -412,7 +419,8 @@ impl Table {
     pub fn locate(&self, store: &impl Store, key: &str) -> Result<Option<Location>, StoreError> {
         let fingerprint = self.fingerprint(key);
         let (first, second) = self.candidates(fingerprint);
-        for set in if first == second { vec![first] } else { vec![first, second] } {
+        let sets = if first == second { &[first][..] } else { &[first, second][..] };
+        for &set in sets {
             let (index, _) = self.read_index(store, set)?;
             if let Some((way, entry)) = index.find(fingerprint).and_then(|way| Some((way, index.entries.get(way)?))) {
                 return Ok(Some(Location { set, way, version: entry.version }));
@@ -921,7 +929,7 @@ mod tests {
         Variant {
             selectors: vec![("accept-encoding".into(), Some(selector.into()))],
             status: 200,
-            headers: vec![("content-type".into(), "text/plain".into())],
+            headers: vec![("content-type".into(), "text/plain".into())].into(),
             stored_at,
             initial_age: 0,
             lifetime: 60,

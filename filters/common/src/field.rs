@@ -47,14 +47,26 @@ pub fn auth_param_text(text: &str) -> String {
 /// reversible, so two different inputs never give the same text.
 pub fn percent_escape(bytes: &[u8], keep: impl Fn(u8) -> bool) -> String {
     let mut out = String::with_capacity(bytes.len());
+    percent_escape_into(&mut out, bytes, keep);
+    out
+}
+
+/// [`percent_escape`] appended to `out` (no allocation of its own).
+pub fn percent_escape_into(out: &mut String, bytes: &[u8], keep: impl Fn(u8) -> bool) {
     for &byte in bytes {
         if keep(byte) && byte != b'%' {
             out.push(char::from(byte));
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            out.push('%');
+            out.push(hex_digit(byte >> 4));
+            out.push(hex_digit(byte & 0xf));
         }
     }
-    out
+}
+
+/// The upper-case hex digit of a nibble (0..=15).
+fn hex_digit(nibble: u8) -> char {
+    char::from(if nibble < 10 { b'0' + nibble } else { b'A' + nibble - 10 })
 }
 
 thread_local! {

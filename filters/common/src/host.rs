@@ -281,7 +281,9 @@ pub fn headers(map: MapType) -> HostResult<crate::request::HeaderPairs> {
 
 /// Serializes headers in the ABI's map format (for local responses).
 pub fn encode_header_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::new();
+    // Sized up front: one allocation, not one per doubling.
+    let text: usize = pairs.iter().map(|(name, value)| name.len() + value.len() + 2).sum();
+    let mut out = Vec::with_capacity(4 + 8 * pairs.len() + text);
     out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (name, value) in pairs {
         out.extend_from_slice(&(name.len() as u32).to_le_bytes());
@@ -355,9 +357,13 @@ pub fn send_local_response(
     body: &[u8],
     grpc_status: Option<u32>,
 ) -> HostResult<()> {
-    let headers: Vec<(&str, &str)> =
-        headers.iter().copied().filter(|(name, value)| checked_field(name, value.as_bytes()).is_ok()).collect();
-    let encoded = encode_header_pairs(&headers);
+    let encoded = if headers.iter().all(|(name, value)| field::is_writable(name, value.as_bytes())) {
+        encode_header_pairs(headers)
+    } else {
+        let headers: Vec<(&str, &str)> =
+            headers.iter().copied().filter(|(name, value)| checked_field(name, value.as_bytes()).is_ok()).collect();
+        encode_header_pairs(&headers)
+    };
     let grpc = grpc_status.and_then(|code| i32::try_from(code).ok()).unwrap_or(-1);
     // SAFETY: all buffers are live for the call.
     check(unsafe {

@@ -17,5 +17,6 @@ pub mod skeleton;
 #[cfg(any(test, feature = "testing"))]
 #[allow(clippy::panic)]
 pub mod testing;
+pub mod text;
 pub mod verdict;
 pub mod wire;

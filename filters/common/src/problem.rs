@@ -78,14 +78,12 @@ impl Problem {
         let mut headers = self.headers.clone();
         if request.is_grpc {
             return Reply {
-                status: self.status,
-                headers,
-                body: self.detail.as_bytes().to_vec().into(),
                 grpc_status: Some(self.grpc_status),
+                ..Reply::new(self.status, headers, self.detail.as_bytes().to_vec())
             };
         }
         headers.push(("content-type".to_string(), "application/problem+json".to_string()));
-        Reply { status: self.status, headers, body: self.body(request.request_id.as_deref()).into(), grpc_status: None }
+        Reply::new(self.status, headers, self.body(request.request_id.as_deref()))
     }
 }
 

@@ -338,7 +338,16 @@ pub fn read_request_from(host: &impl Host) -> Result<RequestHeaders, proxy_wasm:
 /// as is, every other byte as `%XX`. Two different byte strings never give the
 /// same text, so it is safe inside keys and selectors ([`unescape_bytes`] inverts it).
 pub fn escape_bytes(bytes: &[u8]) -> String {
-    crate::field::percent_escape(bytes, |byte| (0x20..=0x7e).contains(&byte))
+    crate::field::percent_escape(bytes, is_kept_unescaped)
+}
+
+/// [`escape_bytes`] appended to `out`.
+pub fn escape_bytes_into(out: &mut String, bytes: &[u8]) {
+    crate::field::percent_escape_into(out, bytes, is_kept_unescaped)
+}
+
+fn is_kept_unescaped(byte: u8) -> bool {
+    (0x20..=0x7e).contains(&byte)
 }
 
 /// The bytes an [`escape_bytes`] text stands for.

@@ -25,9 +25,32 @@ pub enum Edit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u32,
+    /// Fields kept ready for many replies (a cache's stored response headers),
+    /// sent before `headers`: shared, not copied into every reply.
+    pub shared_headers: Option<SharedFields>,
     pub headers: Vec<(String, String)>,
     pub body: Body,
     pub grpc_status: Option<u32>,
+}
+
+/// Header fields shared by whoever keeps them and the replies sending them.
+pub type SharedFields = Rc<[(String, String)]>;
+
+impl Reply {
+    pub fn new(status: u32, headers: Vec<(String, String)>, body: impl Into<Body>) -> Self {
+        Self { status, shared_headers: None, headers, body: body.into(), grpc_status: None }
+    }
+
+    /// Every header field of the reply, in the order they are sent.
+    pub fn all_headers(&self) -> impl Iterator<Item = &(String, String)> {
+        self.shared_headers.iter().flat_map(|shared| shared.iter()).chain(&self.headers)
+    }
+
+    /// The first value of a header field (for tests and for callers that check
+    /// what a reply says).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.all_headers().find(|(field, _)| field == name).map(|(_, value)| value.as_str())
+    }
 }
 
 /// A local reply's body: bytes of its own, or bytes shared with whoever keeps
@@ -167,7 +190,7 @@ impl Verdict {
             None => Action::Continue,
             Some((reply, on_refused)) => {
                 let headers: Vec<(&str, &str)> =
-                    reply.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+                    reply.all_headers().map(|(name, value)| (name.as_str(), value.as_str())).collect();
                 let sent = host.send_local_response(reply.status, &headers, &reply.body, reply.grpc_status);
                 failures.after(host, sent, on_refused)
             }
@@ -205,7 +228,7 @@ mod tests {
         let host = FakeHost::new();
         let failures = ReplyFailures::new(&host, "m");
         host.refuse_local_reply.set(true);
-        let reply = Reply { status: 403, headers: vec![], body: Body::default(), grpc_status: None };
+        let reply = Reply::new(403, vec![], Body::default());
         for (policy, action) in [
             (OnRefusedReply::Continue, Action::Continue),
             (OnRefusedReply::Resume, Action::Continue),

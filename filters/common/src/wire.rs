@@ -125,6 +125,11 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// How many bytes are left to read (`len - remaining` is the position).
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
     /// Whether every byte was read (trailing bytes mean a foreign value).
     pub fn is_done(&self) -> bool {
         self.rest.is_empty()

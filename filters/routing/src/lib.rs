@@ -258,7 +258,7 @@ fn preflight_verdict(shared: &Shared, request: &RequestHeaders) -> Option<Verdic
     let verdict = match cors.preflight(origin, method, Some(&requested_headers)) {
         Ok(fields) => {
             let headers = fields.into_iter().map(|(name, value)| (name.to_string(), value)).collect();
-            let reply = Reply { status: 204, headers, body: Body::default(), grpc_status: None };
+            let reply = Reply::new(204, headers, Body::default());
             Verdict::answer(reply, OnRefusedReply::Continue).count(shared.metrics.cors_preflight_allowed)
         }
         Err(refusal) => {
@@ -293,11 +293,11 @@ fn local_answer(router: &Router, request: &RequestHeaders, answer: &LocalAnswer,
     let reply = match &route.action {
         RouteAction::Redirect { location, .. } => {
             headers.push(("location".into(), location.clone()));
-            Reply { status: answer.status, headers, body: Body::default(), grpc_status: None }
+            Reply::new(answer.status, headers, Body::default())
         }
         RouteAction::Respond { body: Some(body), content_type, .. } => {
             headers.push(("content-type".into(), content_type.clone()));
-            Reply { status: answer.status, headers, body: body.clone().into_bytes().into(), grpc_status: None }
+            Reply::new(answer.status, headers, body.clone().into_bytes())
         }
         RouteAction::Respond { body: None, detail, .. } => {
             let mut problem = Problem::new(answer.status, "direct-response", "Answered by the gateway", detail.clone());
