@@ -19,6 +19,7 @@
 use gateway_common::hash::KeyedHash;
 use gateway_common::shared::{add_to_counter, read_counter, shared_secret};
 pub use gateway_common::shared::{Store, StoreError};
+use gateway_common::text::push_u64;
 use gateway_common::wire::{Reader, Writer};
 
 use crate::bucket::{Limit, Verdict};
@@ -79,6 +80,26 @@ pub fn decode_group(bytes: &[u8]) -> Option<Vec<Entry>> {
         entries.push(Entry { tat: input.u64()?, identity: input.bytes()?.to_vec() });
     }
     input.is_done().then_some(entries)
+}
+
+/// Where the TAT of `identity`'s bucket sits in a group value, when the value is
+/// well formed (as [`decode_group`] requires) and holds that bucket. A take from
+/// a bucket the identity already holds (the hot path) rewrites those 8 bytes in
+/// place instead of decoding and re-encoding the group.
+fn tat_position(value: &[u8], identity: &[u8]) -> Option<usize> {
+    let mut input = Reader::new(value);
+    if input.u8()? != FORMAT_VERSION {
+        return None;
+    }
+    let mut found = None;
+    for _ in 0..input.u8()? {
+        let at = value.len() - input.remaining();
+        input.u64()?;
+        if input.bytes()? == identity && found.is_none() {
+            found = Some(at);
+        }
+    }
+    input.is_done().then_some(found).flatten()
 }
 
 /// Who takes how many tokens, when.
@@ -147,8 +168,13 @@ impl Table {
         self.slots.max(1).div_ceil(WAYS as u32)
     }
 
+    /// Built without `format!`: it is read on every request.
     pub fn group_key(&self, group: u32) -> String {
-        format!("{}g:{group}", self.prefix)
+        let mut key = String::with_capacity(self.prefix.len() + 12);
+        key.push_str(&self.prefix);
+        key.push_str("g:");
+        push_u64(&mut key, u64::from(group));
+        key
     }
 
     pub fn overflow_key(&self, limit: &Limit) -> String {
@@ -208,25 +234,32 @@ impl Table {
     ) -> Result<Take, StoreError> {
         let [first, second] = self.candidates(identity);
         for _ in 0..=self.cas_retries {
-            let a = self.read(store, self.group_key(first))?;
-            let outcome = if let Some(place) = a.position(identity) {
-                self.take_owned(store, limit, a, place, now, cost)?
-            } else {
-                let b = if second != first { Some(self.read(store, self.group_key(second))?) } else { None };
-                match (b.as_ref().and_then(|b| b.position(identity)), b) {
-                    (Some(place), Some(b)) => self.take_owned(store, limit, b, place, now, cost)?,
-                    (_, b) => {
-                        // The candidate with more room; the first on a tie.
-                        let roomier = match b {
-                            Some(b) if b.free_places(now) > a.free_places(now) => b,
-                            _ => a,
-                        };
-                        match roomier.free_place(now) {
-                            Some(place) => self.claim(store, limit, roomier, place, Demand { identity, now, cost })?,
-                            None => {
-                                let overflow = self.read(store, self.overflow_key(limit))?;
-                                self.take_overflow(store, limit, overflow, identity, now, cost)?
-                            }
+            let first_key = self.group_key(first);
+            let (value, cas) = store.get(&first_key)?;
+            let mut value = value.unwrap_or_default();
+            if let Some(at) = tat_position(&value, identity) {
+                let demand = Demand { identity, now, cost };
+                match self.take_in_place(store, limit, (first_key, &mut value, cas), at, demand)? {
+                    Some(take) => return Ok(take),
+                    None => continue,
+                }
+            }
+            // Not in the first group (a malformed value reads as empty).
+            let a = Group { key: first_key, entries: decode_group(&value).unwrap_or_default(), cas };
+            let b = if second != first { Some(self.read(store, self.group_key(second))?) } else { None };
+            let outcome = match (b.as_ref().and_then(|b| b.position(identity)), b) {
+                (Some(place), Some(b)) => self.take_owned(store, limit, b, place, now, cost)?,
+                (_, b) => {
+                    // The candidate with more room; the first on a tie.
+                    let roomier = match b {
+                        Some(b) if b.free_places(now) > a.free_places(now) => b,
+                        _ => a,
+                    };
+                    match roomier.free_place(now) {
+                        Some(place) => self.claim(store, limit, roomier, place, Demand { identity, now, cost })?,
+                        None => {
+                            let overflow = self.read(store, self.overflow_key(limit))?;
+                            self.take_overflow(store, limit, overflow, identity, now, cost)?
                         }
                     }
                 }
@@ -236,6 +269,30 @@ impl Table {
             }
         }
         Ok(Take::Contended)
+    }
+
+    /// [`Table::take_owned`] on the group value as read, its bucket's TAT at
+    /// byte `at` ([`tat_position`]). `None`: lost a CAS race.
+    fn take_in_place(
+        &self,
+        store: &impl Store,
+        limit: &Limit,
+        (key, value, cas): (String, &mut [u8], Option<u32>),
+        at: usize,
+        demand: Demand<'_>,
+    ) -> Result<Option<Take>, StoreError> {
+        let Demand { identity, now, cost } = demand;
+        let Some(tat_bytes) = value.get_mut(at..at + 8) else { return Ok(None) };
+        let tat = tat_bytes.try_into().map(u64::from_le_bytes).unwrap_or_default();
+        let verdict = limit.take_cost(tat, now, cost);
+        if !verdict.allowed {
+            return Ok(Some(Take::Denied { verdict }));
+        }
+        tat_bytes.copy_from_slice(&verdict.new_tat.to_le_bytes());
+        if !store.set(&key, value, cas)? {
+            return Ok(None);
+        }
+        Ok(Some(Take::Taken { verdict, key, identity: identity.to_vec() }))
     }
 
     /// Takes from a bucket this identity already holds. `None`: lost a CAS race.
