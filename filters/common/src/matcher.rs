@@ -135,6 +135,15 @@ impl StringMatcher {
         result != self.invert
     }
 
+    /// The one value this condition requires, when it is a plain exact match
+    /// (case-sensitive, not inverted): a route table can index routes by it.
+    pub fn required_exact_value(&self) -> Option<&[u8]> {
+        match &self.kind {
+            StringKind::Exact(expected) if !self.ignore_case && !self.invert => Some(expected),
+            _ => None,
+        }
+    }
+
     fn matches_value(&self, value: &[u8]) -> bool {
         // Expected texts were lower-cased at compile time when ignoring case; the
         // value is compared folded, without a folded copy per request.

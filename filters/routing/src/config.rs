@@ -240,6 +240,8 @@ pub struct Router {
     pub cors: Option<Cors>,
     /// Some route (or the top level) has a CORS policy.
     pub has_cors: bool,
+    /// The routes by the header value most of them require, when enough do.
+    pub index: Option<crate::router::RouteIndex>,
 }
 
 #[derive(Debug, Clone)]
@@ -317,7 +319,9 @@ impl RoutingConfig {
         let needs_client_ip = routes.iter().any(|route| route.conditions.needs_client_ip());
         let cors = self.cors.as_ref().and_then(|spec| spec.compile("cors", &mut errors));
         let has_cors = cors.is_some() || routes.iter().any(|route| route.cors.is_some());
+        let index = crate::router::RouteIndex::build(&routes);
         errors.into_result(Router {
+            index,
             cluster_header: self.cluster_header.clone(),
             route_name_response_header: self.route_name_response_header.clone(),
             routes,
