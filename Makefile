@@ -24,7 +24,7 @@ ENVOY_STAMP :=
 ENVOY_BIN_RESOLVED = $(ENVOY_BIN)
 endif
 
-.PHONY: build toolchain binaryen envoy tls run test lint unit unit-wasm integration redis rls-service idp oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke wrk clean
+.PHONY: build toolchain binaryen envoy tls run test lint unit unit-wasm integration redis rls-service idp oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke bench-hotpath wrk clean
 
 ## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
 toolchain:
@@ -190,9 +190,17 @@ bench-modules: build
 bench: bench-modules bench-tools redis rls-service
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" $(VENV)/bin/python bench/run.py $(if $(QUICK),--quick,)
 
-## bench-smoke: the benchmark's code path on one scenario for a few seconds (part of make test).
+## bench-smoke: the benchmark's code path on one scenario for a few seconds, and one
+## short round of bench-hotpath (part of make test).
 bench-smoke: bench-modules envoy wrk
 	ENVOY_BIN="$(ENVOY_BIN_RESOLVED)" $(VENV)/bin/python bench/run.py --smoke
+	$(VENV)/bin/python bench/hotpath.py --smoke
+
+## bench-hotpath: each module's own code per request, without Envoy: the module in
+## Node's V8 behind a minimal host, next to the empty filter making the same host
+## calls (bench/hotpath.py; quiet enough to show what a code change buys).
+bench-hotpath: bench-modules envoy
+	$(VENV)/bin/python bench/hotpath.py
 
 clean:
 	cargo clean

@@ -2,8 +2,9 @@
 //! Wasm boundary alone costs (VM dispatch of the request and response callbacks).
 //!
 //! Configured with a number (`"1024"`), it answers every request itself with a
-//! `200` of that many bytes: the floor of any module that answers from Wasm (one
-//! request callback, one local reply), against which cache hits are compared.
+//! `200` of that many bytes, with the header fields of a cache hit: the floor of
+//! any module that answers from Wasm (one request callback, one local reply),
+//! against which cache hits are compared.
 //!
 //! Configured with `"trap"`, a request carrying `x-trap` traps the VM (what a
 //! panic does): the integration tests measure Envoy's `failure_policy` with it.
@@ -166,7 +167,16 @@ impl HttpContext for NoopStream {
         }
         self.calls.request.iter().for_each(HostCall::make);
         let Some(body) = &self.reply else { return Action::Continue };
-        let headers = [("content-type", "text/plain"), ("cache-control", "public, max-age=600")];
+        // The fields a cache hit on the bench's upstream answers with: what it
+        // stored (all but `content-length`, which Envoy sets), `Age`, `Cache-Status`.
+        let headers = [
+            ("content-type", "text/plain"),
+            ("cache-control", "public, max-age=600"),
+            ("date", "Tue, 01 Dec 2026 22:00:00 GMT"),
+            ("server", "envoy"),
+            ("age", "0"),
+            ("cache-status", "wasm-cache; hit; ttl=600"),
+        ];
         match proxy_wasm::hostcalls::send_http_response(200, headers.to_vec(), Some(body)) {
             Ok(()) => Action::Pause,
             Err(_) => Action::Continue,
