@@ -191,8 +191,7 @@ pub fn dispatch_http_call(
     body: &[u8],
     timeout: std::time::Duration,
 ) -> HostResult<u32> {
-    let headers: Vec<(&str, &str)> =
-        headers.iter().copied().filter(|(name, value)| checked_field(name, value.as_bytes()).is_ok()).collect();
+    let headers = writable_fields(headers).into_owned();
     let body = (!body.is_empty()).then_some(body);
     proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, body, Vec::new(), timeout)
         .map_err(|status| HostError(status as u32))
@@ -348,6 +347,15 @@ pub fn set_property(path: &[&str], value: &[u8]) -> HostResult<()> {
     check(unsafe { proxy_set_property(encoded.as_ptr(), encoded.len(), value.as_ptr(), value.len()) })
 }
 
+/// The fields `field.rs` accepts, in order; the refused ones are counted. No copy
+/// when every field is writable (the usual case).
+fn writable_fields<'a, 'f>(fields: &'a [(&'f str, &'f str)]) -> std::borrow::Cow<'a, [(&'f str, &'f str)]> {
+    if fields.iter().all(|(name, value)| field::is_writable(name, value.as_bytes())) {
+        return std::borrow::Cow::Borrowed(fields);
+    }
+    fields.iter().copied().filter(|(name, value)| checked_field(name, value.as_bytes()).is_ok()).collect()
+}
+
 /// Answers the request locally. Returns an error (instead of panicking) when the
 /// host refuses, e.g. because a response was already sent. Headers whose name or
 /// value `field.rs` refuses are left out (and counted); the answer still goes out.
@@ -357,13 +365,7 @@ pub fn send_local_response(
     body: &[u8],
     grpc_status: Option<u32>,
 ) -> HostResult<()> {
-    let encoded = if headers.iter().all(|(name, value)| field::is_writable(name, value.as_bytes())) {
-        encode_header_pairs(headers)
-    } else {
-        let headers: Vec<(&str, &str)> =
-            headers.iter().copied().filter(|(name, value)| checked_field(name, value.as_bytes()).is_ok()).collect();
-        encode_header_pairs(&headers)
-    };
+    let encoded = encode_header_pairs(&writable_fields(headers));
     let grpc = grpc_status.and_then(|code| i32::try_from(code).ok()).unwrap_or(-1);
     // SAFETY: all buffers are live for the call.
     check(unsafe {
