@@ -70,16 +70,9 @@ pub fn encode_group(entries: &[Entry]) -> Vec<u8> {
 /// `None` for an empty placeholder, another format version, or garbage: all of
 /// which the table treats as a free group.
 pub fn decode_group(bytes: &[u8]) -> Option<Vec<Entry>> {
-    let mut input = Reader::new(bytes);
-    if input.u8()? != FORMAT_VERSION {
-        return None;
-    }
-    let count = input.u8()?;
-    let mut entries = Vec::with_capacity(usize::from(count));
-    for _ in 0..count {
-        entries.push(Entry { tat: input.u64()?, identity: input.bytes()?.to_vec() });
-    }
-    input.is_done().then_some(entries)
+    let mut entries = Vec::new();
+    walk_group(bytes, |_, tat, identity| entries.push(Entry { tat, identity: identity.to_vec() }))?;
+    Some(entries)
 }
 
 /// Where the TAT of `identity`'s bucket sits in a group value, when the value is
@@ -87,19 +80,29 @@ pub fn decode_group(bytes: &[u8]) -> Option<Vec<Entry>> {
 /// a bucket the identity already holds (the hot path) rewrites those 8 bytes in
 /// place instead of decoding and re-encoding the group.
 fn tat_position(value: &[u8], identity: &[u8]) -> Option<usize> {
-    let mut input = Reader::new(value);
+    let mut found = None;
+    walk_group(value, |at, _, held| {
+        if held == identity && found.is_none() {
+            found = Some(at);
+        }
+    })?;
+    found
+}
+
+/// Reads a group value, giving each bucket's (TAT position, TAT, identity) to
+/// `visit`; `None` (after visiting some) unless the whole value is well formed:
+/// the one reader of the format, for decoding and for the in-place take.
+fn walk_group(bytes: &[u8], mut visit: impl FnMut(usize, u64, &[u8])) -> Option<()> {
+    let mut input = Reader::new(bytes);
     if input.u8()? != FORMAT_VERSION {
         return None;
     }
-    let mut found = None;
     for _ in 0..input.u8()? {
-        let at = value.len() - input.remaining();
-        input.u64()?;
-        if input.bytes()? == identity && found.is_none() {
-            found = Some(at);
-        }
+        let at = bytes.len() - input.remaining();
+        let tat = input.u64()?;
+        visit(at, tat, input.bytes()?);
     }
-    input.is_done().then_some(found).flatten()
+    input.is_done().then_some(())
 }
 
 /// Who takes how many tokens, when.
