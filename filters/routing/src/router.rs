@@ -301,6 +301,14 @@ mod tests {
             Some("r4"),
             "the earlier route of a repeated header's values"
         );
+        // Raw bytes (as HTTP/2 lets through) are looked up as bytes: no lossy
+        // text, no near miss, and the same answer as the scan.
+        for value in [&b"r9\xff"[..], b"r\xff9", b"r9\0", b"r9\r\n"] {
+            let request = gateway_common::testing::request(&[("x-route", value)]);
+            let name = |router: &Router| router.matching_route(&request).map(|(_, route)| route.name.clone());
+            assert_eq!(name(&indexed), name(&scan), "{value:?}");
+            assert_ne!(name(&indexed).as_deref(), Some("r9"), "{value:?}");
+        }
     }
 
     #[test]
