@@ -198,6 +198,12 @@ CACHE_HIT_CALLS = ["header_pairs", "now", "shared_get:cache.index=321", "set_pro
 ROUTING_CALLS = ["header_pairs", "metric", "set_property:routing_route", f"set_header:x-gateway-cluster=c{ROUTES - 1}"]
 
 
+# Rounds of pure Wasm compute (the noop's `spin:`) in the calibration scenario,
+# about 20-45 µs: what straight-line module code costs inside Envoy against the
+# same rounds in `make bench-hotpath`.
+SPIN_ROUNDS = 20000
+
+
 def floor_filter(calls, vm_id=None):
     return wasm_filter("noop", "calls:" + ",".join(calls), vm_id=vm_id)
 
@@ -530,6 +536,9 @@ def scenarios():
           ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/big"),
           ("floor: Wasm local reply", wasm_filter("noop", 65536), None, {}, [], "/big"),
           ("floor: noop + a hit's calls", floor_filter(CACHE_HIT_CALLS + ["reply:65536"]), None, {}, [], "/big")]),
+        (f"calibration: {SPIN_ROUNDS} rounds of Wasm compute",
+         [("floor: noop + ratelimit's calls", floor_filter(RATELIMIT_CALLS), None, {}, []),
+          (f"floor + spin:{SPIN_ROUNDS}", floor_filter(RATELIMIT_CALLS + [f"spin:{SPIN_ROUNDS}"]), None, {}, [])]),
         ("chain: ratelimit + auth RS256 + routing + cache",
          [("native chain", chain_native, header_routes, route_header, tokens["RS256"]),
           ("wasm chain", chain_ours, cluster_header_route, route_header, tokens["RS256"]),
@@ -546,6 +555,50 @@ def scenarios():
                          route_header, [])]))
     else:
         print("note: this Envoy build has neither wasmtime nor WAMR; the runtime comparison is skipped", flush=True)
+    return result
+
+
+STARTUP_STARTS = 5
+
+
+def startup_variants():
+    """(label, filters) of what the startup table measures: each module alone with
+    its bench configuration, and the chain of four."""
+    chain = (wasm_filter("ratelimit", ours_ratelimit_config()) + wasm_filter("auth", ours_auth_config())
+             + wasm_filter("routing", ours_routing_config()) + wasm_filter("cache", {}))
+    return [("passthrough", ""), ("noop.wasm", wasm_filter("noop", {})),
+            ("auth.wasm", wasm_filter("auth", ours_auth_config())),
+            ("ratelimit.wasm", wasm_filter("ratelimit", ours_ratelimit_config())),
+            ("routing.wasm", wasm_filter("routing", ours_routing_config())),
+            ("cache.wasm", wasm_filter("cache", {})), ("wasm chain of four", chain)]
+
+
+def measure_startup(variants, workdir, upstream_port, starts=STARTUP_STARTS):
+    """Time from exec to `/ready` with 2 workers on both cores (the main thread's VM
+    and one per worker, each compiled module shared), `starts` starts per variant in
+    alternating order; rows of (label, median, min, max) in ms."""
+    times = {label: [] for label, _ in variants}
+    for start in range(starts):
+        for label, filters in variants if start % 2 == 0 else variants[::-1]:
+            name = re.sub(r"[^a-z0-9]+", "-", f"startup-{label}".lower())[:50] + f"-{start}"
+            envoy = Envoy(name, lambda a, p, f=filters: envoy_yaml(a, p, upstream_port, f), workdir, core="0,1",
+                          concurrency=2)
+            times[label].append(envoy.startup_ms)
+            envoy.stop()
+    rows = [(label, statistics.median(values), min(values), max(values)) for label, values in times.items()]
+    for label, median, low, high in rows:
+        print(f"   startup {label:36s} {median:6.0f} ms  [{low:.0f}, {high:.0f}]", flush=True)
+    return rows
+
+
+def with_builds_from(variants, directory):
+    """Each variant that loads one of our modules (not a native filter, not a floor),
+    followed by a twin loading the same modules from `directory`."""
+    result = []
+    for label, filters, *rest in variants:
+        result.append((label, filters, *rest))
+        if str(DIST) in filters and not label.startswith("floor"):
+            result.append((f"{label} from {directory.name}", filters.replace(str(DIST), str(directory)), *rest))
     return result
 
 
@@ -690,6 +743,8 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench"))
     parser.add_argument("--only", help="run only scenarios whose name contains this text (no results files)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument("--compare-dir", help="beside each variant of our modules, the same modules from this "
+                        "directory (another build, e.g. another opt-level); with --only")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: `make bench` installs it (apt-get install wrk)")
@@ -701,16 +756,24 @@ def main():
         chosen = [next(s for s in chosen if s[0].startswith("routing"))]
     if args.only:
         chosen = [s for s in chosen if args.only in s[0]]
+    startup = startup_variants() if not args.smoke and (not args.only or args.only in "startup") else []
+    if args.compare_dir:
+        if not args.only:
+            sys.exit("--compare-dir needs --only: it compares builds, it writes no results")
+        chosen = [(name, with_builds_from(variants, Path(args.compare_dir).resolve())) for name, variants in chosen]
+        startup = with_builds_from(startup, Path(args.compare_dir).resolve())
     workdir = tempfile.mkdtemp(prefix="gateway-bench-")
     started = time.time()
     envoys = []
     upstream = Envoy("upstream", upstream_yaml, workdir, core=1)
     envoys.append(upstream)
     rows = []
+    startup_rows = []
     services = []
-    if any("global" in scenario for scenario, _ in chosen):
-        services = start_rate_limit_service(workdir)
     try:
+        # Inside the try: a service that fails to start must not leave the upstream running.
+        if any("global" in scenario for scenario, _ in chosen):
+            services = start_rate_limit_service(workdir)
         for scenario, variants in chosen:
             print(f"== {scenario}", flush=True)
             running = []
@@ -725,6 +788,9 @@ def main():
             rows += measure_scenario(scenario, running, plan)
             for variant in running:
                 variant.envoy.stop()
+        if startup:
+            print("== startup to /ready, 2 workers", flush=True)
+            startup_rows = measure_startup(startup, workdir, upstream.port)
     finally:
         for envoy in envoys:
             envoy.stop()
@@ -739,11 +805,11 @@ def main():
         print(f"bench smoke ok ({len(rows)} variants, {elapsed:.0f} s)")
         shutil.rmtree(workdir, ignore_errors=True)
         return
-    write_results(Path(args.out), rows, plan, elapsed, args.quick)
+    write_results(Path(args.out), rows, startup_rows, plan, elapsed, args.quick)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def write_results(out, rows, plan, elapsed, quick):
+def write_results(out, rows, startup_rows, plan, elapsed, quick):
     out.mkdir(parents=True, exist_ok=True)
     passthrough = next(row["rps"] for row in rows if row["variant"] == "passthrough")
     noop_cpu = next(row["paced_cpu_us"] for row in rows if row["variant"] == "noop.wasm")
@@ -771,9 +837,13 @@ def write_results(out, rows, plan, elapsed, quick):
         "served), which saturation does not distort; `over noop` is the paced figure minus the empty Wasm filter's",
         "- `floor:` variants are the empty Wasm filter making exactly the host calls the module makes for that "
         "request (its budget test's list) and nothing else: what the module would cost if its own code were free",
+        "- `calibration`: the second row's `CPU/req paced` minus the first's is what a fixed amount of Wasm compute "
+        "(the noop's `spin:` rounds, no host call) costs inside Envoy; `make bench-hotpath` times the same rounds "
+        "in V8 alone. Where they agree, a module's cost above its floor that the hot path does not show is not slow "
+        "Wasm arithmetic but its code and data footprint between requests",
         "",
         "| scenario | variant | req/s | spread | vs first [95 % CI] | rounds | p50 ms | p99 ms | vs passthrough "
-        "| CPU/req µs | paced req/s | CPU/req paced µs | over noop µs | RSS MiB | startup ms | errors |",
+        "| CPU/req µs | paced req/s | CPU/req paced µs | over noop µs | RSS MiB | startup ms, 1 worker | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -786,19 +856,23 @@ def write_results(out, rows, plan, elapsed, quick):
             f"| {row['cpu_us']:.1f} | {row['paced_rps']:.0f} | {row['paced_cpu_us']:.1f} | {over_noop} "
             f"| {row['rss']:.0f} | {row['startup_ms']:.0f} | {row['errors']} |")
     lines += ["", "Module sizes: " + ", ".join(f"`{name}.wasm` {size / 1024:.0f} KiB" for name, size in sizes.items()),
-              "", "Startup is the time from exec to Envoy's `/ready`, including Wasm VM creation for every worker.",
-              "", "![ours vs native](results.png)", ""]
+              "", "Startup is the time from exec to Envoy's `/ready`, including Wasm VM creation for every worker. "
+              "In the table above it is one start of the measured Envoy (1 worker, pinned to one core); below, "
+              f"{STARTUP_STARTS} starts each with 2 workers on both cores, median [min, max]:", "",
+              "| variant | startup ms, 2 workers |", "|---|---:|"]
+    lines += [f"| {label} | {median:.0f} [{low:.0f}, {high:.0f}] |" for label, median, low, high in startup_rows]
+    lines += ["", "![ours vs native](results.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     chart(out / "results.png", rows, passthrough)
     if out.resolve() == (ROOT / "bench").resolve():
-        quote_in_readme(rows, lines[2])
+        quote_in_readme(rows, startup_rows, lines[2])
     print(f"wrote {out / 'results.md'} and {out / 'results.png'}")
 
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def quote_in_readme(rows, date_line):
+def quote_in_readme(rows, startup_rows, date_line):
     """The headline ratios of this run, between the README's bench markers."""
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -819,6 +893,9 @@ def quote_in_readme(rows, date_line):
             continue
         cell = lambda row: f"{row['ratio'][0]:.2f}x [{row['ratio'][1]:.2f}, {row['ratio'][2]:.2f}]"
         quoted.append(f"| {scenario} | {cell(ours)} | {cell(floors[0]) if floors else ''} |")
+    if startup_rows:
+        quoted += ["", "Startup to `/ready` with 2 workers (median of " f"{STARTUP_STARTS} starts): "
+                   + ", ".join(f"{label} {median / 1000:.2f} s" for label, median, _, _ in startup_rows) + "."]
     quoted += ["", README_END]
     before, rest = text.split(README_START, 1)
     after = rest.split(README_END, 1)[1]
@@ -834,6 +911,7 @@ def chart(path, rows, passthrough):
         print("matplotlib missing: no chart (make bench installs it into .venv)")
         return
     scenarios_seen = []
+    rows = [row for row in rows if not row["scenario"].startswith("calibration")]  # no native variant to chart
     for row in rows:
         if row["scenario"] not in scenarios_seen:
             scenarios_seen.append(row["scenario"])

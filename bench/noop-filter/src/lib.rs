@@ -17,7 +17,9 @@
 //! key holds that many bytes, written at configure time),
 //! `shared_set:<key>`, `metric` (a counter increment), or one of the header calls
 //! prefixed with `response.` to run on the response headers instead; `reply:<bytes>`
-//! answers locally after the calls, as a number alone does.
+//! answers locally after the calls, as a number alone does. `spin:<rounds>` is no
+//! host call but that many rounds of dependent integer arithmetic: a known amount of
+//! Wasm compute, to compare what it costs inside Envoy with `make bench-hotpath`.
 
 use std::rc::Rc;
 
@@ -56,6 +58,7 @@ enum HostCall {
     SharedGet(String),
     SharedSet(String),
     Metric(u32),
+    Spin(u32),
 }
 
 impl HostCall {
@@ -88,6 +91,7 @@ impl HostCall {
             }
             "shared_set" => HostCall::SharedSet(argument),
             "metric" => HostCall::Metric(host::define_metric(MetricType::Counter, "noop.calls").ok()?),
+            "spin" => HostCall::Spin(argument.parse().ok()?),
             _ => return None,
         };
         Some((response, call))
@@ -109,6 +113,10 @@ impl HostCall {
             HostCall::SharedGet(key) => host::shared_data(key).map(drop),
             HostCall::SharedSet(key) => host::set_shared_data(key, b"0123456789abcdef", None).map(drop),
             HostCall::Metric(id) => host::increment_metric(*id, 1),
+            HostCall::Spin(rounds) => {
+                std::hint::black_box(spin(*rounds));
+                Ok(())
+            }
         };
     }
 }
@@ -187,6 +195,18 @@ impl HttpContext for NoopStream {
         self.calls.response.iter().for_each(HostCall::make);
         Action::Continue
     }
+}
+
+/// xorshift64 rounds, each depending on the one before (no vectorizing, no
+/// skipping): about a nanosecond each.
+fn spin(rounds: u32) -> u64 {
+    let mut state = std::hint::black_box(0x9e37_79b9_7f4a_7c15_u64);
+    for _ in 0..rounds {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+    }
+    state
 }
 
 /// Traps the VM, as a panic in a module does.
