@@ -199,8 +199,8 @@ ROUTING_CALLS = ["header_pairs", "metric", "set_property:routing_route", f"set_h
 
 
 # Rounds of pure Wasm compute (the noop's `spin:`) in the calibration scenario,
-# about 20-45 µs: what straight-line module code costs inside Envoy against the
-# same rounds in `make bench-hotpath`.
+# about 45 µs on the bench machine: what straight-line module code costs inside
+# Envoy against the same rounds in `make bench-hotpath`.
 SPIN_ROUNDS = 20000
 
 
@@ -559,6 +559,7 @@ def scenarios():
 
 
 STARTUP_STARTS = 5
+STARTUP_SCENARIO = "startup to /ready, 2 workers"
 
 
 def startup_variants():
@@ -756,7 +757,7 @@ def main():
         chosen = [next(s for s in chosen if s[0].startswith("routing"))]
     if args.only:
         chosen = [s for s in chosen if args.only in s[0]]
-    startup = startup_variants() if not args.smoke and (not args.only or args.only in "startup") else []
+    startup = startup_variants() if not args.smoke and (not args.only or args.only in STARTUP_SCENARIO) else []
     if args.compare_dir:
         if not args.only:
             sys.exit("--compare-dir needs --only: it compares builds, it writes no results")
@@ -789,7 +790,7 @@ def main():
             for variant in running:
                 variant.envoy.stop()
         if startup:
-            print("== startup to /ready, 2 workers", flush=True)
+            print(f"== {STARTUP_SCENARIO}", flush=True)
             startup_rows = measure_startup(startup, workdir, upstream.port)
     finally:
         for envoy in envoys:
