@@ -52,7 +52,7 @@ def scenarios(cold_tokens):
         ("ratelimit per-IP", "ratelimit", run.ours_ratelimit_config(), [BASE_HEADERS], UPSTREAM_RESPONSE),
         ("ratelimit floor", "noop", floor(run.RATELIMIT_CALLS), [BASE_HEADERS], UPSTREAM_RESPONSE),
         # make bench's calibration: the same Wasm compute, timed here and inside Envoy.
-        (f"floor + spin:{run.SPIN_ROUNDS}", "noop", floor(run.RATELIMIT_CALLS + [f"spin:{run.SPIN_ROUNDS}"]),
+        (f"floor + spin:{run.SPIN_ROUNDS}", "noop", floor(run.SPIN_CALLS),
          [BASE_HEADERS], UPSTREAM_RESPONSE),
         (f"routing, {run.ROUTES} header routes", "routing", run.ours_routing_config(), [route], UPSTREAM_RESPONSE),
         ("routing floor", "noop", floor(run.ROUTING_CALLS), [route], UPSTREAM_RESPONSE),

@@ -204,6 +204,15 @@ ROUTING_CALLS = ["header_pairs", "metric", "set_property:routing_route", f"set_h
 SPIN_ROUNDS = 20000
 
 
+SPIN_CALLS = RATELIMIT_CALLS + [f"spin:{SPIN_ROUNDS}"]
+
+
+def ours_chain_filters():
+    """The demo chain's order: ratelimit, auth, routing, cache."""
+    return (wasm_filter("ratelimit", ours_ratelimit_config()) + wasm_filter("auth", ours_auth_config())
+            + wasm_filter("routing", ours_routing_config()) + wasm_filter("cache", {}))
+
+
 def floor_filter(calls, vm_id=None):
     return wasm_filter("noop", "calls:" + ",".join(calls), vm_id=vm_id)
 
@@ -496,8 +505,6 @@ def scenarios():
     tokens = {alg: make_tokens(alg, kid, TOKENS) for alg, kid in
               [("RS256", "rsa-1"), ("ES256", "ec-256"), ("HS256", "hs-1")]}
     cold = make_tokens("RS256", "rsa-1", 5000, cold=True)
-    chain_ours = (wasm_filter("ratelimit", ours_ratelimit_config()) + wasm_filter("auth", ours_auth_config())
-                  + wasm_filter("routing", ours_routing_config()) + wasm_filter("cache", {}))
     chain_native = native_ratelimit_filter() + native_jwt_filter() + native_cache_filter()
     result = [
         ("passthrough vs noop", [("passthrough", "", None, {}, []),
@@ -538,10 +545,10 @@ def scenarios():
           ("floor: noop + a hit's calls", floor_filter(CACHE_HIT_CALLS + ["reply:65536"]), None, {}, [], "/big")]),
         (f"calibration: {SPIN_ROUNDS} rounds of Wasm compute",
          [("floor: noop + ratelimit's calls", floor_filter(RATELIMIT_CALLS), None, {}, []),
-          (f"floor + spin:{SPIN_ROUNDS}", floor_filter(RATELIMIT_CALLS + [f"spin:{SPIN_ROUNDS}"]), None, {}, [])]),
+          (f"floor + spin:{SPIN_ROUNDS}", floor_filter(SPIN_CALLS), None, {}, [])]),
         ("chain: ratelimit + auth RS256 + routing + cache",
          [("native chain", chain_native, header_routes, route_header, tokens["RS256"]),
-          ("wasm chain", chain_ours, cluster_header_route, route_header, tokens["RS256"]),
+          ("wasm chain", ours_chain_filters(), cluster_header_route, route_header, tokens["RS256"]),
           ("floor: four noops + the modules' calls", chain_floor(), cluster_header_route, route_header,
            tokens["RS256"])]),
     ]
@@ -565,13 +572,11 @@ STARTUP_SCENARIO = "startup to /ready, 2 workers"
 def startup_variants():
     """(label, filters) of what the startup table measures: each module alone with
     its bench configuration, and the chain of four."""
-    chain = (wasm_filter("ratelimit", ours_ratelimit_config()) + wasm_filter("auth", ours_auth_config())
-             + wasm_filter("routing", ours_routing_config()) + wasm_filter("cache", {}))
     return [("passthrough", ""), ("noop.wasm", wasm_filter("noop", {})),
             ("auth.wasm", wasm_filter("auth", ours_auth_config())),
             ("ratelimit.wasm", wasm_filter("ratelimit", ours_ratelimit_config())),
             ("routing.wasm", wasm_filter("routing", ours_routing_config())),
-            ("cache.wasm", wasm_filter("cache", {})), ("wasm chain of four", chain)]
+            ("cache.wasm", wasm_filter("cache", {})), ("wasm chain of four", ours_chain_filters())]
 
 
 def measure_startup(variants, workdir, upstream_port, starts=STARTUP_STARTS):

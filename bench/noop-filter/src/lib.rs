@@ -198,7 +198,7 @@ impl HttpContext for NoopStream {
 }
 
 /// xorshift64 rounds, each depending on the one before (no vectorizing, no
-/// skipping): about a nanosecond each.
+/// skipping): 2-3 ns each on the bench machine, in V8 and in Envoy alike.
 fn spin(rounds: u32) -> u64 {
     let mut state = std::hint::black_box(0x9e37_79b9_7f4a_7c15_u64);
     for _ in 0..rounds {
