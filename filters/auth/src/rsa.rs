@@ -360,8 +360,11 @@ impl RsaPublicKey {
             }
             let Some(row) = columns.get_mut(i..i + limbs) else { break };
             let m = ((row.first().copied().unwrap_or_default() & mask) * self.n_prime) & mask;
-            let (reduction_only, both) = row.split_at_mut(i + 1);
-            let (n_low, n_high) = self.n.split_at(i + 1);
+            let (Some((reduction_only, both)), Some((n_low, n_high))) =
+                (row.split_at_mut_checked(i + 1), self.n.split_at_checked(i + 1))
+            else {
+                break;
+            };
             add_row_product(reduction_only, n_low, m);
             add_fused_rows(both, a.get(i + 1..).unwrap_or_default(), a_i << 1, n_high, m);
             self.carry_column(&mut columns, i);
