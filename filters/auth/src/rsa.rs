@@ -195,8 +195,8 @@ fn subtract_in_place(a: &mut [u32], b: &[u32], radix: u32) {
 
 /// `row[j] += factor * limbs[j]` for every j the two share: no carries (see
 /// [`radix_bits`] for why none can overflow), so every step is independent of
-/// the one before. Four columns per loop step: V8 does not unroll loops, and its
-/// loop overhead was a tenth of a product.
+/// the one before. Four columns per loop step: V8 does not unroll loops (four
+/// per step measured 6-15 % less time for the whole public operation).
 fn add_row_product(row: &mut [u64], limbs: &[u32], factor: u64) {
     let length = row.len().min(limbs.len());
     let (Some(row), Some(limbs)) = (row.get_mut(..length), limbs.get(..length)) else { return };
@@ -322,24 +322,15 @@ impl RsaPublicKey {
         Ok(key)
     }
 
-    /// Montgomery product a * b * R^-1 mod n of two values below n (FIOS with
-    /// deferred carries): per limb a_i, m makes column i divisible by 2^radix once
-    /// a_i * b_0 is in it, then a_i * b and m * n are added in one pass and column
-    /// i is carried into the next.
+    /// Montgomery product a * b * R^-1 mod n of two values below n: per limb a_i,
+    /// m makes column i divisible by 2^radix once a_i * b_0 is in it, then a_i * b
+    /// and m * n are added in one pass.
     fn multiply(&self, a: &[u32], b: &[u32]) -> Vec<u32> {
-        let limbs = self.n.len();
-        let mask = (1u64 << self.radix) - 1;
         let b_low = u64::from(b.first().copied().unwrap_or_default());
-        let mut columns = vec![0u64; 2 * limbs + 1];
-        for (i, a_i) in a.iter().enumerate() {
-            let a_i = u64::from(*a_i);
-            let Some(row) = columns.get_mut(i..i + limbs) else { break };
-            let column = row.first().copied().unwrap_or_default() + a_i * b_low;
-            let m = ((column & mask) * self.n_prime) & mask;
+        self.montgomery(a, |row, _, a_i| {
+            let m = self.reduction_factor(row.first().copied().unwrap_or_default() + a_i * b_low);
             add_fused_rows(row, b, a_i, &self.n, m);
-            self.carry_column(&mut columns, i);
-        }
-        self.upper_half_reduced(&columns)
+        })
     }
 
     /// Montgomery square a * a * R^-1 mod n: each cross product a_i * a_j is
@@ -350,34 +341,44 @@ impl RsaPublicKey {
     /// cross products land on columns 2i + 1 and up, where the reduction's
     /// m * n_j (column i + j) has j > i: both rows are indexed by j there.
     fn square(&self, a: &[u32]) -> Vec<u32> {
-        let limbs = self.n.len();
-        let mask = (1u64 << self.radix) - 1;
-        let mut columns = vec![0u64; 2 * limbs + 1];
-        for (i, a_i) in a.iter().enumerate() {
-            let a_i = u64::from(*a_i);
-            if let Some(square) = columns.get_mut(2 * i) {
+        self.montgomery(a, |row, i, a_i| {
+            // Column 2i is row[i].
+            if let Some(square) = row.get_mut(i) {
                 *square += a_i * a_i;
             }
-            let Some(row) = columns.get_mut(i..i + limbs) else { break };
-            let m = ((row.first().copied().unwrap_or_default() & mask) * self.n_prime) & mask;
+            let m = self.reduction_factor(row.first().copied().unwrap_or_default());
             let (Some((reduction_only, both)), Some((n_low, n_high))) =
                 (row.split_at_mut_checked(i + 1), self.n.split_at_checked(i + 1))
             else {
-                break;
+                return;
             };
             add_row_product(reduction_only, n_low, m);
             add_fused_rows(both, a.get(i + 1..).unwrap_or_default(), a_i << 1, n_high, m);
-            self.carry_column(&mut columns, i);
+        })
+    }
+
+    /// The Montgomery loop (FIOS with deferred carries): per limb a_i,
+    /// `add_limb(row, i, a_i)` adds that limb's products and its m * n to the
+    /// columns i.. (`row`), leaving column i divisible by 2^radix; column i is then
+    /// carried into the next, and the upper half is the result.
+    fn montgomery(&self, a: &[u32], add_limb: impl Fn(&mut [u64], usize, u64)) -> Vec<u32> {
+        let limbs = self.n.len();
+        let mut columns = vec![0u64; 2 * limbs + 1];
+        for (i, a_i) in a.iter().enumerate() {
+            let Some(row) = columns.get_mut(i..i + limbs) else { break };
+            add_limb(row, i, u64::from(*a_i));
+            let carry = columns.get(i).copied().unwrap_or_default() >> self.radix;
+            if let Some(next) = columns.get_mut(i + 1) {
+                *next += carry;
+            }
         }
         self.upper_half_reduced(&columns)
     }
 
-    /// Column `i` is divisible by 2^radix: its quotient goes to column i + 1.
-    fn carry_column(&self, columns: &mut [u64], i: usize) {
-        let carry = columns.get(i).copied().unwrap_or_default() >> self.radix;
-        if let Some(next) = columns.get_mut(i + 1) {
-            *next += carry;
-        }
+    /// m = -column * n^-1 mod 2^radix: adding m * n makes the column divisible by 2^radix.
+    fn reduction_factor(&self, column: u64) -> u64 {
+        let mask = (1u64 << self.radix) - 1;
+        ((column & mask) * self.n_prime) & mask
     }
 
     /// The upper half of the columns, carried into limbs: a value below 2n,
