@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "dist"
@@ -579,21 +580,43 @@ def startup_variants():
             ("cache.wasm", wasm_filter("cache", {})), ("wasm chain of four", ours_chain_filters())]
 
 
+class StartupRow(NamedTuple):
+    label: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    # Median RSS at `/ready` with 1 and with 2 workers: the difference is what one
+    # more worker (its own VM of each module, its own heap) costs.
+    rss_one_worker: float
+    rss_two_workers: float
+
+    @property
+    def per_worker_mib(self):
+        return self.rss_two_workers - self.rss_one_worker
+
+
 def measure_startup(variants, workdir, upstream_port, starts=STARTUP_STARTS):
     """Time from exec to `/ready` with 2 workers on both cores (the main thread's VM
     and one per worker, each compiled module shared), `starts` starts per variant in
-    alternating order; rows of (label, median, min, max) in ms."""
+    alternating order, and the RSS at `/ready` with 2 workers and with 1."""
     times = {label: [] for label, _ in variants}
+    rss = {(label, workers): [] for label, _ in variants for workers in (1, 2)}
     for start in range(starts):
         for label, filters in variants if start % 2 == 0 else variants[::-1]:
-            name = re.sub(r"[^a-z0-9]+", "-", f"startup-{label}".lower())[:50] + f"-{start}"
-            envoy = Envoy(name, lambda a, p, f=filters: envoy_yaml(a, p, upstream_port, f), workdir, core="0,1",
-                          concurrency=2)
-            times[label].append(envoy.startup_ms)
-            envoy.stop()
-    rows = [(label, statistics.median(values), min(values), max(values)) for label, values in times.items()]
-    for label, median, low, high in rows:
-        print(f"   startup {label:36s} {median:6.0f} ms  [{low:.0f}, {high:.0f}]", flush=True)
+            for workers in (2, 1):
+                name = re.sub(r"[^a-z0-9]+", "-", f"startup-{label}".lower())[:50] + f"-{start}-{workers}"
+                envoy = Envoy(name, lambda a, p, f=filters: envoy_yaml(a, p, upstream_port, f), workdir, core="0,1",
+                              concurrency=workers)
+                if workers == 2:
+                    times[label].append(envoy.startup_ms)
+                rss[label, workers].append(envoy.rss_mib())
+                envoy.stop()
+    rows = [StartupRow(label, statistics.median(values), min(values), max(values),
+                       statistics.median(rss[label, 1]), statistics.median(rss[label, 2]))
+            for label, values in times.items()]
+    for row in rows:
+        print(f"   startup {row.label:36s} {row.median_ms:6.0f} ms  [{row.min_ms:.0f}, {row.max_ms:.0f}]  "
+              f"RSS {row.rss_one_worker:.0f} MiB with 1 worker, {row.per_worker_mib:+.1f} MiB per worker", flush=True)
     return rows
 
 
@@ -865,8 +888,15 @@ def write_results(out, rows, startup_rows, plan, elapsed, quick):
               "", "Startup is the time from exec to Envoy's `/ready`, including Wasm VM creation for every worker. "
               "In the table above it is one start of the measured Envoy (1 worker, pinned to one core); below, "
               f"{STARTUP_STARTS} starts each with 2 workers on both cores, median [min, max]:", "",
-              "| variant | startup ms, 2 workers |", "|---|---:|"]
-    lines += [f"| {label} | {median:.0f} [{low:.0f}, {high:.0f}] |" for label, median, low, high in startup_rows]
+              "| variant | startup ms, 2 workers | RSS MiB at /ready, 1 worker | per added worker MiB |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {row.label} | {row.median_ms:.0f} [{row.min_ms:.0f}, {row.max_ms:.0f}] | {row.rss_one_worker:.0f} "
+              f"| {row.per_worker_mib:+.1f} |" for row in startup_rows]
+    if startup_rows:
+        lines += ["", "RSS is the median at `/ready` over the same starts, with 1 worker and with 2; `per added worker` "
+                  "is the difference: one more worker's VM of each module and its heap (the compiled code is shared "
+                  "by all of a process's VMs), before any request. What a module keeps per worker while serving is "
+                  "bounded by its configuration (README, Performance)."]
     lines += ["", "![ours vs native](results.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     chart(out / "results.png", rows, passthrough)
@@ -901,7 +931,12 @@ def quote_in_readme(rows, startup_rows, date_line):
         quoted.append(f"| {scenario} | {cell(ours)} | {cell(floors[0]) if floors else ''} |")
     if startup_rows:
         quoted += ["", "Startup to `/ready` with 2 workers (median of " f"{STARTUP_STARTS} starts): "
-                   + ", ".join(f"{label} {median / 1000:.2f} s" for label, median, _, _ in startup_rows) + "."]
+                   + ", ".join(f"{row.label} {row.median_ms / 1000:.2f} s" for row in startup_rows) + "."]
+        base = startup_rows[0]
+        quoted += ["", f"Memory at `/ready` (RSS over {base.label}'s {base.rss_one_worker:.0f} MiB with 1 worker; "
+                   "then per added worker): "
+                   + ", ".join(f"{row.label} {row.rss_one_worker - base.rss_one_worker:+.0f} MiB, "
+                               f"{row.per_worker_mib:+.1f} MiB per worker" for row in startup_rows[1:]) + "."]
     quoted += ["", README_END]
     before, rest = text.split(README_START, 1)
     after = rest.split(README_END, 1)[1]
