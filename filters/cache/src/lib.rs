@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gateway_common::config::ConfigErrors;
-use gateway_common::hash::digests_equal;
+use gateway_common::hash::{digests_equal, IntegerHashing};
 use gateway_common::host::{self, LogLevel, MapType};
 use gateway_common::metrics::{BatchedCounter, Metric};
 use gateway_common::platform::{Ffi, Host, OnRefusedReply, ReplyFailures};
@@ -96,21 +96,24 @@ struct Shared {
 }
 
 /// Per (set, way): the index version and the metadata decoded at it.
-type DecodedWays = HashMap<(u32, usize), (u32, Rc<Meta>)>;
+type DecodedWays = HashMap<(u32, usize), (u32, Rc<Meta>), IntegerHashing>;
+
+/// A body's (set, way, position, generation).
+type BodyKey = (u32, usize, usize, u64);
 
 /// Bodies kept in this VM, bounded in bytes (at capacity it starts over).
 #[derive(Default)]
 struct LocalBodies {
-    bodies: HashMap<(u32, usize, usize, u64), Rc<[u8]>>,
+    bodies: HashMap<BodyKey, Rc<[u8]>, IntegerHashing>,
     bytes: usize,
 }
 
 impl LocalBodies {
-    fn get(&self, key: &(u32, usize, usize, u64)) -> Option<&Rc<[u8]>> {
+    fn get(&self, key: &BodyKey) -> Option<&Rc<[u8]>> {
         self.bodies.get(key)
     }
 
-    fn insert(&mut self, key: (u32, usize, usize, u64), body: Rc<[u8]>) {
+    fn insert(&mut self, key: BodyKey, body: Rc<[u8]>) {
         self.bytes += body.len();
         if let Some(old) = self.bodies.insert(key, body) {
             self.bytes -= old.len();
@@ -171,7 +174,7 @@ impl Shared {
             cache,
             table,
             metrics,
-            decoded: RefCell::new(HashMap::new()),
+            decoded: RefCell::new(HashMap::default()),
             local_bodies: RefCell::new(LocalBodies::default()),
             revalidations: RefCell::new(Vec::new()),
             in_flight: RefCell::new(HashSet::new()),

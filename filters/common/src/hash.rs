@@ -36,6 +36,47 @@ impl KeyedHash {
     }
 }
 
+/// A cheap hasher for this VM's maps keyed by integers it derived itself (table
+/// positions, generations), where SipHash's protection buys nothing: no client
+/// chooses these keys. Never key it by request bytes. A multiply-rotate step per
+/// integer (as rustc's FxHasher), rotated at the end so the low bits a hash
+/// table indexes by depend on every input bit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IntegerHasher(u64);
+
+/// `HashMap<K, V, IntegerHashing>`: a map keyed by this VM's own integers.
+pub type IntegerHashing = std::hash::BuildHasherDefault<IntegerHasher>;
+
+impl IntegerHasher {
+    fn add(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+}
+
+impl Hasher for IntegerHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.add(u64::from(*byte));
+        }
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.add(value);
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.add(value as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
+    }
+}
+
 /// 16 bytes from the host's random source (WASI `random_get` in Wasm).
 pub fn random_secret() -> Option<[u8; 16]> {
     let mut secret = [0u8; 16];
@@ -80,6 +121,23 @@ mod tests {
         assert_eq!(one.hash(b"/a"), KeyedHash::new([1; 16]).hash(b"/a"), "same secret, same placement");
         assert_ne!(one.hash(b"/a"), KeyedHash::new([2; 16]).hash(b"/a"));
         assert_ne!(random_secret(), random_secret());
+    }
+
+    #[test]
+    fn integer_keys_spread_over_the_low_bits_a_table_indexes_by() {
+        use std::hash::BuildHasher as _;
+        let hashing = IntegerHashing::default();
+        let mut buckets = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for set in 0..256u32 {
+            for way in 0..16usize {
+                let hash = hashing.hash_one((set, way));
+                hashes.insert(hash);
+                buckets.insert(hash & 0xfff);
+            }
+        }
+        assert_eq!(hashes.len(), 4096, "every key its own hash");
+        assert!(buckets.len() > 2500, "4096 keys over 4096 buckets fill {} of them", buckets.len());
     }
 
     #[test]
