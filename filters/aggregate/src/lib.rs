@@ -128,8 +128,7 @@ impl<H: Host> Context for AggregateStream<H> {
             Vec::new()
         };
         let elapsed_ms = self.host.now_nanos().saturating_sub(started) / 1_000_000;
-        // Envoy answers a timed-out call with no headers or its own 504.
-        let timed_out = matches!(status, None | Some(504)) && elapsed_ms + 5 >= part.spec.timeout_ms;
+        let timed_out = compose::ran_into_deadline(status, elapsed_ms, part.spec.timeout_ms);
         let outcome = match status {
             _ if timed_out => Outcome::Timeout,
             Some(200..=299) if too_large => Outcome::Error(format!("body larger than {} bytes", part.spec.max_bytes)),
