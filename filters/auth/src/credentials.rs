@@ -1,12 +1,12 @@
 //! Credentials: finding them in the request, checking API keys and basic-auth
 //! passwords, and the per-worker caches that keep the hot path cheap.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use gateway_common::hash::digests_equal;
+use gateway_common::hash::{digests_equal, IntegerHashing, KeyedHash};
 use gateway_common::request::{percent_decode, RequestHeaders};
 use gateway_common::shared::{Store, StoreError};
 use serde_json::Value;
@@ -203,21 +203,31 @@ impl BasicChecker {
 /// Verified tokens per worker, keyed by the token itself, never kept past the
 /// token's `exp` nor `max_ttl` (so a revoked key stops working within it).
 ///
-/// The key is the whole token, compared byte for byte: a hit is the same token,
-/// never one whose digest collides. The map hashes it with std's keyed SipHash
-/// (random per VM, so no client can aim tokens at one bucket); a SHA-256 per
-/// request, as before, cost more than the rest of a warm check in Wasm. Tokens
-/// longer than [`TokenCache::MAX_TOKEN_BYTES`] are verified every time, which
-/// bounds the memory at `capacity` times that.
+/// A hit is the same token, compared in whole: never one whose hash collides.
+/// Entries are bucketed by a SipHash, under a secret random per VM, of the
+/// token's length and its last [`TokenCache::HASHED_TAIL`] bytes: for a JWT that
+/// is signature, different for every token an issuer signs, so hashing the rest
+/// buys nothing; and since only verified tokens are inserted, nobody can fill one
+/// bucket. Hashing and comparing the whole token byte by byte (std's map, with
+/// wasi-libc's byte-wise `memcmp`) was the largest part of a warm check's own
+/// code. Tokens longer than [`TokenCache::MAX_TOKEN_BYTES`] are verified every
+/// time, which bounds the memory at `capacity` times that.
 pub struct TokenCache {
     capacity: usize,
     max_ttl: u64,
-    entries: HashMap<Rc<[u8]>, CachedToken>,
-    /// Tokens in insertion order: at capacity the oldest goes, in O(1) (a scan
-    /// for the entry closest to expiry cost two passes over every entry per
-    /// insert, which is every request when each token is new).
-    order: std::collections::VecDeque<Rc<[u8]>>,
+    hash: KeyedHash,
+    /// Tokens by [`TokenCache::bucket_of`]; a bucket holds more than one only
+    /// when two tokens' hashes are equal.
+    buckets: HashMap<u64, Vec<KeptToken>, IntegerHashing>,
+    entries: usize,
+    /// Tokens in insertion order, with their bucket: at capacity the oldest goes,
+    /// in O(1) (a scan for the entry closest to expiry cost two passes over every
+    /// entry per insert, which is every request when each token is new).
+    order: VecDeque<(u64, Rc<[u8]>)>,
 }
+
+/// A token as kept, with what its verification found.
+type KeptToken = (Rc<[u8]>, CachedToken);
 
 #[derive(Debug, Clone)]
 pub struct CachedToken {
@@ -229,13 +239,28 @@ pub struct CachedToken {
 impl TokenCache {
     /// The longest token kept (real JWTs are well under 2 KiB).
     pub const MAX_TOKEN_BYTES: usize = 4096;
+    /// How many of a token's last bytes its bucket is chosen by.
+    pub const HASHED_TAIL: usize = 64;
 
-    pub fn new(capacity: usize, max_ttl: u64) -> Self {
-        Self { capacity, max_ttl, entries: HashMap::new(), order: std::collections::VecDeque::new() }
+    pub fn new(capacity: usize, max_ttl: u64, secret: [u8; 16]) -> Self {
+        Self {
+            capacity,
+            max_ttl,
+            hash: KeyedHash::new(secret),
+            buckets: HashMap::default(),
+            entries: 0,
+            order: VecDeque::new(),
+        }
+    }
+
+    fn bucket_of(&self, token: &[u8]) -> u64 {
+        let tail = token.get(token.len().saturating_sub(Self::HASHED_TAIL)..).unwrap_or(token);
+        self.hash.hash(tail) ^ (token.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
     pub fn get(&self, token: &[u8], provider: usize, now: u64) -> Option<Rc<Value>> {
-        let entry = self.entries.get(token)?;
+        let bucket = self.buckets.get(&self.bucket_of(token))?;
+        let (_, entry) = bucket.iter().find(|(kept, _)| same_bytes(kept, token))?;
         (entry.provider == provider && now < entry.until).then(|| Rc::clone(&entry.claims))
     }
 
@@ -248,28 +273,57 @@ impl TokenCache {
             return;
         }
         let entry = CachedToken { provider, claims, until };
-        if let Some(existing) = self.entries.get_mut(token) {
-            *existing = entry;
-            return;
+        let bucket_key = self.bucket_of(token);
+        if let Some(bucket) = self.buckets.get_mut(&bucket_key) {
+            if let Some((_, existing)) = bucket.iter_mut().find(|(kept, _)| same_bytes(kept, token)) {
+                *existing = entry;
+                return;
+            }
         }
         // Entries live at most max_ttl, so the oldest inserted is about the first
         // to expire anyway.
-        while self.entries.len() >= self.capacity {
-            let Some(oldest) = self.order.pop_front() else { break };
-            self.entries.remove(&oldest);
+        while self.entries >= self.capacity {
+            let Some((oldest_bucket, oldest)) = self.order.pop_front() else { break };
+            self.remove(oldest_bucket, &oldest);
         }
         let key: Rc<[u8]> = Rc::from(token);
-        self.entries.insert(Rc::clone(&key), entry);
-        self.order.push_back(key);
+        self.buckets.entry(bucket_key).or_default().push((Rc::clone(&key), entry));
+        self.entries += 1;
+        self.order.push_back((bucket_key, key));
+    }
+
+    fn remove(&mut self, bucket_key: u64, token: &[u8]) {
+        let Some(bucket) = self.buckets.get_mut(&bucket_key) else { return };
+        let before = bucket.len();
+        bucket.retain(|(kept, _)| !same_bytes(kept, token));
+        self.entries -= before - bucket.len();
+        if bucket.is_empty() {
+            self.buckets.remove(&bucket_key);
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries == 0
     }
+}
+
+/// Byte equality eight bytes at a time (wasi-libc's `memcmp`, which `==` on
+/// slices calls, compares one byte per step).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (words_a, words_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tails_equal = words_a.remainder() == words_b.remainder();
+    tails_equal
+        && words_a.zip(words_b).all(|(x, y)| match (<[u8; 8]>::try_from(x), <[u8; 8]>::try_from(y)) {
+            (Ok(x), Ok(y)) => u64::from_ne_bytes(x) == u64::from_ne_bytes(y),
+            _ => false,
+        })
 }
 
 /// A header value for a claim; `None` for values a header cannot carry.
@@ -402,7 +456,7 @@ mod tests {
 
     #[test]
     fn token_cache_is_bounded_and_respects_expiry() {
-        let mut cache = TokenCache::new(2, 300);
+        let mut cache = TokenCache::new(2, 300, [7; 16]);
         let claims = Rc::new(Value::Null);
         cache.insert(b"t1", 0, Rc::clone(&claims), Some(150), 100);
         assert!(cache.get(b"t1", 0, 149).is_some());
@@ -422,6 +476,39 @@ mod tests {
         cache.insert(&long, 0, Rc::clone(&claims), None, 100);
         assert!(cache.get(&long, 0, 120).is_none(), "longer tokens are not kept");
         assert_eq!((cache.len(), cache.order.len()), (2, 2), "bounded, and the order with it");
+    }
+
+    #[test]
+    fn tokens_in_one_bucket_stay_apart() {
+        // Same length and same last 64 bytes: one bucket, three different tokens.
+        let tail = [b's'; TokenCache::HASHED_TAIL];
+        let token = |head: &[u8]| [head, &tail[..]].concat();
+        let (a, b, c) = (token(b"header.payload-a."), token(b"header.payload-b."), token(b"header.payload-c."));
+        let mut cache = TokenCache::new(2, 300, [7; 16]);
+        assert_eq!(cache.bucket_of(&a), cache.bucket_of(&b));
+        cache.insert(&a, 0, Rc::new(Value::from("a")), None, 100);
+        cache.insert(&b, 1, Rc::new(Value::from("b")), None, 100);
+        assert_eq!(cache.get(&a, 0, 101).as_deref(), Some(&Value::from("a")));
+        assert_eq!(cache.get(&b, 1, 101).as_deref(), Some(&Value::from("b")));
+        assert!(cache.get(&c, 0, 101).is_none(), "a token sharing the bucket is not a hit");
+        cache.insert(&c, 0, Rc::new(Value::from("c")), None, 100);
+        assert!(cache.get(&a, 0, 101).is_none(), "the oldest of the bucket was evicted, and only it");
+        assert!(cache.get(&b, 1, 101).is_some() && cache.get(&c, 0, 101).is_some());
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn word_wise_equality_is_byte_equality() {
+        let text: Vec<u8> = (0..40u8).collect();
+        for len in 0..text.len() {
+            assert!(same_bytes(&text[..len], &text[..len]));
+            for at in 0..len {
+                let mut other = text[..len].to_vec();
+                other[at] ^= 1;
+                assert!(!same_bytes(&text[..len], &other), "length {len}, byte {at} differs");
+            }
+            assert!(!same_bytes(&text[..len], &text[..len + 1]));
+        }
     }
 
     #[test]

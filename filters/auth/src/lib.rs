@@ -150,15 +150,17 @@ struct Shared {
 
 impl Shared {
     /// The per-VM state; `None` when the shared-data keys cannot be created.
-    /// Metrics are named `<prefix>.*` (see `skeleton::metric_prefix`).
-    fn new(host: &impl Host, auth: Auth, basic_cache_key: [u8; 16], prefix: &str) -> Option<Self> {
+    /// Metrics are named `<prefix>.*` (see `skeleton::metric_prefix`). `secrets`:
+    /// the keys of this VM's basic-auth cache and token cache, random per VM.
+    fn new(host: &impl Host, auth: Auth, secrets: [[u8; 16]; 2], prefix: &str) -> Option<Self> {
+        let [basic_cache_key, token_cache_key] = secrets;
         let store = SharedData(host);
         let remote_names = auth.providers.iter().filter(|p| remote_spec(p).is_some()).map(|p| p.name.as_str());
         let users = auth.basic.as_ref().map_or(0, |basic| basic.users.len());
         (0..users).try_for_each(|index| store.ensure(&credentials::failure_key(index))).ok()?;
         jwks::initialize(&store, remote_names).ok()?;
         let state = VmState {
-            token_cache: TokenCache::new(auth.token_cache.entries, auth.token_cache.max_ttl_seconds),
+            token_cache: TokenCache::new(auth.token_cache.entries, auth.token_cache.max_ttl_seconds, token_cache_key),
             basic: BasicChecker::new(basic_cache_key),
             remote: vec![RemoteKeys::default(); auth.providers.len()],
             warned: vec![false; auth.providers.len()],
@@ -344,7 +346,7 @@ impl Module for AuthModule {
     }
 
     fn start(host: &Ffi, auth: Auth, instance: &str) -> Option<Shared> {
-        let shared = Shared::new(host, auth, random_key(), &metric_prefix(Self::NAME, instance));
+        let shared = Shared::new(host, auth, [random_key(), random_key()], &metric_prefix(Self::NAME, instance));
         if shared.is_none() {
             host.log(LogLevel::Error, "auth: cannot initialize shared data for remote JWKS");
         }
@@ -780,7 +782,7 @@ mod glue_tests {
 
     fn shared(host: &FakeHost) -> Rc<Shared> {
         let config: AuthConfig = gateway_common::config::parse_json(CONFIG.as_bytes()).unwrap();
-        Rc::new(Shared::new(host, config.compile().unwrap(), [7; 16], "auth").unwrap())
+        Rc::new(Shared::new(host, config.compile().unwrap(), [[7; 16], [8; 16]], "auth").unwrap())
     }
 
     fn stream<'h>(host: &'h FakeHost, shared: &Rc<Shared>) -> AuthStream<&'h FakeHost> {
@@ -844,7 +846,7 @@ mod glue_tests {
                              "client_id": "gw", "client_secret": "pw"}}],
                          "rules": [{"name": "api", "require": {"any": ["idp"]}}]}"#;
         let config: AuthConfig = gateway_common::config::parse_json(config.as_bytes()).unwrap();
-        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), [7; 16], "auth").unwrap());
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), [[7; 16], [8; 16]], "auth").unwrap());
         request(&host, b"Bearer opaque-1");
         let mut first = stream(&host, &shared);
         assert_eq!(first.on_http_request_headers(0, true), Action::Pause);
@@ -882,7 +884,7 @@ mod glue_tests {
         let config = serde_json::json!({"providers": [provider("one", "x-one"), provider("two", "x-two")],
                                         "rules": [{"name": "api", "require": {"all": ["one", "two"]}}]});
         let config: AuthConfig = gateway_common::config::parse_json(config.to_string().as_bytes()).unwrap();
-        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), [7; 16], "auth").unwrap());
+        let shared = Rc::new(Shared::new(&host, config.compile().unwrap(), [[7; 16], [8; 16]], "auth").unwrap());
         host.replace_headers(
             MapType::HttpRequestHeaders,
             &[(":method", b"GET"), (":path", b"/"), ("x-one", b"t1"), ("x-two", b"t2")],
