@@ -219,10 +219,10 @@ pub struct TokenCache {
     /// Tokens by [`TokenCache::bucket_of`]; a bucket holds more than one only
     /// when two tokens' hashes are equal.
     buckets: HashMap<u64, Vec<KeptToken>, IntegerHashing>,
-    entries: usize,
-    /// Tokens in insertion order, with their bucket: at capacity the oldest goes,
-    /// in O(1) (a scan for the entry closest to expiry cost two passes over every
-    /// entry per insert, which is every request when each token is new).
+    /// Every kept token once, in insertion order, with its bucket (so its length
+    /// is the cache's): at capacity the oldest goes, in O(1) (a scan for the
+    /// entry closest to expiry cost two passes over every entry per insert,
+    /// which is every request when each token is new).
     order: VecDeque<(u64, Rc<[u8]>)>,
 }
 
@@ -243,14 +243,7 @@ impl TokenCache {
     pub const HASHED_TAIL: usize = 64;
 
     pub fn new(capacity: usize, max_ttl: u64, secret: [u8; 16]) -> Self {
-        Self {
-            capacity,
-            max_ttl,
-            hash: KeyedHash::new(secret),
-            buckets: HashMap::default(),
-            entries: 0,
-            order: VecDeque::new(),
-        }
+        Self { capacity, max_ttl, hash: KeyedHash::new(secret), buckets: HashMap::default(), order: VecDeque::new() }
     }
 
     fn bucket_of(&self, token: &[u8]) -> u64 {
@@ -282,32 +275,29 @@ impl TokenCache {
         }
         // Entries live at most max_ttl, so the oldest inserted is about the first
         // to expire anyway.
-        while self.entries >= self.capacity {
+        while self.order.len() >= self.capacity {
             let Some((oldest_bucket, oldest)) = self.order.pop_front() else { break };
             self.remove(oldest_bucket, &oldest);
         }
         let key: Rc<[u8]> = Rc::from(token);
         self.buckets.entry(bucket_key).or_default().push((Rc::clone(&key), entry));
-        self.entries += 1;
         self.order.push_back((bucket_key, key));
     }
 
     fn remove(&mut self, bucket_key: u64, token: &[u8]) {
         let Some(bucket) = self.buckets.get_mut(&bucket_key) else { return };
-        let before = bucket.len();
         bucket.retain(|(kept, _)| !same_bytes(kept, token));
-        self.entries -= before - bucket.len();
         if bucket.is_empty() {
             self.buckets.remove(&bucket_key);
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries
+        self.order.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries == 0
+        self.order.is_empty()
     }
 }
 
