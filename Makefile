@@ -36,9 +36,13 @@ build: toolchain binaryen
 	@$(MAKE) --no-print-directory $(addprefix dist/,$(addsuffix .wasm,$(MODULES)))
 	@echo "module sizes:"; for module in $(MODULES); do printf '  %-16s %8d bytes\n' "$$module.wasm" "$$(stat -c %s dist/$$module.wasm)"; done
 
-dist/%.wasm: $(WASM_OUT)/%.wasm
+# Each module exports only the stream callbacks it declares (scripts/trim_callbacks.py:
+# a host calls every exported callback); wasm-opt then drops the code left unused.
+dist/%.wasm: $(WASM_OUT)/%.wasm scripts/trim_callbacks.py
 	@mkdir -p dist
-	$(WASM_OPT) $< -o $@
+	python3 scripts/trim_callbacks.py $< $@.trimmed
+	$(WASM_OPT) $@.trimmed -o $@
+	@rm -f $@.trimmed
 
 ## binaryen: wasm-opt, from Debian.
 binaryen:
@@ -182,8 +186,10 @@ bench-tools: envoy wrk
 	@$(VENV)/bin/python -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
 
 bench-modules: build
+	cargo build --release --target $(WASM_TARGET) -p noop --features cache-callbacks
+	@python3 scripts/trim_callbacks.py $(WASM_OUT)/noop.wasm dist/noop-cache.wasm
 	cargo build --release --target $(WASM_TARGET) -p noop
-	@cp $(WASM_OUT)/noop.wasm dist/noop.wasm
+	@python3 scripts/trim_callbacks.py $(WASM_OUT)/noop.wasm dist/noop.wasm
 
 ## bench: every module vs Envoy's native filters (bench/results.md, bench/results.png);
 ## QUICK=1 for a short run.

@@ -163,11 +163,12 @@ function request(headers) {
   if (localReplies === repliesBefore && scenario.response) {
     maps[2] = scenario.response.headers;
     responseBody = encoder.encode(scenario.response.body ?? '');
-    exports.proxy_on_response_headers(id, maps[2].length, responseBody.length ? 0 : 1);
-    if (responseBody.length) exports.proxy_on_response_body(id, responseBody.length, 1);
+    exports.proxy_on_response_headers?.(id, maps[2].length, responseBody.length ? 0 : 1);
+    if (responseBody.length) exports.proxy_on_response_body?.(id, responseBody.length, 1);
   }
-  exports.proxy_on_log(id);
-  exports.proxy_on_done(id);
+  // As a host does, only the callbacks the module exports (see scripts/trim_callbacks.py).
+  exports.proxy_on_log?.(id);
+  exports.proxy_on_done?.(id);
   exports.proxy_on_delete(id);
 }
 

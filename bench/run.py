@@ -214,15 +214,16 @@ def ours_chain_filters():
             + wasm_filter("routing", ours_routing_config()) + wasm_filter("cache", {}))
 
 
-def floor_filter(calls, vm_id=None):
-    return wasm_filter("noop", "calls:" + ",".join(calls), vm_id=vm_id)
+def floor_filter(calls, vm_id=None, noop="noop"):
+    """The empty filter making `calls`; `noop="noop-cache"` exports cache.wasm's stream callbacks."""
+    return wasm_filter(noop, "calls:" + ",".join(calls), vm_id=vm_id)
 
 
 def chain_floor():
     """Four empty filters making the calls of the chain's four modules (a cache hit last)."""
-    parts = [("floor-ratelimit", RATELIMIT_CALLS), ("floor-auth", AUTH_WARM_CALLS), ("floor-routing", ROUTING_CALLS),
-             ("floor-cache", CACHE_HIT_CALLS + ["reply:1024"])]
-    return "".join(floor_filter(calls, vm_id=name) for name, calls in parts)
+    parts = [("floor-ratelimit", RATELIMIT_CALLS, "noop"), ("floor-auth", AUTH_WARM_CALLS, "noop"),
+             ("floor-routing", ROUTING_CALLS, "noop"), ("floor-cache", CACHE_HIT_CALLS + ["reply:1024"], "noop-cache")]
+    return "".join(floor_filter(calls, vm_id=name, noop=noop) for name, calls, noop in parts)
 
 
 def native_header_routes():
@@ -537,13 +538,15 @@ def scenarios():
         ("cache hit, 1 KiB body",
          [("native cache filter", native_cache_filter(), None, {}, [], "/bench"),
           ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/bench"),
-          ("floor: Wasm local reply", wasm_filter("noop", 1024), None, {}, [], "/bench"),
-          ("floor: noop + a hit's calls", floor_filter(CACHE_HIT_CALLS + ["reply:1024"]), None, {}, [], "/bench")]),
+          ("floor: Wasm local reply", wasm_filter("noop-cache", 1024), None, {}, [], "/bench"),
+          ("floor: noop + a hit's calls", floor_filter(CACHE_HIT_CALLS + ["reply:1024"], noop="noop-cache"),
+           None, {}, [], "/bench")]),
         ("cache hit, 64 KiB body",
          [("native cache filter", native_cache_filter(), None, {}, [], "/big"),
           ("cache.wasm", wasm_filter("cache", {}), None, {}, [], "/big"),
-          ("floor: Wasm local reply", wasm_filter("noop", 65536), None, {}, [], "/big"),
-          ("floor: noop + a hit's calls", floor_filter(CACHE_HIT_CALLS + ["reply:65536"]), None, {}, [], "/big")]),
+          ("floor: Wasm local reply", wasm_filter("noop-cache", 65536), None, {}, [], "/big"),
+          ("floor: noop + a hit's calls", floor_filter(CACHE_HIT_CALLS + ["reply:65536"], noop="noop-cache"),
+           None, {}, [], "/big")]),
         (f"calibration: {SPIN_ROUNDS} rounds of Wasm compute",
          [("floor: noop + ratelimit's calls", floor_filter(RATELIMIT_CALLS), None, {}, []),
           (f"floor + spin:{SPIN_ROUNDS}", floor_filter(SPIN_CALLS), None, {}, [])]),

@@ -168,6 +168,13 @@ struct NoopStream {
 
 impl Context for NoopStream {}
 
+// A floor has the stream callbacks of the module it stands for (the host calls each
+// one exported): noop.wasm those of most modules, noop-cache.wasm cache.wasm's.
+#[cfg(not(feature = "cache-callbacks"))]
+gateway_common::stream_callbacks!(request_headers, response_headers);
+#[cfg(feature = "cache-callbacks")]
+gateway_common::stream_callbacks!(request_headers, response_headers, response_body, done);
+
 impl HttpContext for NoopStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if self.trap && self.get_http_request_header_bytes("x-trap").is_some() {

@@ -148,6 +148,8 @@ impl<H: Host> Context for AggregateStream<H> {
     }
 }
 
+gateway_common::stream_callbacks!(request_headers);
+
 impl<H: Host> HttpContext for AggregateStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);

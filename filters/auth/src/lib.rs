@@ -582,6 +582,8 @@ impl<H: Host> Context for AuthStream<H> {
     }
 }
 
+gateway_common::stream_callbacks!(request_headers);
+
 impl<H: Host> HttpContext for AuthStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut request = match RequestHeaders::read_from(&self.host) {

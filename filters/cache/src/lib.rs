@@ -519,6 +519,8 @@ fn lower_case_names(pairs: gateway_common::request::HeaderPairs) -> Vec<(String,
     pairs.iter().map(|(name, value)| (String::from_utf8_lossy(name).to_ascii_lowercase(), value.to_vec())).collect()
 }
 
+gateway_common::stream_callbacks!(request_headers, response_headers, response_body, done);
+
 impl<H: Host> HttpContext for CacheStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let request = match read_request_from(&self.host) {

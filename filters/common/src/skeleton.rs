@@ -162,6 +162,29 @@ impl<M: Module> RootContext for ModuleRoot<M> {
     }
 }
 
+/// Declares the callbacks of one HTTP stream the module handles, from
+/// `request_headers`, `request_body`, `request_trailers`, `response_headers`,
+/// `response_body`, `response_trailers`, `log` and `done`; name each one the module's
+/// stream context implements. The build (`scripts/trim_callbacks.py`) exports only
+/// these: a host calls every callback a module exports, and the SDK exports them all,
+/// so each one left undeclared saves a call into the VM per request (per body chunk
+/// for the body callbacks).
+#[macro_export]
+macro_rules! stream_callbacks {
+    ($($callback:ident),+ $(,)?) => {
+        const _: () = {
+            const NAMES: &str = concat!($(stringify!($callback), "\n"),+);
+            #[cfg(target_family = "wasm")]
+            #[link_section = "gateway.stream_callbacks"]
+            #[used]
+            static STREAM_CALLBACKS: [u8; NAMES.len()] = match NAMES.as_bytes().first_chunk() {
+                Some(bytes) => *bytes,
+                None => [0; NAMES.len()],
+            };
+        };
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -378,6 +378,8 @@ impl<H: Host> Context for RateLimitStream<H> {
     }
 }
 
+gateway_common::stream_callbacks!(request_headers, response_headers);
+
 impl<H: Host> HttpContext for RateLimitStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);

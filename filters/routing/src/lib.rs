@@ -108,6 +108,8 @@ struct RoutingStream<H: Host> {
 
 impl<H: Host> Context for RoutingStream<H> {}
 
+gateway_common::stream_callbacks!(request_headers, response_headers);
+
 impl<H: Host> HttpContext for RoutingStream<H> {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let shared = Rc::clone(&self.shared);

@@ -92,6 +92,43 @@ fn modules_export_the_abi_0_2_1_entry_points() {
     }
 }
 
+/// The per-request callbacks a module may leave unexported (as `scripts/trim_callbacks.py`
+/// names them), with the method of the SDK's traits that handles each.
+const STREAM_CALLBACKS: &[(&str, &str)] = &[
+    ("request_headers", "fn on_http_request_headers("),
+    ("request_body", "fn on_http_request_body("),
+    ("request_trailers", "fn on_http_request_trailers("),
+    ("response_headers", "fn on_http_response_headers("),
+    ("response_body", "fn on_http_response_body("),
+    ("response_trailers", "fn on_http_response_trailers("),
+    ("log", "fn on_log("),
+    ("done", "fn on_done("),
+];
+
+/// A host calls every callback a module exports: each module exports exactly the
+/// stream callbacks its code implements (one it implements but does not export would
+/// never run; one it exports but does not implement is a VM call for nothing).
+#[test]
+fn modules_export_exactly_the_stream_callbacks_they_implement() {
+    let root = paths::workspace_root();
+    for module in MODULES {
+        let exports = surface(module).exports;
+        let source: String = std::fs::read_dir(root.join(format!("filters/{module}/src")))
+            .unwrap()
+            .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default())
+            .collect();
+        for (callback, method) in STREAM_CALLBACKS {
+            let exported = exports.iter().any(|name| name.strip_prefix("proxy_on_") == Some(callback));
+            let implemented = source.contains(method);
+            assert_eq!(
+                exported, implemented,
+                "{module}.wasm: proxy_on_{callback} exported {exported}, `{method}` implemented {implemented} \
+                 (declare it in the module's `stream_callbacks!`)"
+            );
+        }
+    }
+}
+
 /// The "adding a filter" checklist of ARCHITECTURE.md, kept true: every crate
 /// under `filters/` (except `common`) is a shipped module, built by the Makefile,
 /// checked here, loaded by the demo gateway, documented in the README and in
