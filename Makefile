@@ -24,7 +24,7 @@ ENVOY_STAMP :=
 ENVOY_BIN_RESOLVED = $(ENVOY_BIN)
 endif
 
-.PHONY: build toolchain binaryen envoy tls run test lint unit unit-wasm integration redis rls-service idp oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke bench-hotpath wrk clean
+.PHONY: FORCE build toolchain binaryen envoy tls run test lint unit unit-wasm integration redis rls-service idp oci oci-test docker-registry podman compose-test test-runtimes check-no-leftovers bench bench-tools bench-modules bench-smoke bench-hotpath wrk clean
 
 ## toolchain: the pinned Rust toolchain (rust-toolchain.toml) and its wasm target.
 toolchain:
@@ -38,9 +38,22 @@ build: toolchain binaryen
 
 # Each module exports only the stream callbacks it declares (scripts/trim_callbacks.py:
 # a host calls every exported callback); wasm-opt then drops the code left unused.
-dist/%.wasm: $(WASM_OUT)/%.wasm scripts/trim_callbacks.py
+# ALL_CALLBACKS=1 keeps every callback the SDK exports, for hosts that call each one
+# without checking that it is exported (Kong's ngx_wasm_module); Envoy checks.
+ALL_CALLBACKS ?=
+export ALL_CALLBACKS
+CALLBACK_EXPORTS := $(if $(ALL_CALLBACKS),all,declared)
+
+FORCE:
+
+# Rewritten when ALL_CALLBACKS changes, so the modules are rebuilt for the new choice.
+dist/.callback-exports: FORCE
 	@mkdir -p dist
-	python3 scripts/trim_callbacks.py $< $@.trimmed
+	@[[ "$$(cat $@ 2>/dev/null)" == "$(CALLBACK_EXPORTS)" ]] || echo "$(CALLBACK_EXPORTS)" > $@
+
+dist/%.wasm: $(WASM_OUT)/%.wasm scripts/trim_callbacks.py dist/.callback-exports
+	@mkdir -p dist
+	$(if $(ALL_CALLBACKS),cp $< $@.trimmed,python3 scripts/trim_callbacks.py $< $@.trimmed)
 	$(WASM_OPT) $@.trimmed -o $@
 	@rm -f $@.trimmed
 
