@@ -39,6 +39,8 @@ pub const WAYS: usize = 16;
 const SPARE_NUMERATOR: u64 = 5;
 const SPARE_DENOMINATOR: u64 = 4;
 const CAS_RETRIES: u32 = 16;
+/// Concurrent fills one fill-lock value holds (see `FillLock`).
+const FILLS_PER_LOCK: usize = 8;
 /// Occupied sets compared per eviction.
 const EVICTION_SAMPLE: usize = 4;
 /// Evictions one store may make (many small entries can stand in the way of a
@@ -236,12 +238,46 @@ pub fn decode_meta(bytes: &[u8]) -> Option<Meta> {
     input.is_done().then_some(Meta { key, variants, next_generation })
 }
 
-/// A fill lock: the fingerprint filling and its deadline (ms).
-fn decode_fill_lock(bytes: &[u8]) -> Option<(u64, u64)> {
-    let mut input = Reader::new(bytes);
-    (input.u8()? == FORMAT).then_some(())?;
-    let lock = (input.u64()?, input.u64()?);
-    input.is_done().then_some(lock)
+/// The fills running under one lock value: each filling fingerprint and its
+/// deadline (ms). Several URIs share a lock value (the key space is bounded), so
+/// it holds up to `FILLS_PER_LOCK` of them: a fill of one URI never keeps another
+/// that hashes to the same value from collapsing.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FillLock {
+    fills: Vec<(u64, u64)>,
+}
+
+impl FillLock {
+    /// An empty value, or one of this format, is a lock; anything else is not.
+    fn decode(bytes: Option<&[u8]>) -> Option<Self> {
+        let Some(bytes) = bytes.filter(|bytes| !bytes.is_empty()) else { return Some(Self::default()) };
+        let mut input = Reader::new(bytes);
+        (input.u8()? == FORMAT).then_some(())?;
+        let mut fills = Vec::new();
+        while !input.is_done() && fills.len() < FILLS_PER_LOCK {
+            fills.push((input.u64()?, input.u64()?));
+        }
+        input.is_done().then_some(Self { fills })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut lock = Writer::with_capacity(1 + 16 * self.fills.len());
+        lock.u8(FORMAT);
+        for (fingerprint, deadline) in &self.fills {
+            lock.u64(*fingerprint).u64(*deadline);
+        }
+        lock.finish()
+    }
+
+    fn running(&self, fingerprint: u64, now_ms: u64) -> bool {
+        self.fills.iter().any(|&(holder, deadline)| holder == fingerprint && deadline > now_ms)
+    }
+
+    /// Drops the fills past their deadline, and `fingerprint`'s own.
+    fn without(&self, fingerprint: u64, now_ms: u64) -> Self {
+        let fills = self.fills.iter().copied().filter(|&(holder, deadline)| holder != fingerprint && deadline > now_ms);
+        Self { fills: fills.collect() }
+    }
 }
 
 /// One way of an index set. Fingerprint 0 is a free way.
@@ -333,7 +369,8 @@ pub enum FillRole {
     Lead,
     /// Another request is filling this URI: wait for it.
     Follow,
-    /// Another URI holds the fill lock this one hashes to: go alone.
+    /// Its fill lock value already holds `FILLS_PER_LOCK` other URIs' fills (or
+    /// cannot be read or written): go alone.
     Alone,
 }
 
@@ -763,8 +800,9 @@ impl Table {
         Ok(false)
     }
 
-    /// Takes the fill lock of `key` for `timeout_ms`, or finds who holds it. One
-    /// lock value per way (bounded key space); a lock past its deadline is free.
+    /// Takes the fill lock of `key` for `timeout_ms`, or finds that a fill of it
+    /// runs. One lock value per way (bounded key space), shared by the URIs that
+    /// hash to it; a fill past its deadline is over.
     pub fn lead_or_follow(
         &self,
         store: &impl Store,
@@ -773,31 +811,42 @@ impl Table {
         timeout_ms: u64,
     ) -> Result<FillRole, StoreError> {
         let fingerprint = self.fingerprint(key);
-        let lock_key = self.keys.fill(fingerprint % self.ways());
-        let role_while_held = |holder: u64| if holder == fingerprint { FillRole::Follow } else { FillRole::Alone };
-        let (value, cas) = store.get(&lock_key)?;
-        if let Some((holder, deadline)) = value.as_deref().and_then(decode_fill_lock) {
-            if deadline > now_ms {
-                return Ok(role_while_held(holder));
+        let lock_key = self.fill_lock_key(fingerprint);
+        for _ in 0..CAS_RETRIES {
+            let (value, cas) = store.get(&lock_key)?;
+            let Some(lock) = FillLock::decode(value.as_deref()) else { return Ok(FillRole::Alone) };
+            if lock.running(fingerprint, now_ms) {
+                return Ok(FillRole::Follow);
             }
+            let mut taken = lock.without(fingerprint, now_ms);
+            if taken.fills.len() >= FILLS_PER_LOCK {
+                return Ok(FillRole::Alone);
+            }
+            taken.fills.push((fingerprint, now_ms.saturating_add(timeout_ms)));
+            if store.set(&lock_key, &taken.encode(), if value.is_some() { cas } else { CREATE_ONLY })? {
+                return Ok(FillRole::Lead);
+            }
+            // Another worker wrote the value first: read it again.
         }
-        let mut lock = Writer::with_capacity(17);
-        lock.u8(FORMAT).u64(fingerprint).u64(now_ms.saturating_add(timeout_ms));
-        if store.set(&lock_key, &lock.finish(), if value.is_some() { cas } else { CREATE_ONLY })? {
-            return Ok(FillRole::Lead);
-        }
-        // Another worker took it first.
-        let (value, _) = store.get(&lock_key)?;
-        Ok(value.as_deref().and_then(decode_fill_lock).map_or(FillRole::Alone, |(holder, _)| role_while_held(holder)))
+        Ok(FillRole::Alone)
     }
 
-    /// Gives the fill lock of `key` back (if it still holds it).
+    /// Gives the fill lock of `key` back (if it still holds it); the other URIs'
+    /// fills in the same value stay.
     pub fn end_fill(&self, store: &impl Store, key: &str) -> Result<(), StoreError> {
         let fingerprint = self.fingerprint(key);
-        let lock_key = self.keys.fill(fingerprint % self.ways());
-        let (value, cas) = store.get(&lock_key)?;
-        if value.as_deref().and_then(decode_fill_lock).is_some_and(|(holder, _)| holder == fingerprint) {
-            store.set(&lock_key, b"", cas)?;
+        let lock_key = self.fill_lock_key(fingerprint);
+        for _ in 0..CAS_RETRIES {
+            let (value, cas) = store.get(&lock_key)?;
+            let Some(lock) = FillLock::decode(value.as_deref()) else { return Ok(()) };
+            if !lock.fills.iter().any(|&(holder, _)| holder == fingerprint) {
+                return Ok(());
+            }
+            // Deadlines are judged by readers; the others are kept as they are.
+            let rest = FillLock { fills: lock.without(fingerprint, 0).fills };
+            if store.set(&lock_key, &rest.encode(), cas)? {
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -805,11 +854,12 @@ impl Table {
     /// Whether a fill of `key` is still running (on any worker).
     pub fn fill_running(&self, store: &impl Store, key: &str, now_ms: u64) -> Result<bool, StoreError> {
         let fingerprint = self.fingerprint(key);
-        let (value, _) = store.get(&self.keys.fill(fingerprint % self.ways()))?;
-        Ok(value
-            .as_deref()
-            .and_then(decode_fill_lock)
-            .is_some_and(|(holder, deadline)| holder == fingerprint && deadline > now_ms))
+        let (value, _) = store.get(&self.fill_lock_key(fingerprint))?;
+        Ok(FillLock::decode(value.as_deref()).is_some_and(|lock| lock.running(fingerprint, now_ms)))
+    }
+
+    fn fill_lock_key(&self, fingerprint: u64) -> String {
+        self.keys.fill(fingerprint % self.ways())
     }
 
     pub fn bytes(&self, store: &impl Store) -> Result<u64, StoreError> {
@@ -1205,6 +1255,37 @@ mod tests {
         table.end_fill(&store, "k").unwrap();
         assert!(!table.fill_running(&store, "k", 1_700).unwrap());
         assert_eq!(table.lead_or_follow(&store, "k", 1_700, 500).unwrap(), FillRole::Lead);
+    }
+
+    /// URIs that share a fill-lock value each collapse on their own fill: before,
+    /// one URI's fill sent every identical miss of the other to the origin.
+    #[test]
+    fn uris_sharing_a_fill_lock_value_each_lead_their_own_fill() {
+        let store = MemoryStore::default();
+        let table = table(&store, 1, 1, 1 << 20);
+        let slot = |key: &str| table.fingerprint(key) % table.ways();
+        let sharing: Vec<String> = (0..10_000)
+            .map(|n| format!("https://a/{n}"))
+            .filter(|key| slot(key) == slot("https://a/0"))
+            .take(FILLS_PER_LOCK + 1)
+            .collect();
+        assert_eq!(sharing.len(), FILLS_PER_LOCK + 1);
+        let (first, second) = (&sharing[0], &sharing[1]);
+        assert_eq!(table.lead_or_follow(&store, first, 1_000, 500).unwrap(), FillRole::Lead);
+        assert_eq!(table.lead_or_follow(&store, second, 1_010, 500).unwrap(), FillRole::Lead);
+        assert_eq!(table.lead_or_follow(&store, first, 1_020, 500).unwrap(), FillRole::Follow);
+        assert_eq!(table.lead_or_follow(&store, second, 1_020, 500).unwrap(), FillRole::Follow);
+        table.end_fill(&store, first).unwrap();
+        assert!(!table.fill_running(&store, first, 1_030).unwrap());
+        assert!(table.fill_running(&store, second, 1_030).unwrap(), "the other URI's fill goes on");
+        // The value is bounded: past FILLS_PER_LOCK running fills a URI goes alone.
+        for key in &sharing[2..FILLS_PER_LOCK + 1] {
+            assert_eq!(table.lead_or_follow(&store, key, 1_040, 500).unwrap(), FillRole::Lead, "{key}");
+        }
+        assert_eq!(table.lead_or_follow(&store, first, 1_050, 500).unwrap(), FillRole::Alone);
+        // Fills past their deadline make room.
+        assert_eq!(table.lead_or_follow(&store, first, 1_520, 500).unwrap(), FillRole::Lead);
+        assert!(table.fill_running(&store, &sharing[2], 1_520).unwrap(), "taken at 1 040, due at 1 540");
     }
 
     #[test]

@@ -321,6 +321,31 @@ fn concurrent_identical_misses_reach_the_origin_once() {
     assert!(responses.iter().any(|response| cache_status(response).contains("collapsed=?0")));
 }
 
+/// Fill locks live in a bounded set of shared-data values, so URIs share them:
+/// with `slots: 1` there are 16, and 12 URIs stampeded at once all but surely
+/// share one. Each URI still reaches the origin once (before, a URI whose lock
+/// value held another URI's fill sent every one of its misses to the origin).
+#[test]
+fn stampedes_of_uris_sharing_a_fill_lock_each_reach_the_origin_once() {
+    let fx = start(json!({"slots": 1}));
+    let _log = fx.envoy.log_on_failure();
+    let paths: Vec<String> = (0..12).map(|n| format!("/c/shared-lock-{n}")).collect();
+    for path in &paths {
+        fx.upstream.script(
+            path,
+            Reply::status(200)
+                .header("cache-control", "max-age=60")
+                .body(path.as_str())
+                .delay(Duration::from_millis(300)),
+        );
+    }
+    let requests = paths.iter().flat_map(|path| std::iter::repeat_n(path, 4)).map(|path| fx.envoy.get(path));
+    let responses = send_all(requests.collect(), 48);
+    assert!(responses.iter().all(|response| response.status == 200));
+    let served: Vec<(&str, usize)> = paths.iter().map(|path| (path.as_str(), fx.upstream.served_path(path))).collect();
+    assert!(served.iter().all(|(_, count)| *count == 1), "origin requests per URI: {served:?}");
+}
+
 #[test]
 fn a_waiter_goes_on_by_itself_after_the_collapse_timeout() {
     let fx = start(json!({"collapse_timeout_ms": 200}));
