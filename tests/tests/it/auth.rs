@@ -49,7 +49,9 @@ fn auth_config(provider_keys: Value) -> Value {
         "providers": [provider],
         "api_keys": {"from": [{"header": "x-api-key"}, {"query": "api_key"}],
                      "keys": [{"consumer": "acme-shop", "sha256": sha256_hex("key-acme-123")}]},
-        "basic": {"users": [{"username": "ops", "bcrypt": basic_hash, "consumer": "ops-team", "groups": ["night-shift"]}],
+        // `lockout` is locked out by its own test; `ops` stays usable by the tests sharing this Envoy.
+        "basic": {"users": [{"username": "ops", "bcrypt": basic_hash, "consumer": "ops-team", "groups": ["night-shift"]},
+                            {"username": "lockout", "bcrypt": basic_hash, "consumer": "lockout-test"}],
                   "max_failures": 3},
         "rules": [
             {"name": "health", "match": {"path": {"exact": "/health"}}, "allow_anonymous": true},
@@ -285,20 +287,21 @@ fn api_keys_basic_auth_and_the_failed_login_lock() {
     }
     let hashes = "wasmcustom.auth.basic.hash_computations";
     assert!(fx.envoy.stat(hashes) <= 2, "successful checks are cached per worker: {} hashes", fx.envoy.stat(hashes));
-    let denied = basic("ops", "wrong");
+    let denied = basic("lockout", "wrong");
     assert_eq!(denied.status, 401);
     assert!(denied.header_all("www-authenticate").iter().any(|c| c.starts_with("Basic realm=\"gateway\"")));
     // max_failures is 3, counted across all workers (shared data): the 4th wrong attempt is refused.
-    assert_eq!(basic("ops", "wrong").status, 401);
-    assert_eq!(basic("ops", "wrong").status, 401);
-    let locked = basic("ops", "wrong");
+    assert_eq!(basic("lockout", "wrong").status, 401);
+    assert_eq!(basic("lockout", "wrong").status, 401);
+    let locked = basic("lockout", "wrong");
     assert_eq!(locked.status, 429, "{}", locked.text());
     assert!(locked.header("retry-after").is_some());
     let hashes_when_locked = fx.envoy.stat(hashes);
     for _ in 0..6 {
-        assert_eq!(basic("ops", "wrong").status, 429, "locked on every worker");
+        assert_eq!(basic("lockout", "wrong").status, 429, "locked on every worker");
     }
     assert_eq!(fx.envoy.stat(hashes), hashes_when_locked, "locked attempts cost no bcrypt work");
+    assert_eq!(basic("ops", "open-sesame").status, 200, "the lock is per user");
 }
 
 #[test]
