@@ -843,7 +843,7 @@ impl Table {
                 return Ok(());
             }
             // Deadlines are judged by readers; the others are kept as they are.
-            let rest = FillLock { fills: lock.without(fingerprint, 0).fills };
+            let rest = lock.without(fingerprint, 0);
             if store.set(&lock_key, &rest.encode(), cas)? {
                 return Ok(());
             }
