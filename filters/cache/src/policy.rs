@@ -1,8 +1,6 @@
 //! The caching decisions of RFC 9111 for one exchange: the cache key, which
 //! stored variant a request may use and how, and whether a response may be stored.
 
-use std::rc::Rc;
-
 use gateway_common::host::MapType;
 use gateway_common::request::{escape_bytes, escape_bytes_into, percent_decode, RequestHeaders};
 use gateway_common::text::decimal;
@@ -296,7 +294,7 @@ pub fn stored_reply(
     }
     let body = if head { Body::default() } else { body.into() };
     // The stored fields are sent as they are kept: no copy per hit.
-    Reply { shared_headers: Some(Rc::clone(&variant.headers)), ..Reply::new(u32::from(variant.status), computed, body) }
+    Reply { shared_headers: Some(variant.headers.clone()), ..Reply::new(u32::from(variant.status), computed, body) }
 }
 
 /// The response headers a cache replays from an origin's answer: everything but
@@ -695,7 +693,7 @@ mod tests {
         Variant {
             selectors: vec![],
             status: 200,
-            headers: Rc::default(),
+            headers: Default::default(),
             stored_at: 1000,
             initial_age: 0,
             lifetime,
@@ -752,7 +750,7 @@ mod tests {
         assert_eq!(reply.header("age"), Some("10"));
         assert_eq!(reply.header("x-extra"), Some("1"));
         assert!(
-            matches!(&reply.shared_headers, Some(fields) if std::rc::Rc::ptr_eq(fields, &variant.headers)),
+            matches!(&reply.shared_headers, Some(fields) if gateway_common::verdict::SharedFields::ptr_eq(fields, &variant.headers)),
             "not copied"
         );
         // A hit answers with the stored bytes themselves, not a copy.

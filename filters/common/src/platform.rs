@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::field;
-use crate::host::{self, CasWrite, HostError, HostResult, LogLevel, MapType, MetricType, VALUE_REFUSED};
+use crate::host::{
+    self, CasWrite, HostError, HostResult, LogLevel, MapType, MetricType, PreparedFields, VALUE_REFUSED,
+};
 use crate::request::HeaderPairs;
 
 /// Every host effect the filters use.
@@ -29,6 +31,7 @@ pub trait Host {
     fn send_local_response(
         &self,
         status: u32,
+        prepared: Option<&PreparedFields>,
         headers: &[(&str, &str)],
         body: &[u8],
         grpc_status: Option<u32>,
@@ -100,11 +103,12 @@ impl<H: Host + ?Sized> Host for &H {
     fn send_local_response(
         &self,
         status: u32,
+        prepared: Option<&PreparedFields>,
         headers: &[(&str, &str)],
         body: &[u8],
         grpc_status: Option<u32>,
     ) -> HostResult<()> {
-        (**self).send_local_response(status, headers, body, grpc_status)
+        (**self).send_local_response(status, prepared, headers, body, grpc_status)
     }
     fn define_metric(&self, kind: MetricType, name: &str) -> HostResult<u32> {
         (**self).define_metric(kind, name)
@@ -189,11 +193,12 @@ impl Host for Ffi {
     fn send_local_response(
         &self,
         status: u32,
+        prepared: Option<&PreparedFields>,
         headers: &[(&str, &str)],
         body: &[u8],
         grpc_status: Option<u32>,
     ) -> HostResult<()> {
-        host::send_local_response(status, headers, body, grpc_status)
+        host::send_local_response(status, prepared, headers, body, grpc_status)
     }
     fn define_metric(&self, kind: MetricType, name: &str) -> HostResult<u32> {
         host::define_metric(kind, name)
@@ -526,6 +531,7 @@ impl Host for FakeHost {
     fn send_local_response(
         &self,
         status: u32,
+        prepared: Option<&PreparedFields>,
         headers: &[(&str, &str)],
         body: &[u8],
         grpc_status: Option<u32>,
@@ -534,8 +540,10 @@ impl Host for FakeHost {
         if self.refuse_local_reply.get() {
             return Err(HostError(2));
         }
-        let headers = headers
-            .iter()
+        let headers = prepared
+            .into_iter()
+            .flat_map(PreparedFields::iter)
+            .chain(headers.iter().copied())
             .filter(|(name, value)| writable(name, value.as_bytes()).is_ok())
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect();

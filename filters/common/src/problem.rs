@@ -68,7 +68,7 @@ impl Problem {
         let reply = self.reply(request);
         let headers: Vec<(&str, &str)> =
             reply.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
-        host.send_local_response(reply.status, &headers, &reply.body, reply.grpc_status)
+        host.send_local_response(reply.status, None, &headers, &reply.body, reply.grpc_status)
     }
 
     /// The local reply for this request: problem+json, or for gRPC requests a

@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use proxy_wasm::types::Action;
 
-use crate::host::MapType;
+use crate::host::{MapType, PreparedFields};
 use crate::metrics::Metric;
 use crate::platform::{Host, OnRefusedReply, ReplyFailures};
 
@@ -33,8 +33,58 @@ pub struct Reply {
     pub grpc_status: Option<u32>,
 }
 
-/// Header fields shared by whoever keeps them and the replies sending them.
-pub type SharedFields = Rc<[(String, String)]>;
+/// Header fields shared by whoever keeps them and the replies sending them,
+/// checked and encoded for the host once, when they are kept (see
+/// [`PreparedFields`]). Reads as the slice of fields.
+#[derive(Clone, Default)]
+pub struct SharedFields(Rc<KeptFields>);
+
+#[derive(Default)]
+struct KeptFields {
+    fields: Box<[(String, String)]>,
+    prepared: PreparedFields,
+}
+
+impl SharedFields {
+    /// The fields as the host takes them.
+    pub fn prepared(&self) -> &PreparedFields {
+        &self.0.prepared
+    }
+
+    /// Whether both are the same kept fields (not merely equal ones).
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        Rc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl From<Vec<(String, String)>> for SharedFields {
+    fn from(fields: Vec<(String, String)>) -> Self {
+        let prepared = PreparedFields::new(fields.iter().map(|(name, value)| (name.as_str(), value.as_str())));
+        Self(Rc::new(KeptFields { fields: fields.into_boxed_slice(), prepared }))
+    }
+}
+
+impl std::ops::Deref for SharedFields {
+    type Target = [(String, String)];
+
+    fn deref(&self) -> &[(String, String)] {
+        &self.0.fields
+    }
+}
+
+impl PartialEq for SharedFields {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for SharedFields {}
+
+impl std::fmt::Debug for SharedFields {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(formatter)
+    }
+}
 
 impl Reply {
     pub fn new(status: u32, headers: Vec<(String, String)>, body: impl Into<Body>) -> Self {
@@ -190,8 +240,9 @@ impl Verdict {
             None => Action::Continue,
             Some((reply, on_refused)) => {
                 let headers: Vec<(&str, &str)> =
-                    reply.all_headers().map(|(name, value)| (name.as_str(), value.as_str())).collect();
-                let sent = host.send_local_response(reply.status, &headers, &reply.body, reply.grpc_status);
+                    reply.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+                let prepared = reply.shared_headers.as_ref().map(SharedFields::prepared);
+                let sent = host.send_local_response(reply.status, prepared, &headers, &reply.body, reply.grpc_status);
                 failures.after(host, sent, on_refused)
             }
         }
