@@ -11,10 +11,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::field;
-use crate::host::{
-    self, CasWrite, HostError, HostResult, LogLevel, MapType, MetricType, PreparedFields, VALUE_REFUSED,
-};
+use crate::host::{self, CasWrite, HostError, HostResult, LogLevel, MapType, MetricType, VALUE_REFUSED};
 use crate::request::HeaderPairs;
+use crate::verdict::SharedFields;
 
 /// Every host effect the filters use.
 pub trait Host {
@@ -31,7 +30,7 @@ pub trait Host {
     fn send_local_response(
         &self,
         status: u32,
-        prepared: Option<&PreparedFields>,
+        kept: Option<&SharedFields>,
         headers: &[(&str, &str)],
         body: &[u8],
         grpc_status: Option<u32>,
@@ -103,12 +102,12 @@ impl<H: Host + ?Sized> Host for &H {
     fn send_local_response(
         &self,
         status: u32,
-        prepared: Option<&PreparedFields>,
+        kept: Option<&SharedFields>,
         headers: &[(&str, &str)],
         body: &[u8],
         grpc_status: Option<u32>,
     ) -> HostResult<()> {
-        (**self).send_local_response(status, prepared, headers, body, grpc_status)
+        (**self).send_local_response(status, kept, headers, body, grpc_status)
     }
     fn define_metric(&self, kind: MetricType, name: &str) -> HostResult<u32> {
         (**self).define_metric(kind, name)
@@ -193,12 +192,12 @@ impl Host for Ffi {
     fn send_local_response(
         &self,
         status: u32,
-        prepared: Option<&PreparedFields>,
+        kept: Option<&SharedFields>,
         headers: &[(&str, &str)],
         body: &[u8],
         grpc_status: Option<u32>,
     ) -> HostResult<()> {
-        host::send_local_response(status, prepared, headers, body, grpc_status)
+        host::send_local_response(status, kept.map(SharedFields::prepared), headers, body, grpc_status)
     }
     fn define_metric(&self, kind: MetricType, name: &str) -> HostResult<u32> {
         host::define_metric(kind, name)
@@ -531,7 +530,7 @@ impl Host for FakeHost {
     fn send_local_response(
         &self,
         status: u32,
-        prepared: Option<&PreparedFields>,
+        kept: Option<&SharedFields>,
         headers: &[(&str, &str)],
         body: &[u8],
         grpc_status: Option<u32>,
@@ -540,9 +539,9 @@ impl Host for FakeHost {
         if self.refuse_local_reply.get() {
             return Err(HostError(2));
         }
-        let headers = prepared
+        let headers = kept
             .into_iter()
-            .flat_map(PreparedFields::iter)
+            .flat_map(|kept| kept.iter().map(|(name, value)| (name.as_str(), value.as_str())))
             .chain(headers.iter().copied())
             .filter(|(name, value)| writable(name, value.as_bytes()).is_ok())
             .map(|(name, value)| (name.to_string(), value.to_string()))

@@ -241,8 +241,13 @@ impl Verdict {
             Some((reply, on_refused)) => {
                 let headers: Vec<(&str, &str)> =
                     reply.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
-                let prepared = reply.shared_headers.as_ref().map(SharedFields::prepared);
-                let sent = host.send_local_response(reply.status, prepared, &headers, &reply.body, reply.grpc_status);
+                let sent = host.send_local_response(
+                    reply.status,
+                    reply.shared_headers.as_ref(),
+                    &headers,
+                    &reply.body,
+                    reply.grpc_status,
+                );
                 failures.after(host, sent, on_refused)
             }
         }
